@@ -1,0 +1,121 @@
+"""Backends: the interface the rest of the package is written against, the registry, the auto choice.
+
+A backend turns a spec plus a checkpoint folder into a loaded model (``LoadedModel``). Importing
+this module imports neither torch nor mlx; a backend's module is imported when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+from ..checkpoint import load_spec, load_tokenizer, resolve_model
+from ..errors import UserError
+
+BACKENDS = ("torch", "mlx")
+
+
+def on_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def auto_backend() -> str:
+    """MLX on Apple silicon (when installed), torch everywhere else."""
+    if on_apple_silicon() and importlib.util.find_spec("mlx") is not None:
+        return "mlx"
+    return "torch"
+
+
+def resolve_backend(backend: str) -> str:
+    if backend in (None, "auto"):
+        return auto_backend()
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}' (choose auto, {', '.join(BACKENDS)})")
+    return backend
+
+
+def backend_module(name: str):
+    """The backend's package; a missing engine is a user error naming the extra to install."""
+    engine = {"torch": "torch", "mlx": "mlx"}[name]
+    if importlib.util.find_spec(engine) is None:
+        raise UserError(f"the {name} backend needs {engine}: pip install 'moe-local[{name}]'")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def load_model(model, backend="auto", adapter_path=None, moe_impl=None, dtype=None, device=None):
+    folder = resolve_model(model)
+    name = resolve_backend(backend)
+    loaded = backend_module(name).load(folder, moe_impl=moe_impl, dtype=dtype, device=device)
+    if adapter_path is not None:
+        from ..adapter import apply_adapter
+
+        apply_adapter(loaded, adapter_path)
+    return loaded
+
+
+class LoadedModel:
+    """What every backend's loaded model offers (DESIGN §9).
+
+    Subclasses set ``spec``, ``folder``, ``backend`` and ``moe_impl`` and implement the methods that
+    raise here. Arrays cross the interface as numpy (ids, logits, router weights).
+    """
+
+    backend: str
+    spec = None
+    folder: Path
+    moe_impl: str
+
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer of the folder (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+    def logits(self, ids, attention_mask=None):
+        """ids: int [batch, seq] (1-D = one sequence), left padding -> float32 numpy [batch, seq, vocab]."""
+        raise NotImplementedError
+
+    def get_router_weights(self, layers=None) -> dict:
+        """float32 numpy gate weights keyed ``model.layers.N.mlp.gate.weight`` (all MoE layers by default)."""
+        raise NotImplementedError
+
+    def set_router_weights(self, weights: dict) -> None:
+        """Install float gate weights given as numpy arrays keyed by checkpoint names."""
+        raise NotImplementedError
+
+
+def gate_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.weight"
+
+
+def layer_of_gate(name: str) -> int:
+    parts = name.split(".")
+    if len(parts) != 6 or parts[:2] != ["model", "layers"] or parts[3:] != ["mlp", "gate", "weight"] \
+            or not parts[2].isdigit():
+        raise UserError(f"'{name}' is not a router weight name (model.layers.N.mlp.gate.weight)")
+    return int(parts[2])
+
+
+def check_router_weights(spec, weights: dict) -> dict[int, object]:
+    """layer -> array, after checking names and shapes against the spec."""
+    out = {}
+    for name, array in weights.items():
+        layer = layer_of_gate(name)
+        m = spec.moe_at(layer)
+        if m is None:
+            raise UserError(f"layer {layer} is not an MoE layer of this model ({name})")
+        if tuple(array.shape) != (m.num_experts, spec.hidden_size):
+            raise UserError(f"{name} has shape {tuple(array.shape)}; the model's gate is "
+                            f"{(m.num_experts, spec.hidden_size)}")
+        out[layer] = array
+    return out
+
+
+__all__ = ["BACKENDS", "LoadedModel", "auto_backend", "backend_module", "check_router_weights",
+           "gate_name", "layer_of_gate", "load_model", "load_spec", "resolve_backend"]

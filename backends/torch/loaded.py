@@ -1,0 +1,89 @@
+"""The loaded PyTorch model: the §9 interface over a transformers causal LM with the project's MoE blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_local.checkpoint import load_spec
+from moe_local.errors import UserError
+
+from .. import LoadedModel, check_router_weights, gate_name
+from .model import DTYPES, load_causal_lm
+from .moe import MOE_IMPLS
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "TorchModel":
+    spec = load_spec(folder)
+    device = device or default_device()
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown torch device '{device}'") from None
+    if moe_impl is None:
+        moe_impl = "triton" if str(device).startswith("cuda") else "grouped"
+    if moe_impl not in MOE_IMPLS:
+        raise UserError(f"moe_impl '{moe_impl}' is not one of the torch backend's: {', '.join(MOE_IMPLS)}")
+    dtype_name = dtype or spec.dtype
+    if dtype_name not in DTYPES:
+        raise UserError(f"dtype '{dtype_name}' is not supported (choose {', '.join(DTYPES)})")
+    model = load_causal_lm(folder, spec, moe_impl, DTYPES[dtype_name], device)
+    return TorchModel(model, spec, Path(folder), moe_impl, device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TorchModel(LoadedModel):
+    backend = "torch"
+
+    def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
+        self.model = model
+        self.spec = spec
+        self.folder = folder
+        self.moe_impl = moe_impl
+        self.device = torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    def moe_block(self, layer: int):
+        return self.model.model.layers[layer].mlp
+
+    def as_batch(self, ids, attention_mask=None):
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise UserError(f"ids must be [batch, seq] or [seq], got shape {tuple(ids.shape)}")
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long, device=self.device).reshape(ids.shape)
+        return ids, mask
+
+    @torch.no_grad()
+    def logits(self, ids, attention_mask=None) -> np.ndarray:
+        ids, mask = self.as_batch(ids, attention_mask)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         use_cache=False)
+        return out.logits.float().cpu().numpy()
+
+    def get_router_weights(self, layers=None) -> dict:
+        layers = self.spec.moe_layers if layers is None else layers
+        return {gate_name(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy() for i in layers}
+
+    @torch.no_grad()
+    def set_router_weights(self, weights: dict) -> None:
+        for layer, array in check_router_weights(self.spec, weights).items():
+            gate = self.moe_block(layer).gate.weight
+            gate.copy_(torch.as_tensor(np.asarray(array, dtype=np.float32)).to(gate.device, gate.dtype))

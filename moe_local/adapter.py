@@ -1,0 +1,102 @@
+"""Router adapter folders (DESIGN §9), loadable by ``mlx_lm ... --adapter-path`` as they are.
+
+``adapters.safetensors`` holds only ``model.layers.N.mlp.gate.weight`` tensors in float32;
+``adapter_config.json`` says ``"fine_tune_type": "full"`` (mlx-lm then loads the tensors as
+plain weights) and carries a ``"moe_local"`` object: the base model's fingerprint, the tuned
+layers, the method and every hyper-parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .files import atomic_save_numpy_safetensors, atomic_write_text
+
+WEIGHTS_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperparameters: dict) -> None:
+    """Write (atomically, file by file) the adapter of the given tuned layers."""
+    from moe_local.backends import gate_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {gate_name(i) for i in layers}
+    if set(weights) != names:
+        raise ValueError(f"adapter weights {sorted(weights)} do not match the tuned layers {sorted(layers)}")
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    config = {
+        "fine_tune_type": "full",
+        "moe_local": {
+            "fingerprint": spec.fingerprint(layers),
+            "layers": [int(i) for i in layers],
+            "method": method,
+            "hyperparameters": hyperparameters,
+        },
+    }
+    atomic_save_numpy_safetensors(folder / WEIGHTS_FILE, tensors)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict]:
+    """(float32 numpy weights keyed by checkpoint names, the adapter_config.json object)."""
+    from moe_local.backends import layer_of_gate
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"adapter folder not found: {folder}")
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{folder} is not a router adapter (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(config, dict) or config.get("fine_tune_type") != "full" \
+            or not isinstance(config.get("moe_local"), dict):
+        raise UserError(f"{config_path} is not a moe-local router adapter (no 'moe_local' section)")
+    from safetensors.numpy import load_file
+
+    try:
+        weights = load_file(str(weights_path))
+    except Exception:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{weights_path} is not a readable safetensors file") from None
+    for name, array in weights.items():
+        layer_of_gate(name)
+        if array.dtype != np.float32:
+            raise UserError(f"{weights_path}: {name} is {array.dtype}, adapters hold float32")
+    return weights, config
+
+
+def check_fingerprint(config: dict, spec, folder: Path) -> None:
+    """An adapter made for another model is refused, naming the first difference."""
+    theirs = config["moe_local"].get("fingerprint")
+    layers = config["moe_local"].get("layers", [])
+    try:
+        ours = spec.fingerprint(layers)
+    except UserError:
+        ours = None
+    if ours != theirs:
+        diff = _first_difference(theirs or {}, ours or spec.fingerprint())
+        raise UserError(f"the adapter {folder} was made for another model ({diff})")
+
+
+def _first_difference(theirs: dict, ours: dict) -> str:
+    for key in ("family", "hidden_size", "num_layers", "gates"):
+        if theirs.get(key) != ours.get(key):
+            return f"{key}: adapter {theirs.get(key)}, model {ours.get(key)}"
+    return "fingerprints differ"
+
+
+def apply_adapter(loaded, folder: Path) -> None:
+    """Install an adapter's gates on a loaded model (either backend), after checking its fingerprint."""
+    weights, config = read_adapter(folder)
+    check_fingerprint(config, loaded.spec, Path(folder))
+    loaded.set_router_weights(weights)
+    loaded.adapter_path = Path(folder)

@@ -1,0 +1,214 @@
+"""Read and write Hugging Face model folders: config.json, safetensors (one file or shards), tokenizer.
+
+Reading needs no framework: tensor names and shapes come from the safetensors headers, so the
+spec can be built and the checkpoint checked before torch or mlx is imported. Loading the tensors
+themselves is the backends' job (they know their array type); writing takes any array type.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import UserError
+from .files import AtomicFolder, refuse_existing
+from .spec import ModelSpec, config_for_writing, spec_from_config
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_MODELS = {"tiny": ASSETS / "tiny", "tiny-grove": ASSETS / "tiny-grove"}
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 1024**3
+# Files that travel with a model folder besides config and weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def resolve_model(model) -> Path:
+    """A built-in name (``tiny``, ``tiny-grove``) or a local folder holding config.json."""
+    if str(model) in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[str(model)]
+        if not (path / "config.json").is_file():
+            raise UserError(f"the built-in model '{model}' is not installed with this copy of moe-local "
+                            f"(expected {path})")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise UserError(f"model folder not found: {path} (give a local folder or one of: "
+                        f"{', '.join(BUILTIN_MODELS)}; nothing is downloaded)")
+    if not path.is_dir():
+        raise UserError(f"--model must be a folder, not a file: {path}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json")
+    return path
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return config
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: those the index names, else the folder's *.safetensors files."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{folder} lacks shard {missing[0]} named in {INDEX_FILE}")
+        return files
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != "adapters.safetensors")
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def read_header(path: Path) -> dict:
+    """name -> {"dtype", "shape"} from a safetensors file's JSON header, without loading data."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024**2:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a safetensors file") from None
+    header.pop("__metadata__", None)
+    return {name: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for name, v in header.items()}
+
+
+def tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
+    """name -> (file, dtype, shape) over all weight files of a folder."""
+    index = {}
+    for path in safetensors_files(folder):
+        for name, meta in read_header(path).items():
+            index[name] = (path, meta["dtype"], meta["shape"])
+    return index
+
+
+def is_quantized(names: Iterable[str]) -> bool:
+    """MLX-quantized checkpoints carry ``.scales`` next to packed weights."""
+    return any(n.endswith(".scales") for n in names)
+
+
+def load_spec(folder: Path) -> ModelSpec:
+    folder = Path(folder)
+    index = tensor_index(folder) if _has_weights(folder) else {}
+    return spec_from_config(read_config(folder), {n: v[2] for n, v in index.items()},
+                            where=str(folder / "config.json"))
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+
+
+def load_tokenizer(folder: Path):
+    """The folder's Hugging Face tokenizer, from local files only."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(f"{folder} has no tokenizer files (tokenizer.json)")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # a model type transformers lacks (grove_moe) only warns here
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def _nbytes(array) -> int:
+    if hasattr(array, "nbytes"):
+        return int(array.nbytes)
+    return array.numel() * array.element_size()  # torch
+
+
+def _save_tensors(tensors: Mapping, path: Path, metadata: dict) -> None:
+    first = next(iter(tensors.values()))
+    module = type(first).__module__.split(".")[0]
+    if module == "torch":
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    elif module == "mlx":
+        import mlx.core as mx
+
+        mx.save_safetensors(str(path), dict(tensors), metadata=metadata)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(dict(tensors), str(path), metadata=metadata)
+
+
+def write_weights(folder: Path, tensors: Mapping, max_shard_bytes: int = SHARD_BYTES) -> None:
+    """model.safetensors, or numbered shards plus an index when above ``max_shard_bytes``."""
+    folder = Path(folder)
+    metadata = {"format": "pt"}
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        n = _nbytes(tensors[name])
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += n
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        _save_tensors(shards[0], folder / "model.safetensors", metadata)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _save_tensors(shard, folder / name, metadata)
+        for key in shard:
+            weight_map[key] = name
+            total += _nbytes(shard[key])
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def write_model(out: Path, spec: ModelSpec, tensors: Mapping, tokenizer_src: Path | None = None,
+                dtype: str | None = None, extra_config: Mapping | None = None,
+                max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a complete model folder atomically; refuses an existing non-empty ``out``."""
+    out = Path(out)
+    refuse_existing(out)
+    config = config_for_writing(spec, dtype)
+    config.update(extra_config or {})
+    with AtomicFolder(out) as tmp:
+        write_weights(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, tmp)
+    return out

@@ -1,0 +1,73 @@
+"""The ``moe-local`` command line: the group, lazy command loading, YAML configs, exit codes.
+
+Exit codes (DESIGN §9): 0 success, 2 a usage or input error (one line on stderr), 1 anything
+unexpected (one line; the traceback only with MOE_LOCAL_DEBUG=1). Commands are imported when
+invoked, so ``moe-local --help`` never imports torch or mlx.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+# name -> "module:attribute" of the click command; one line per command.
+COMMANDS = {
+    "info": "moe_local.commands.info:info",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="moe-local")
+def cli():
+    """Tune the routers of Mixture-of-Experts models on your own tasks (RoMA), chat with them,
+    and run grouped and Grove adjugate experts on MLX or PyTorch. Nothing is downloaded."""
+
+
+def main(argv=None) -> None:
+    debug = bool(os.environ.get("MOE_LOCAL_DEBUG"))
+    try:
+        code = cli.main(args=argv, prog_name="moe-local", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        print("moe-local: interrupted", file=sys.stderr)
+        code = 130
+    except UserError as e:
+        print(f"moe-local: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("moe-local: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:  # anything unexpected: one line, traceback on request
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"moe-local: unexpected error: {type(e).__name__}: {first} "
+              "(run with MOE_LOCAL_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

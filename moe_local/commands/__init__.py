@@ -1,0 +1,1 @@
+"""One module per ``moe-local`` command; shared options live in ``options``."""

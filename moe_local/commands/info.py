@@ -1,0 +1,80 @@
+"""``moe-local info``: what a model is, what it costs, and where it would run."""
+
+from __future__ import annotations
+
+import click
+
+from moe_local.backends import auto_backend
+from moe_local.checkpoint import load_spec, resolve_model
+from moe_local.sizing import estimate_memory
+from moe_local.spec import ROUTER_SIGMOID_SELECT
+
+from .options import ConfigCommand, model_option
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 / 100 else f"{n / 1024**2:.1f} MiB"
+
+
+def _params(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _ranges(ids) -> str:
+    ids = list(ids)
+    if not ids:
+        return "none"
+    out, start = [], ids[0]
+    for prev, cur in zip(ids, ids[1:] + [None]):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
+
+
+def describe(spec, folder) -> list[str]:
+    m = spec.moe[0]
+    counts = spec.parameter_counts()
+    mem = estimate_memory(spec)
+    if m.router == ROUTER_SIGMOID_SELECT:
+        router = "top-k of sigmoid(logits) selects, softmax weights renormalised (GroveMoE)"
+    else:
+        router = "softmax, top-k" + (", renormalised" if m.norm_topk_prob else ", not renormalised")
+    active = _params(counts["active_min"])
+    if counts["active_max"] != counts["active_min"]:
+        active = f"{_params(counts['active_min'])}-{_params(counts['active_max'])}"
+    lines = [
+        f"model:        {folder}",
+        f"family:       {spec.family}",
+        f"layers:       {spec.num_layers} ({len(spec.moe)} MoE: {_ranges(spec.moe_layers)}; "
+        f"{len(spec.dense_layers)} dense: {_ranges(spec.dense_layers)})",
+        f"hidden:       {spec.hidden_size}, {spec.num_heads} heads ({spec.num_kv_heads} KV) of {spec.head_dim}, "
+        f"vocab {spec.vocab_size}",
+        f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}",
+        f"router:       {router}",
+    ]
+    if m.grove:
+        lines.append(f"adjugates:    {m.num_groups} groups of {m.grove.experts_per_group} experts, one adjugate "
+                     f"of size {m.grove.adjugate_size} each, scale {m.grove.scale:g}")
+    lines += [
+        f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
+        f"dtype:        {spec.dtype}",
+        f"backend:      {auto_backend()} (what --backend auto picks here)",
+        f"memory chat:  {_gb(mem.chat)} (weights {_gb(mem.weights)} + KV cache {_gb(mem.kv_cache)} "
+        f"for {mem.chat_context} tokens)",
+        f"memory tune:  {_gb(mem.tune)} (weights + activations of the tuned suffix for batch {mem.tune_batch} "
+        f"x {mem.tune_seq} tokens, last {mem.tune_layers} MoE layers, fp32 routers with AdamW state)",
+    ]
+    return lines
+
+
+@click.command(cls=ConfigCommand)
+@model_option
+def info(model):
+    """Describe a model: family, layers, experts, router, groups, parameters, backend, memory."""
+    folder = resolve_model(model)
+    for line in describe(load_spec(folder), folder):
+        click.echo(line)

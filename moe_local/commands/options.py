@@ -1,0 +1,80 @@
+"""Options shared by the commands, and ``-c/--config`` YAML files whose keys flags override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moe_local.errors import UserError
+
+
+def _config_path(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def read_yaml_defaults(path: str, command: click.Command) -> dict:
+    """The YAML file's keys (long flag names with underscores) as the command's defaults."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{p} is not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{p} must hold a mapping of option names to values")
+    known = {param.name for param in command.params if isinstance(param, click.Option)} - {"config"}
+    for key in values:
+        if str(key).replace("-", "_") not in known:
+            raise UserError(f"{p}: unknown key '{key}' for moe-local {command.name} "
+                            f"(known: {', '.join(sorted(known))})")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+class ConfigCommand(click.Command):
+    """A command that takes ``-c/--config FILE.yaml``; flags given on the line win over the file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["-c", "--config"], type=click.Path(dir_okay=False), expose_value=False,
+                                        help="YAML file of option values (long names with underscores)."))
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        path = _config_path(args)
+        if path is not None:
+            extra["default_map"] = {**(extra.get("default_map") or {}), **read_yaml_defaults(path, self)}
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+def model_option(f):
+    return click.option("--model", "-m", default="tiny", show_default=True,
+                        help="A local model folder (Hugging Face format) or a built-in name: tiny, tiny-grove.")(f)
+
+
+def backend_option(f):
+    return click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
+                        show_default=True, help="auto: MLX on Apple silicon, torch elsewhere.")(f)
+
+
+def adapter_option(f):
+    return click.option("--adapter-path", type=click.Path(file_okay=False), default=None,
+                        help="A router adapter folder to apply.")(f)
+
+
+def seed_option(f):
+    return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(f)
+
+
+def device_option(f):
+    return click.option("--device", default=None,
+                        help="torch device (cpu, cuda, cuda:N); default: cuda when available.")(f)
