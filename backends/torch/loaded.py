@@ -11,7 +11,7 @@ from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
 
 from .. import LoadedModel, check_router_weights, gate_name
-from .model import DTYPES, load_causal_lm
+from .model import DTYPES, checkpoint_tensors, load_causal_lm
 from .moe import MOE_IMPLS
 
 
@@ -78,9 +78,18 @@ class TorchModel(LoadedModel):
                          use_cache=False)
         return out.logits.float().cpu().numpy()
 
+    def save(self, out: Path) -> Path:
+        """Write the model (with its current gates) as an ordinary Hugging Face folder, both config spellings."""
+        from moe_local.checkpoint import write_model
+
+        dtype = str(self.dtype).replace("torch.", "")
+        return write_model(out, self.spec, checkpoint_tensors(self.model, self.spec), tokenizer_src=self.folder,
+                           dtype=dtype)
+
     def get_router_weights(self, layers=None) -> dict:
         layers = self.spec.moe_layers if layers is None else layers
-        return {gate_name(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy() for i in layers}
+        # A copy: the arrays must not alias the live parameters.
+        return {gate_name(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy() for i in layers}
 
     @torch.no_grad()
     def set_router_weights(self, weights: dict) -> None:

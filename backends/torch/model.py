@@ -140,3 +140,24 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
     model = build(spec, impl)
     load_weights(model, checkpoint_state(folder, spec, dtype), spec, folder)
     return model.to(device).eval()
+
+
+def checkpoint_tensors(model, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face checkpoint names (per-expert tensors, as transformers writes)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if spec.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith(".gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            for e, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
+        elif name.endswith(".down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e, down in enumerate(tensor):
+                out[f"{prefix}.{e}.down_proj.weight"] = down.contiguous()
+        else:
+            out[name] = tensor
+    return out

@@ -78,6 +78,16 @@ def grouped_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.T
     return torch.zeros_like(x).index_add(0, row_token, ys.to(x.dtype))
 
 
+def grouped_swiglu_mm(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor,
+                      counts: list[int], experts: Experts) -> torch.Tensor:
+    """``grouped_swiglu`` through ``torch._grouped_mm`` (one call per projection; forward only on CPU)."""
+    xs = x.index_select(0, row_token)
+    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    gate, up = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
+    return torch.zeros_like(x).index_add(0, row_token, (ys * row_weight.unsqueeze(-1)).to(x.dtype))
+
+
 def expert_rows(idx: torch.Tensor, weights: torch.Tensor, num_experts: int):
     """(token, slot) rows sorted by expert: (row token, row weight, rows per expert)."""
     k = idx.shape[1]
