@@ -20,16 +20,18 @@ from __future__ import annotations
 
 # Decode streams each touched expert once: small M tiles, many programs along N to keep the memory
 # system busy. Prefill has hundreds of rows per expert: large tiles, compute-bound.
-_DECODE = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=128, BLOCK_N2=64, BLOCK_K2=128, num_warps=4, num_stages=4)
-_SMALL = dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64, num_warps=4, num_stages=4)
-_MEDIUM = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=4, num_stages=4)
-_LARGE = dict(BLOCK_M=64, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=8, num_stages=3)
-_PREFILL = dict(BLOCK_M=128, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=8, num_stages=3)
+CONFIGS = {
+    "decode": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=128, BLOCK_N2=64, BLOCK_K2=128, num_warps=4, num_stages=4),
+    "small": dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64, num_warps=4, num_stages=4),
+    "medium": dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=4, num_stages=4),
+    "large": dict(BLOCK_M=64, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=8, num_stages=3),
+    "prefill": dict(BLOCK_M=128, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64, num_warps=8, num_stages=3),
+}
 
-# (experts, expert size, hidden size) -> {tokens: config}
-TABLE: dict[tuple[int, int, int], dict[int, dict]] = {
-    (128, 768, 2048): {1: _DECODE, 8: _DECODE, 64: _SMALL, 512: _MEDIUM, 4096: _PREFILL},   # Qwen3-30B-A3B, GroveMoE
-    (64, 1024, 2048): {1: _DECODE, 8: _DECODE, 64: _SMALL, 512: _LARGE, 4096: _PREFILL},    # OLMoE-1B-7B
+# (experts, expert size, hidden size) -> {tokens: name in CONFIGS}
+TABLE: dict[tuple[int, int, int], dict[int, str]] = {
+    (128, 768, 2048): {1: "decode", 8: "decode", 64: "small", 512: "medium", 4096: "prefill"},   # Qwen3-30B-A3B, GroveMoE
+    (64, 1024, 2048): {1: "decode", 8: "decode", 64: "small", 512: "large", 4096: "prefill"},    # OLMoE-1B-7B
 }
 
 # Up to this many (token, slot) rows the alignment runs as one Triton program (one launch: decode);
@@ -45,12 +47,12 @@ def rule_of_thumb(tokens: int, top_k: int, num_experts: int) -> dict:
     """Tiles sized by the average rows per expert, for shapes the table does not hold."""
     rows_per_expert = tokens * top_k / max(1, num_experts)
     if rows_per_expert <= 4:
-        return _SMALL
+        return CONFIGS["small"]
     if rows_per_expert <= 32:
-        return _MEDIUM
+        return CONFIGS["medium"]
     if rows_per_expert <= 128:
-        return _LARGE
-    return _PREFILL
+        return CONFIGS["large"]
+    return CONFIGS["prefill"]
 
 
 def config_for(tokens: int, top_k: int, num_experts: int, expert_size: int, hidden_size: int,
@@ -65,4 +67,4 @@ def config_for(tokens: int, top_k: int, num_experts: int, expert_size: int, hidd
     if by_tokens is None:
         return rule_of_thumb(tokens, top_k, num_experts)
     nearest = min(by_tokens, key=lambda m: abs(m - tokens))
-    return by_tokens[nearest]
+    return CONFIGS[by_tokens[nearest]]

@@ -61,6 +61,10 @@ import triton
 from . import triton_kernels
 from .triton_configs import ALIGN_ONE_PROGRAM_MAX_ROWS, config_for, next_power_of_2
 
+# Multiply-adds fused into FMAs, as Triton has done by default (said explicitly: Triton 3.9 warns
+# that its default will change).
+FUSION = dict(enable_fp_fusion=True)
+
 
 def fused_moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, block) -> torch.Tensor:
     """The MoE block's output for x [T, H] routed to ``idx``/``weights`` [T, k] (MoEBlock's hook)."""
@@ -84,6 +88,9 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     k = idx.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     grove = adj_gate_up is not None
+    tensors = (gate_up, down) + ((adj_gate_up, adj_down) if grove else ())
+    if any(t.dtype != x.dtype for t in tensors):
+        raise ValueError(f"expert weights must be in x's dtype {x.dtype}, got {[t.dtype for t in tensors]}")
     # Without adjugates the adjugate arguments repeat the ordinary ones; no tile reads them.
     G, Ia = (adj_gate_up.shape[0], adj_gate_up.shape[1] // 2) if grove else (0, I)
     if T == 0:
@@ -104,7 +111,7 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     adj_down = down if not grove else adj_down.contiguous()
     upcast = interpreted and x.dtype == torch.bfloat16
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **FUSION)
     R, Ro = layout.R, layout.rows_o
 
     act = torch.empty(Ro * I + (R - Ro) * Ia, dtype=x.dtype, device=x.device)
@@ -128,7 +135,7 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     y = torch.empty_like(x)
     block_h = min(1024, next_power_of_2(H))
     kernels.combine_kernel[(T, triton.cdiv(H, block_h))](
-        rows, adj_valid, y, Ro, k, H, GROVE=grove, KP=next_power_of_2(k), BLOCK_H=block_h)
+        rows, adj_valid, y, Ro, k, H, GROVE=grove, KP=next_power_of_2(k), BLOCK_H=block_h, **FUSION)
     return y
 
 
@@ -164,7 +171,7 @@ def align_rows_triton(idx, weights, layout: Layout, experts_per_group: int, scal
         layout.rows_o, layout.R, layout.top_k, layout.E, layout.X, experts_per_group, float(scale),
         layout.blocks_o, layout.blocks,
         GROVE=layout.G > 0, KP=next_power_of_2(layout.top_k), BLOCK_M=layout.block_m,
-        BLOCK_R=32, BLOCK_X=next_power_of_2(layout.X + 1), num_warps=4)
+        BLOCK_R=32, BLOCK_X=next_power_of_2(layout.X + 1), num_warps=4, **FUSION)
     return sorted_ids, block_expert, row_weight, adj_valid
 
 
