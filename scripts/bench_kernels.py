@@ -64,6 +64,7 @@ SHAPES = {
     "grove": Shape("GroveMoE", E=128, k=8, H=2048, I=768, G=64, Ia=128, scale=0.05),
 }
 TOKENS = (1, 8, 64, 512, 4096)
+GRAPH_MAX_TOKENS = 64        # CUDA-graph timings where launch overhead matters (decode, small batches)
 
 
 class Layer:
@@ -98,11 +99,11 @@ class Layer:
 
 
 def _experts(n, hidden, size, device, dtype) -> Experts:
-    e = Experts(n, hidden, size)
-    with torch.no_grad():
-        e.gate_up_proj.normal_(0, 0.02)
-        e.down_proj.normal_(0, 0.02)
-    return e.to(device=device, dtype=dtype).requires_grad_(False)
+    with torch.device(device):
+        e = Experts(n, hidden, size).to(dtype).requires_grad_(False)
+    e.gate_up_proj.normal_(0, 0.02)
+    e.down_proj.normal_(0, 0.02)
+    return e
 
 
 def routings(shape: Shape, tokens: int, count: int, device, dtype, seed: int = 1) -> list:
@@ -216,7 +217,7 @@ def bench(shapes, tokens, device, dtype, timer: Timer, pool: int, bandwidth: flo
                     row = dict(shape=shape.name, dims=(shape.E, shape.k, shape.H, shape.I), grove=bool(shape.G),
                                tokens=t, method=name, us=seconds * 1e6, bytes=nbytes,
                                flops=nflops, roof_us=roof * 1e6, roof_pct=100 * roof / seconds)
-                    if name == "triton" and graphs:
+                    if name == "triton" and graphs and t <= GRAPH_MAX_TOKENS:
                         g = timer.graph_per_call(fn, inputs)
                         row["graph_us"] = None if g is None else g * 1e6
                     rows.append(row)
@@ -268,12 +269,23 @@ def grove_aims(rows: list[dict]) -> list[str]:
     return out
 
 
+def overheads(rows: list[dict]) -> list[str]:
+    """Launch overhead of the fused op per point: eager time minus CUDA-graph replay time."""
+    return [f"{r['shape']} T={r['tokens']}: launch overhead {r['us'] - r['graph_us']:.1f} µs per layer "
+            f"(eager {r['us']:.1f}, graph {r['graph_us']:.1f})"
+            for r in rows if r["method"] == "triton" and r.get("graph_us") is not None]
+
+
 def tune_lines(rows: list[dict]) -> list[str]:
     best: dict = {}
     for r in rows:
         if r["method"].startswith("tune:"):
             best.setdefault(r["table_key"], {})[r["tokens"]] = r["method"][5:]
-    return [f"    {key}: {{{', '.join(f'{t}: {name!r}' for t, name in sorted(v.items()))}}}," for key, v in best.items()]
+    lines = []
+    for key, by_tokens in best.items():
+        entries = ", ".join(f"{t}: {name!r}" for t, name in sorted(by_tokens.items()))
+        lines.append(f"    {key}: {{{entries}}},")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -291,11 +303,12 @@ def main(argv=None) -> int:
     device, dtype = "cuda", torch.bfloat16
     timer = Timer(device, args.reps)
     bandwidth, flops_per_s = roofs(device, dtype, timer)
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops_per_s / 1e12:.0f} TFLOP/s")
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
+          f"bf16 matmul {flops_per_s / 1e12:.0f} TFLOP/s")
     rows = bench([SHAPES[s] for s in args.shapes], args.tokens, device, dtype, timer, args.pool,
                  bandwidth, flops_per_s, tune=args.tune)
     print(table(rows))
-    for line in grove_aims(rows):
+    for line in grove_aims(rows) + overheads(rows):
         print(line)
     if args.tune:
         print("best configurations (paste into triton_configs.TABLE):")

@@ -52,6 +52,12 @@ def test_bench_rows_table_and_aims_on_tiny_shapes(bench):
     assert len(text.splitlines()) == 1 + len(rows) and "two-launch" in text
     aims = bench.grove_aims(rows)
     assert len(aims) == 2 and all(a.startswith("tiny-grove T=") for a in aims)
+    assert bench.overheads(rows) == []                       # no graph timings on a CPU
+    first = rows[0]
+    assert first["method"] == "triton"
+    first["graph_us"] = first["us"] / 4
+    assert bench.overheads(rows) == [f"tiny T=1: launch overhead {first['us'] * 0.75:.1f} µs per layer "
+                                     f"(eager {first['us']:.1f}, graph {first['us'] / 4:.1f})"]
 
 
 def test_tune_picks_a_named_config(bench):

@@ -46,7 +46,8 @@ def formula(x, idx, w, b):
             y[t] += ws * swiglu(b.experts.gate_up_proj[e], b.experts.down_proj[e], v)
             if b.spec.grove:
                 a = e // b.spec.grove.experts_per_group
-                y[t] += b.spec.grove.scale * ws * swiglu(b.chunk_experts.gate_up_proj[a], b.chunk_experts.down_proj[a], v)
+                adjugate = swiglu(b.chunk_experts.gate_up_proj[a], b.chunk_experts.down_proj[a], v)
+                y[t] += b.spec.grove.scale * ws * adjugate
     return y
 
 
@@ -215,7 +216,8 @@ def test_with_triton_interpret_set_before_import():
         "assert isinstance(triton_kernels.swiglu_kernel, InterpretedFunction)\n"
         "g = torch.Generator().manual_seed(0)\n"
         "gu, d = torch.randn(4, 32, 32, generator=g), torch.randn(4, 32, 16, generator=g)\n"
-        "x, idx, w = torch.randn(3, 32, generator=g), torch.tensor([[0, 3], [1, 3], [2, 0]]), torch.rand(3, 2, generator=g)\n"
+        "x, w = torch.randn(3, 32, generator=g), torch.rand(3, 2, generator=g)\n"
+        "idx = torch.tensor([[0, 3], [1, 3], [2, 0]])\n"
         "y = triton_moe.moe_forward(x, idx, w, gu, d)\n"
         "ref = torch.zeros_like(x)\n"
         "for t in range(3):\n"

@@ -30,8 +30,10 @@ CONFIGS = {
 
 # (experts, expert size, hidden size) -> {tokens: name in CONFIGS}
 TABLE: dict[tuple[int, int, int], dict[int, str]] = {
-    (128, 768, 2048): {1: "decode", 8: "decode", 64: "small", 512: "medium", 4096: "prefill"},   # Qwen3-30B-A3B, GroveMoE
-    (64, 1024, 2048): {1: "decode", 8: "decode", 64: "small", 512: "large", 4096: "prefill"},    # OLMoE-1B-7B
+    # Qwen3-30B-A3B, GroveMoE (the adjugate tiles run with the ordinary experts' configuration)
+    (128, 768, 2048): {1: "decode", 8: "decode", 64: "small", 512: "medium", 4096: "prefill"},
+    # OLMoE-1B-7B
+    (64, 1024, 2048): {1: "decode", 8: "decode", 64: "small", 512: "large", 4096: "prefill"},
 }
 
 # Up to this many (token, slot) rows the alignment runs as one Triton program (one launch: decode);
