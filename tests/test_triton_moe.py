@@ -83,11 +83,11 @@ def check(b, x, idx=None, w=None, **kwargs):
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * scale)
     else:
         # low precision: at least as close to the exact value as the torch paths (fp32 accumulation,
-        # one rounding of the activation), and close to them
+        # one rounding of the activation; a quarter ulp of slack), and close to them
         err = (out.double() - exact).abs().max().item()
         torch_err = max((o.double() - exact).abs().max().item() for o in paths)
         ulp = torch.finfo(x.dtype).eps * scale
-        assert err <= max(torch_err, 2 * ulp), (err, torch_err, ulp)
+        assert err <= torch_err + ulp / 4, (err, torch_err, ulp)
         torch.testing.assert_close(out, paths[0], rtol=0, atol=torch_err + err + ulp)
     return out
 
@@ -199,6 +199,22 @@ def test_block_uses_kernels_without_grad_and_torch_with_grad(monkeypatch):
     b.impl = "grouped"
     b(x).square().sum().backward()
     torch.testing.assert_close(grad, b.gate.weight.grad)
+
+
+def test_interpreted_launches_leave_triton_language_as_they_found_it():
+    """The interpreter patches triton.language while it runs; left patched, Triton could compile no
+    kernel afterwards in the same process (a GPU model next to a CPU one, torch.compile)."""
+    import triton.language as tl
+
+    b = block(**GROVE)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    run_op(x, *route(b.gate(x), b.spec), b)             # first use imports submodules lazily
+    namespaces = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.core.tensor_descriptor_base)
+    before = [dict(vars(n)) for n in namespaces]
+    run_op(x, *route(b.gate(x), b.spec), b)
+    for n, was in zip(namespaces, before):
+        changed = sorted(name for name, value in vars(n).items() if was.get(name, None) is not value)
+        assert changed == [] and set(vars(n)) == set(was), (n, changed)
 
 
 def test_empty_batch():

@@ -7,9 +7,11 @@
 - ``combine_kernel``: the sum over a token's rows.
 
 Ordinary and adjugate tiles run in the same launch: a tile's M-block says which segment it is in,
-and the segment picks the weight tensor and the expert size. Accumulation is fp32; ``UPCAST``
-casts the dot operands to fp32 first, which Triton's interpreter needs for bf16 (it multiplies bf16
-as raw 16-bit integers otherwise).
+and the segment picks the weight tensor and the expert size. Accumulation is fp32.
+
+``INTERP_BF16`` is set when Triton's interpreter runs bf16 tensors. It casts the dot operands to fp32
+(the interpreter multiplies bf16 as raw 16-bit integers) and rounds results to bf16 by hand (the
+interpreter truncates where a GPU rounds to nearest even), so the interpreter computes what a GPU does.
 """
 
 from __future__ import annotations
@@ -103,6 +105,16 @@ def align_kernel(idx_ptr, w_ptr, sorted_ptr, block_expert_ptr, row_weight_ptr, a
 
 
 @triton.jit
+def _rounded(v, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 ``v`` in ``dtype``, rounded to nearest even."""
+    if INTERP_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def _block_rows(sorted_ptr, m_block, rows_o, R, k, BLOCK_M: tl.constexpr):
     """The rows of an M-block, which are real (not padding), and their tokens."""
     rows = tl.load(sorted_ptr + m_block * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -115,7 +127,7 @@ def _block_rows(sorted_ptr, m_block, rows_o, R, k, BLOCK_M: tl.constexpr):
 def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_ptr, act_ptr,
                   rows_o, R, k, E, H, I, Ia, blocks_o, tiles_o, nb_o, nb_a,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """act[row, n] = silu(x[token] · Wg[e, n]) * (x[token] · Wu[e, n]) for one (M-block, N-block) tile.
 
     Weights [experts, 2N, H] (gate rows then up rows), contiguous. Tiles ``< tiles_o`` are the
@@ -156,7 +168,7 @@ def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
+            if INTERP_BF16:
                 a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
             acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
@@ -164,7 +176,7 @@ def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
         h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(act_ptr + act_row[:, None] + offs_n[None, :], h.to(act_ptr.dtype.element_ty),
+        tl.store(act_ptr + act_row[:, None] + offs_n[None, :], _rounded(h, act_ptr.dtype.element_ty, INTERP_BF16),
                  mask=real[:, None] & n_ok[None, :])
 
 
@@ -172,7 +184,7 @@ def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_
 def down_kernel(act_ptr, down_ptr, adj_down_ptr, sorted_ptr, block_expert_ptr, row_weight_ptr, out_ptr,
                 rows_o, R, k, E, H, I, Ia, blocks_o, nb,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """out[row, n] = row_weight[row] · (act[row] · Wd[e, n]) for one (M-block, N-block) tile.
 
     Weights [experts, H, K] contiguous, K = I for ordinary M-blocks and Ia for adjugate ones.
@@ -203,19 +215,19 @@ def down_kernel(act_ptr, down_ptr, adj_down_ptr, sorted_ptr, block_expert_ptr, r
             k_ok = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
+            if INTERP_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         acc = acc * tl.load(row_weight_ptr + rows, mask=real, other=0.0)[:, None]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=real[:, None] & n_ok[None, :])
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + offs_n[None, :],
+                 _rounded(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=real[:, None] & n_ok[None, :])
 
 
 @_jit
 def combine_kernel(rows_ptr, adj_valid_ptr, y_ptr, rows_o, k, H,
-                   GROVE: tl.constexpr, KP: tl.constexpr, BLOCK_H: tl.constexpr):
+                   GROVE: tl.constexpr, KP: tl.constexpr, BLOCK_H: tl.constexpr, INTERP_BF16: tl.constexpr):
     """y[t] = Σ_s out[t·k + s] + Σ_s valid[t, s] · out[rows_o + t·k + s], summed in fp32."""
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -227,4 +239,4 @@ def combine_kernel(rows_ptr, adj_valid_ptr, y_ptr, rows_o, k, H,
         valid = tl.load(adj_valid_ptr + t * k + slots, mask=slots < k, other=0) != 0
         adj = tl.load(rows_ptr + (rows_o + row)[:, None] * H + offs[None, :], mask=ok & valid[:, None], other=0.0)
         acc += tl.sum(adj.to(tl.float32), 0)
-    tl.store(y_ptr + t.to(tl.int64) * H + offs, acc.to(y_ptr.dtype.element_ty), mask=offs < H)
+    tl.store(y_ptr + t.to(tl.int64) * H + offs, _rounded(acc, y_ptr.dtype.element_ty, INTERP_BF16), mask=offs < H)

@@ -109,7 +109,7 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     gate_up, down = gate_up.contiguous(), down.contiguous()
     adj_gate_up = gate_up if not grove else adj_gate_up.contiguous()
     adj_down = down if not grove else adj_down.contiguous()
-    upcast = interpreted and x.dtype == torch.bfloat16
+    interp_bf16 = interpreted and x.dtype == torch.bfloat16
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **FUSION)
     R, Ro = layout.R, layout.rows_o
@@ -121,7 +121,7 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     kernels.swiglu_kernel[grid1](
         x, gate_up, adj_gate_up, sorted_ids, block_expert, act,
         Ro, R, k, E, H, I, Ia, layout.blocks_o, tiles_o, nb_o, nb_a,
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], INTERP_BF16=interp_bf16, PRECISION=precision,
         **launch)
 
     rows = torch.empty(R, H, dtype=x.dtype, device=x.device)
@@ -129,13 +129,14 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     kernels.down_kernel[(layout.blocks * nb,)](
         act, down, adj_down, sorted_ids, block_expert, row_weight, rows,
         Ro, R, k, E, H, I, Ia, layout.blocks_o, nb,
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], INTERP_BF16=interp_bf16, PRECISION=precision,
         **launch)
 
     y = torch.empty_like(x)
     block_h = min(1024, next_power_of_2(H))
     kernels.combine_kernel[(T, triton.cdiv(H, block_h))](
-        rows, adj_valid, y, Ro, k, H, GROVE=grove, KP=next_power_of_2(k), BLOCK_H=block_h, **FUSION)
+        rows, adj_valid, y, Ro, k, H, GROVE=grove, KP=next_power_of_2(k), BLOCK_H=block_h,
+        INTERP_BF16=interp_bf16, **FUSION)
     return y
 
 
@@ -256,12 +257,27 @@ class _Interpreted:
             from triton.runtime.jit import JITFunction
 
             call = JITFunction.__call__
-            JITFunction.__call__ = lambda jitted, *a, **kw: _interpreted(jitted)(*a, **kw)
+            JITFunction.__call__ = _device_call
             try:
                 return self.fn[grid](*args, **kwargs)
             finally:
                 JITFunction.__call__ = call
         return launch
+
+
+def _device_call(jitted, *args, **kwargs):
+    """A jitted function (ours or triton.language's) called from interpreted code: its source runs in
+    the interpreter, and the patches of triton.language made for it are undone when it returns.
+    (Triton's own interpreted calls leave them in place, which breaks compiling any kernel later
+    in the process.)"""
+    from triton.runtime.interpreter import _patch_lang
+
+    fn = _interpreted(jitted)
+    scope = _patch_lang(fn.fn)
+    try:
+        return fn.rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
 
 
 _INTERPRETED = _InterpretedKernels()
