@@ -135,7 +135,8 @@ def test_many_rows_per_expert(kind):
 
 
 def test_bfloat16_in_the_interpreter():
-    """bf16 operands are upcast inside the kernels, so the interpreter computes them right."""
+    """bf16 in the interpreter: the kernels upcast the dot operands and round results to nearest
+    even themselves, so the interpreter computes what a GPU does."""
     b = block(**GROVE, dtype=torch.bfloat16)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     check(b, x)

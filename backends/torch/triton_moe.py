@@ -1,6 +1,7 @@
 """Fused MoE on Triton: ordinary experts and Grove's once-per-group adjugates in the same launches.
 
-The op computes exactly what ``moe.py``'s grouped path does::
+The op computes the function ``moe.py``'s grouped path computes (the reference formula, adjugates
+once per (token, group)), accumulating in fp32 throughout::
 
     y[t] = Σ_s w[t,s] E_{idx[t,s]}(x[t])  +  λ Σ_{groups g of t} (Σ_{s: idx[t,s]//p = g} w[t,s]) A_g(x[t])
 
