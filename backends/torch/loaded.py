@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,13 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "TorchModel":
         torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown torch device '{device}'") from None
+    has_triton = importlib.util.find_spec("triton") is not None
     if moe_impl is None:
-        moe_impl = "triton" if str(device).startswith("cuda") else "grouped"
+        moe_impl = "triton" if str(device).startswith("cuda") and has_triton else "grouped"
     if moe_impl not in MOE_IMPLS:
         raise UserError(f"moe_impl '{moe_impl}' is not one of the torch backend's: {', '.join(MOE_IMPLS)}")
+    if moe_impl == "triton" and not has_triton:
+        raise UserError("moe_impl 'triton' needs Triton: pip install triton (Linux)")
     dtype_name = dtype or spec.dtype
     if dtype_name not in DTYPES:
         raise UserError(f"dtype '{dtype_name}' is not supported (choose {', '.join(DTYPES)})")

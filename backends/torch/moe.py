@@ -133,7 +133,7 @@ class MoEBlock(nn.Module):
         idx, weights = route(logits, self.spec)
         if self.impl == "reference":
             out = self._per_slot(x, idx, weights)
-        elif self.impl == "triton":
+        elif self.impl == "triton" and not self._needs_grad(x, weights):
             from .triton_moe import fused_moe
 
             out = fused_moe(x, idx, weights, self)
@@ -143,6 +143,13 @@ class MoEBlock(nn.Module):
                 adjugates = grouped_swiglu(x, *group_rows(idx, weights, self.spec), self.chunk_experts)
                 out = out + self.spec.grove.scale * adjugates
         return out.reshape(shape)
+
+    def _needs_grad(self, x, weights) -> bool:
+        """The Triton kernels have no backward: when a gradient is needed (RoMA trains routers
+        through the blocks) the grouped path runs instead, with the same semantics."""
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or weights.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def _per_slot(self, x, idx, weights):
         """The reference: every (token, slot) on its own, adjugates once per selected expert."""

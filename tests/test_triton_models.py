@@ -1,0 +1,33 @@
+"""Whole models with moe_impl="triton" (Triton's interpreter on CPU tensors) equal the default path."""
+
+import numpy as np
+import pytest
+
+import moe_local
+
+pytestmark = pytest.mark.slow
+
+IDS = np.array([[0, 0, 7, 21, 3, 90, 45], [12, 5, 64, 33, 8, 2, 101]])
+MASK = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("folder", ["qwen3_dir", "olmoe_dir", "grove_dir"])
+def test_logits_equal_default_path(folder, request):
+    path = request.getfixturevalue(folder)
+    default = moe_local.load(str(path), backend="torch", device="cpu")
+    assert default.moe_impl == "grouped"
+    fused = moe_local.load(str(path), backend="torch", device="cpu", moe_impl="triton")
+    expected = default.logits(IDS, MASK)
+    got = fused.logits(IDS, MASK)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_float16_grove_logits_close_to_float32(grove_dir):
+    """fp16 weights through the kernels: as close to the fp32 logits as the fp16 grouped path is."""
+    exact = moe_local.load(str(grove_dir), backend="torch", device="cpu").logits(IDS, MASK)
+    half = moe_local.load(str(grove_dir), backend="torch", device="cpu", dtype="float16")
+    half_fused = moe_local.load(str(grove_dir), backend="torch", device="cpu", dtype="float16", moe_impl="triton")
+    err = np.abs(half_fused.logits(IDS, MASK) - exact).max()
+    torch_err = np.abs(half.logits(IDS, MASK) - exact).max()
+    assert err <= 1.5 * torch_err + 1e-3 * np.abs(exact).max(), (err, torch_err)
