@@ -43,7 +43,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<pad>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:vocab_size - 40])
+                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size - 40])
     tok.train_from_iterator(TEXT, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
                                    pad_token="<pad>")
