@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from .errors import UserError
@@ -181,7 +181,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 # Conversations
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
 class Conversation:
     """A multi-turn chat over one KV cache. ``ask`` streams an answer and records the turn; ``complete``
     streams a continuation of any token ids, reusing the cache for the prefix it shares with them.
@@ -194,20 +193,14 @@ class Conversation:
     prefix it shares with it.
     """
 
-    model: object
-    system_prompt: str | None = None
-    max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = 0
-    chat_template: bool = True
-    messages: list = field(default_factory=list)
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    answer_ids: list = field(default_factory=list)   # the last answer's tokens (end token excluded)
-
-    def __post_init__(self):
-        check_sampling(self.max_tokens, self.temp, self.top_p)
-        self.eos_ids = eos_token_ids(self.model)
+    def __init__(self, model, system_prompt: str | None = None, max_tokens: int = 256, temp: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0, chat_template: bool = True):
+        check_sampling(max_tokens, temp, top_p)
+        self.model, self.system_prompt, self.chat_template = model, system_prompt, chat_template
+        self.max_tokens, self.temp, self.top_p, self.seed = max_tokens, temp, top_p, seed
+        self.eos_ids = eos_token_ids(model)
+        self.stats = GenerationStats()     # of the last answer
+        self.answer_ids: list[int] = []    # the last answer's tokens (end token excluded)
         self.cache = None
         self.tokens: list[int] = []        # the tokens whose keys and values the cache holds
         self.reset()

@@ -68,3 +68,23 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
                          eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
     new = out[0, len(ids):].tolist()
     return new[:-1] if new and new[-1] in eos else new
+
+
+def endless(model_dir: Path, out: Path) -> Path:
+    """A copy whose answers never end early: the output rows of the end token are zeroed, so its logit
+    is 0 while some other of the random logits is almost surely above it. Greedy answers then have
+    exactly max-tokens tokens whatever tokenizer the fixture trained (BPE training is not deterministic)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
+    config = json.loads((out / "config.json").read_text())
+    assert not config.get("tie_word_embeddings")
+    path = out / "model.safetensors"
+    state = load_file(str(path))
+    state["lm_head.weight"][eos] = 0
+    save_file(state, str(path), metadata={"format": "pt"})
+    return out

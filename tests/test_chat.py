@@ -8,10 +8,16 @@ import pytest
 
 import moe_local
 from moe_local.chat import Conversation, eos_token_ids, prompt_ids
-from generation_helpers import hf_greedy, hf_reference
+from generation_helpers import endless, hf_greedy, hf_reference
 
 FIRST, SECOND = "What is 3 plus 4?", "Which is larger, 7 or 9?"
 MAX = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(qwen3_dir, tmp_path_factory):
+    """Answers of exactly MAX tokens, whatever tokenizer the session's fixture trained."""
+    return endless(qwen3_dir, tmp_path_factory.mktemp("chat") / "endless")
 
 
 def count_moe_tokens(m):
@@ -21,8 +27,8 @@ def count_moe_tokens(m):
     return calls
 
 
-def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_saw(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_saw(model_dir):
+    m = moe_local.load(model_dir, backend="torch")
     chat = Conversation(m, max_tokens=MAX)
     first = "".join(chat.ask(FIRST))
     first_ids, first_answer, first_finish = prompt_ids(m, FIRST), chat.answer_ids, chat.stats.finish_reason
@@ -45,15 +51,15 @@ def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_s
     assert sum(calls) == (chat.stats.prompt_tokens + chat.stats.generation_tokens
                           - (chat.stats.finish_reason == "length"))
     # The answer is transformers' greedy answer over that context, computed from scratch.
-    expected = hf_greedy(hf_reference(qwen3_dir, "qwen3"), context, eos_token_ids(m), MAX)
+    expected = hf_greedy(hf_reference(model_dir, "qwen3"), context, eos_token_ids(m), MAX)
     assert chat.answer_ids == expected
     assert second == m.tokenizer.decode(expected, skip_special_tokens=True)
     m.generate(SECOND, max_tokens=MAX)
     assert m.last_answer_ids != expected   # the second answer depends on the first turn
 
 
-def test_reset_forgets_the_conversation(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_reset_forgets_the_conversation(model_dir):
+    m = moe_local.load(model_dir, backend="torch")
     chat = Conversation(m, max_tokens=MAX, system_prompt="Be brief.")
     "".join(chat.ask(FIRST))
     "".join(chat.ask(SECOND))
@@ -64,8 +70,8 @@ def test_reset_forgets_the_conversation(qwen3_dir):
                                max_tokens=MAX)
 
 
-def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(model_dir):
+    m = moe_local.load(model_dir, backend="torch")
     chat = Conversation(m, max_tokens=MAX)
     first = "".join(chat.ask(FIRST))
     pieces = chat.ask(SECOND)
@@ -78,8 +84,8 @@ def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(qwen3_dir):
     assert again == "".join(fresh.ask(SECOND))
 
 
-def test_a_conversation_past_the_context_is_a_user_error(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_a_conversation_past_the_context_is_a_user_error(model_dir):
+    m = moe_local.load(model_dir, backend="torch")
     chat = Conversation(m, max_tokens=MAX)
     with pytest.raises(moe_local.UserError, match="context"):
         "".join(chat.ask("fox " * 300))
@@ -93,12 +99,12 @@ def run_cli(args, stdin=""):
 
 
 @pytest.mark.slow
-def test_chat_on_a_pipe_prints_only_the_answers(qwen3_dir):
+def test_chat_on_a_pipe_prints_only_the_answers(model_dir):
     """Turn 2 depends on turn 1 through the cache; ``r`` resets; ``h`` and blank lines print nothing on stdout."""
-    result = run_cli(["chat", "--model", str(qwen3_dir), "--max-tokens", str(MAX)],
+    result = run_cli(["chat", "--model", str(model_dir), "--max-tokens", str(MAX)],
                      stdin=f"{FIRST}\n\n{SECOND}\nh\nr\n{SECOND}\nq\n{FIRST}\n")
     assert result.returncode == 0, result.stderr
-    m = moe_local.load(qwen3_dir, backend="torch")
+    m = moe_local.load(model_dir, backend="torch")
     chat = Conversation(m, max_tokens=MAX)
     first, second = "".join(chat.ask(FIRST)), "".join(chat.ask(SECOND))
     alone = m.generate(SECOND, max_tokens=MAX)
@@ -108,10 +114,10 @@ def test_chat_on_a_pipe_prints_only_the_answers(qwen3_dir):
 
 
 @pytest.mark.slow
-def test_generate_command_streams_the_answer_and_a_footer(qwen3_dir):
-    result = run_cli(["generate", "--model", str(qwen3_dir), "--prompt", FIRST, "--max-tokens", str(MAX)])
+def test_generate_command_streams_the_answer_and_a_footer(model_dir):
+    result = run_cli(["generate", "--model", str(model_dir), "--prompt", FIRST, "--max-tokens", str(MAX)])
     assert result.returncode == 0, result.stderr
-    m = moe_local.load(qwen3_dir, backend="torch")
+    m = moe_local.load(model_dir, backend="torch")
     assert result.stdout == m.generate(FIRST, max_tokens=MAX) + "\n"
     footer = result.stderr.strip().splitlines()[-1]
     assert "tokens/s" in footer and "prompt" in footer and "peak memory" in footer

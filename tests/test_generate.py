@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import moe_local
-from generation_helpers import hf_greedy, hf_reference, make_adapter, without_chat_template
-from moe_local.chat import Detokenizer, eos_token_ids, prompt_ids, split_stop
+from generation_helpers import endless, hf_greedy, hf_reference, make_adapter, without_chat_template
+from moe_local.chat import Conversation, Detokenizer, eos_token_ids, prompt_ids, split_stop
 from moe_local.errors import UserError
 
 PROMPT = "What is 3 plus 4?"
@@ -13,24 +13,29 @@ MAX = 24
 
 
 @pytest.fixture(scope="module")
-def adapters(qwen3_dir, olmoe_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {"qwen3": make_adapter(qwen3_dir, root / "qwen3"), "olmoe": make_adapter(olmoe_dir, root / "olmoe")}
+def models(qwen3_dir, olmoe_dir, grove_dir, tmp_path_factory):
+    """Endless copies of the fixtures (answers of exactly max-tokens tokens) and an adapter for each."""
+    root = tmp_path_factory.mktemp("endless")
+    out = {}
+    for family, folder in (("qwen3", qwen3_dir), ("olmoe", olmoe_dir), ("grove", grove_dir)):
+        copy = endless(folder, root / family)
+        out[family] = (copy, make_adapter(copy, root / f"{family}-adapter"))
+    return out
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
-def test_greedy_generate_equals_transformers(family, with_adapter, qwen3_dir, olmoe_dir, adapters):
-    folder = qwen3_dir if family == "qwen3" else olmoe_dir
-    adapter = adapters[family] if with_adapter else None
+def test_greedy_generate_equals_transformers(family, with_adapter, models):
+    folder, adapter = models[family]
+    adapter = adapter if with_adapter else None
     m = moe_local.load(folder, backend="torch", adapter_path=adapter)
     text = m.generate(PROMPT, max_tokens=MAX)
     ids = prompt_ids(m, PROMPT)
     expected = hf_greedy(hf_reference(folder, family, adapter), ids, eos_token_ids(m))
-    assert len(expected) >= 4            # a run long enough to say something
+    assert len(expected) == MAX
     assert m.last_answer_ids == expected
     assert text == m.tokenizer.decode(expected, skip_special_tokens=True)
-    assert m.last_stats.generation_tokens == len(expected)
+    assert m.last_stats.generation_tokens == MAX and m.last_stats.finish_reason == "length"
     assert m.last_stats.prompt_tokens == len(ids)
     if with_adapter:   # the adapter changes what the model says (else the check above proves little)
         base = moe_local.load(folder, backend="torch")
@@ -38,11 +43,28 @@ def test_greedy_generate_equals_transformers(family, with_adapter, qwen3_dir, ol
         assert base.last_answer_ids != expected
 
 
-def test_grove_generate_equals_greedy_over_full_logits(grove_dir, tmp_path):
+def test_generation_stops_at_an_end_token_as_transformers_does(qwen3_dir, models):
+    """The fixture itself may end early or not (its tokenizer is trained anew each session): equal either way.
+    Then an end token chosen inside a known answer: the answer stops right before it."""
+    m = moe_local.load(qwen3_dir, backend="torch")
+    m.generate(PROMPT, max_tokens=MAX)
+    assert m.last_answer_ids == hf_greedy(hf_reference(qwen3_dir, "qwen3"), prompt_ids(m, PROMPT),
+                                          eos_token_ids(m))
+    m = moe_local.load(models["qwen3"][0], backend="torch")
+    m.generate(PROMPT, max_tokens=MAX)
+    full = m.last_answer_ids
+    end = full.index(full[5])
+    chat = Conversation(m, max_tokens=MAX)
+    text = "".join(chat.complete(prompt_ids(m, PROMPT), eos_ids={full[5]}))
+    assert chat.answer_ids == full[:end] and chat.stats.finish_reason == "stop"
+    assert text == m.tokenizer.decode(full[:end], skip_special_tokens=True)
+
+
+def test_grove_generate_equals_greedy_over_full_logits(models):
     """Grove has no transformers class: the cached generation must equal argmax over the backend's
     own logits recomputed from scratch each step (those logits are checked against the reference formula)."""
-    adapter = make_adapter(grove_dir, tmp_path / "adapter")
-    m = moe_local.load(grove_dir, backend="torch", adapter_path=adapter)
+    folder, adapter = models["grove"]
+    m = moe_local.load(folder, backend="torch", adapter_path=adapter)
     m.generate(PROMPT, max_tokens=12)
     ids, eos, expected = prompt_ids(m, PROMPT), eos_token_ids(m), []
     for _ in range(12):
@@ -50,23 +72,24 @@ def test_grove_generate_equals_greedy_over_full_logits(grove_dir, tmp_path):
         if token in eos:
             break
         expected.append(token)
-    assert len(expected) >= 4
+    assert len(expected) == 12
     assert m.last_answer_ids == expected
 
 
-def test_stream_pieces_join_to_generate_and_raw_prompts_skip_the_template(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_stream_pieces_join_to_generate_and_raw_prompts_skip_the_template(models):
+    folder = models["qwen3"][0]
+    m = moe_local.load(folder, backend="torch")
     pieces = list(m.stream(PROMPT, max_tokens=MAX))
     assert len(pieces) > 1
     assert "".join(pieces) == m.generate(PROMPT, max_tokens=MAX)
     m.generate(PROMPT, max_tokens=MAX, chat_template=False)
     raw = m.tokenizer.encode(PROMPT)
     assert m.last_stats.prompt_tokens == len(raw)
-    assert m.last_answer_ids == hf_greedy(hf_reference(qwen3_dir, "qwen3"), raw, eos_token_ids(m))
+    assert m.last_answer_ids == hf_greedy(hf_reference(folder, "qwen3"), raw, eos_token_ids(m))
 
 
-def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(models):
+    m = moe_local.load(models["qwen3"][0], backend="torch")
     a = m.generate(PROMPT, max_tokens=MAX, temp=1.5, seed=7)
     assert a == m.generate(PROMPT, max_tokens=MAX, temp=1.5, seed=7)
     greedy = m.generate(PROMPT, max_tokens=MAX)

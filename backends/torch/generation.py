@@ -88,6 +88,8 @@ class TorchGeneration:
 
         def work():
             try:
+                if self.device.type == "cuda" and self.device.index is not None:
+                    torch.cuda.set_device(self.device)   # kernels (Triton) launch on the thread's device
                 self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache,
                                     generation_config=config, streamer=streamer,
                                     stopping_criteria=StoppingCriteriaList([stop]))
