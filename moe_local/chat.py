@@ -307,7 +307,9 @@ def stream(model, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_temp
     conversation = Conversation(model, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
                                 chat_template=chat_template)
     ids = prompt_ids(model, prompt, chat_template)
-    plain = chat_template and not has_chat_template(model.tokenizer)
+    # The plain format (no template, or a conversation fed without one) stops at the next "User:" line.
+    templated = chat_template and has_chat_template(model.tokenizer)
+    plain = not templated and (chat_template or not isinstance(prompt, str))
 
     def pieces():
         try:

@@ -12,7 +12,8 @@ tokens after the first / the time after it — mlx-lm's definitions. Medians of 
 
 torch peers, on the same weights: transformers' ``generate`` with its own MoE layers (default
 experts implementation) and, to isolate our streaming wrapper, ``generate`` called directly on our
-model (our MoE blocks, no worker thread).
+model (our MoE blocks, no worker thread). On a CPU shared with other jobs, use ``--threads 1``:
+OpenMP threads that wait for each other on an oversubscribed machine swamp what is measured.
 """
 
 from __future__ import annotations
