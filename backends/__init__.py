@@ -89,6 +89,46 @@ class LoadedModel:
         """Install float gate weights given as numpy arrays keyed by checkpoint names."""
         raise NotImplementedError
 
+    # -- generation (DESIGN §9); written once in moe_local/chat.py over the primitives below ----------
+    def generate(self, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True) -> str:
+        """The whole answer to ``prompt`` (a string, or a list of ``{"role", "content"}`` messages)."""
+        return "".join(self.stream(prompt, max_tokens, temp, top_p, seed, chat_template))
+
+    def stream(self, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True):
+        """Yield the answer's text pieces as they are generated (greedy when ``temp`` is 0); the run's
+        ``GenerationStats`` are left in ``self.last_stats``. ``chat_template=False`` feeds a string as is."""
+        from ..chat import stream
+
+        return stream(self, prompt, max_tokens, temp, top_p, seed, chat_template)
+
+    def new_cache(self):
+        """An empty KV cache of the backend's own kind."""
+        raise NotImplementedError
+
+    def cache_length(self, cache) -> int:
+        """How many tokens' keys and values the cache holds."""
+        raise NotImplementedError
+
+    def trim_cache(self, cache, length: int) -> None:
+        """Keep the first ``length`` tokens of the cache (no-op when it holds no more)."""
+        raise NotImplementedError
+
+    def stream_tokens(self, ids, cache, max_tokens, temp=0.0, top_p=1.0, seed=None, eos_ids=()):
+        """Yield new token ids continuing ``ids`` (a list of ints) with the library's own generation loop.
+
+        ``cache`` holds the keys and values of a prefix ``ids[:cache_length(cache)]`` (shorter than
+        ``ids``): only the rest is prefilled, and the cache grows with the answer. Sampling: greedy when
+        ``temp`` is 0, else temperature and top-p; ``seed`` (None: leave the generator as it is) seeds
+        it first. Stops after ``max_tokens`` or after yielding a token of ``eos_ids``; the consumer may
+        also close the generator early. Afterwards the cache holds a prefix of ``ids`` + the tokens
+        yielded (and possibly one more, which the caller trims).
+        """
+        raise NotImplementedError
+
+    def peak_memory(self) -> int:
+        """Peak memory in bytes so far (the accelerator's, else the process's)."""
+        raise NotImplementedError
+
 
 def gate_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.weight"

@@ -19,6 +19,9 @@ from .errors import UserError
 
 # name -> "module:attribute" of the click command; one line per command.
 COMMANDS = {
+    "chat": "moe_local.commands.chat:chat",
+    "fuse": "moe_local.commands.fuse:fuse",
+    "generate": "moe_local.commands.generate:generate",
     "info": "moe_local.commands.info:info",
 }
 

@@ -12,7 +12,8 @@ from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
 
 from .. import LoadedModel, check_router_weights, gate_name
-from .model import DTYPES, checkpoint_tensors, load_causal_lm
+from .generation import TorchGeneration
+from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm
 from .moe import MOE_IMPLS
 
 
@@ -46,7 +47,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class TorchModel(LoadedModel):
+class TorchModel(TorchGeneration, LoadedModel):
     backend = "torch"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
@@ -87,7 +88,8 @@ class TorchModel(LoadedModel):
         from moe_local.checkpoint import write_model
 
         dtype = str(self.dtype).replace("torch.", "")
-        return write_model(out, self.spec, checkpoint_tensors(self.model, self.spec), tokenizer_src=self.folder,
+        tensors = {**carried_tensors(self.folder), **checkpoint_tensors(self.model, self.spec)}
+        return write_model(out, self.spec, tensors, tokenizer_src=self.folder,
                            dtype=dtype)
 
     def get_router_weights(self, layers=None) -> dict:

@@ -28,6 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.(?:experts|chunk_experts))\.(\d+)\.(gate|up|down)_proj\.weight$")
 # Checkpoint tensors that inference does not use: GroveMoE's load-balancing bias, stale RoPE tables.
 _UNUSED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$|\.rotary_emb\.inv_freq$")
+# Of those, the ones the format has (GroveMoE's), carried unchanged into folders this package writes.
+_CARRIED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")
 
 
 class GroveMoeForCausalLM(Qwen3MoeForCausalLM):
@@ -140,6 +142,16 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
     model = build(spec, impl)
     load_weights(model, checkpoint_state(folder, spec, dtype), spec, folder)
     return model.to(device).eval()
+
+
+def carried_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
+    out = {}
+    for name, (path, _, _) in tensor_index(folder).items():
+        if _CARRIED.match(name):
+            with safe_open(str(path), framework="pt") as f:
+                out[name] = f.get_tensor(name)
+    return out
 
 
 def checkpoint_tensors(model, spec: ModelSpec) -> dict[str, torch.Tensor]:

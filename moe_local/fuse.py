@@ -1,0 +1,37 @@
+"""Fuse a router adapter into its base model: an ordinary model folder any engine can serve.
+
+The folder is what the backend's ``save`` writes (moe_local.checkpoint.write_model): config.json
+with both spellings, safetensors sharded above 5 GB, the tokenizer files, GroveMoE's format for
+Grove models, written under a temporary name and renamed into place, so a failed fuse leaves
+nothing. Its logits equal the base model's with the adapter applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapter import check_fingerprint, read_adapter
+from .checkpoint import is_quantized, load_spec, resolve_model, tensor_index
+from .errors import UserError
+from .files import refuse_existing
+
+
+def fuse(model, adapter_path, save_path, backend: str = "auto", device: str | None = None) -> Path:
+    from .backends import load_model, resolve_backend
+
+    folder = resolve_model(model)
+    out = Path(save_path).expanduser()
+    if out.resolve() == folder.resolve():
+        raise UserError(f"--save-path {out} is the base model's own folder; give a new folder")
+    refuse_existing(out, "--save-path")
+    if adapter_path is None:
+        raise UserError("fuse needs --adapter-path (the router adapter to fuse)")
+    _, config = read_adapter(adapter_path)       # checked before a large model is loaded
+    check_fingerprint(config, load_spec(folder), Path(adapter_path))
+    name = resolve_backend(backend)
+    if name == "torch":
+        if is_quantized(tensor_index(folder)):
+            raise UserError(f"{folder} is a quantized MLX model: quantized MLX models fuse with --backend mlx")
+        device = device or "cpu"   # the weights are written from host memory anyway
+    loaded = load_model(folder, backend=name, adapter_path=adapter_path, device=device)
+    return loaded.save(out)

@@ -1,0 +1,151 @@
+"""``moe-local fuse``: the fused folder loads in transformers and mlx-lm with the logits of base + adapter."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import moe_local
+from generation_helpers import hf_reference, make_adapter
+from moe_local.checkpoint import tensor_index
+from moe_local.cli import main
+from moe_local.fuse import fuse
+
+IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def mlx_lm_logits(folder, ids):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(folder))
+    return np.array(model(mx.array(ids)).astype(mx.float32)), model
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmoe"])
+def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, qwen3_dir, olmoe_dir, tmp_path,
+                                                                        capsys):
+    base = qwen3_dir if family == "qwen3" else olmoe_dir
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "fused"
+    code, stdout, _ = run(["fuse", "--model", str(base), "--adapter-path", str(adapter), "--save-path", str(out)],
+                          capsys)
+    assert code == 0 and "fused model written to" in stdout
+    with torch.no_grad():
+        expected = hf_reference(base, family, adapter)(input_ids=torch.as_tensor(IDS)).logits.numpy()
+        fused_hf = hf_reference(out, family)(input_ids=torch.as_tensor(IDS)).logits.numpy()
+    assert rel_err(fused_hf, expected) <= 1e-5
+    assert rel_err(moe_local.load(base, backend="torch", adapter_path=adapter).logits(IDS), expected) <= 1e-5
+    assert rel_err(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-5
+    assert rel_err(mlx_lm_logits(out, IDS)[0], expected) <= 1e-5
+    assert rel_err(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3   # the adapter matters
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == config["num_local_experts"] == 8
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).is_file()
+
+
+def test_fused_grove_folder_keeps_the_grove_format(grove_dir, tmp_path):
+    adapter = make_adapter(grove_dir, tmp_path / "adapter")
+    out = fuse(grove_dir, adapter, tmp_path / "fused", backend="torch")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GroveMoeForCausalLM"] and config["model_type"] == "grove_moe"
+    assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) \
+        == (2, 0.05, 16)
+    names = set(tensor_index(out))
+    assert set(tensor_index(grove_dir)) == names        # chunk_experts.J.* and expert_bias included
+    expected = moe_local.load(grove_dir, backend="torch", adapter_path=adapter).logits(IDS)
+    np.testing.assert_array_equal(moe_local.load(out, backend="torch").logits(IDS), expected)
+
+
+def test_fuse_refusals_are_one_line_and_leave_nothing(qwen3_dir, olmoe_dir, tmp_path, capsys):
+    adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
+    foreign = make_adapter(olmoe_dir, tmp_path / "foreign")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for save, adapter_path, message in [
+        (busy, adapter, "exists and is not empty"),
+        (qwen3_dir, adapter, "the base model's own folder"),
+        (tmp_path / "out", foreign, "was made for another model"),
+        (tmp_path / "out", tmp_path / "nowhere", "adapter folder not found"),
+    ]:
+        code, _, err = run(["fuse", "--model", str(qwen3_dir), "--adapter-path", str(adapter_path),
+                            "--save-path", str(save)], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_write_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
+    import moe_local.checkpoint as checkpoint
+
+    adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
+    real = checkpoint._save_tensors
+
+    def save_then_fail(*args, **kwargs):       # the disk fills up after the weights are written
+        real(*args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_save_tensors", save_then_fail)
+    with pytest.raises(OSError):
+        fuse(qwen3_dir, adapter, tmp_path / "fused", backend="torch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A 4-bit MLX model as mlx_lm.convert writes it (gates at 8 bits, recorded per layer in config.json)."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm import convert
+
+    root = tmp_path_factory.mktemp("quantized")
+    base = checkpoints.make_qwen3_moe(root / "base", spelling="both")
+    convert(str(base), mlx_path=str(root / "q4"), quantize=True, q_group_size=32, q_bits=4)
+    return base, root / "q4"
+
+
+def test_fusing_a_quantized_mlx_model_on_torch_names_the_mlx_backend(quantized, tmp_path):
+    base, q4 = quantized
+    adapter = make_adapter(base, tmp_path / "adapter")
+    with pytest.raises(moe_local.UserError, match="quantized MLX models fuse with --backend mlx"):
+        fuse(q4, adapter, tmp_path / "fused", backend="torch")
+    assert not (tmp_path / "fused").exists()
+
+
+def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized, tmp_path):
+    """Runs once the MLX backend is in: the tuned gates float (no .scales, so mlx-lm keeps them float),
+    everything else as quantized as before, logits equal to the quantized base + adapter."""
+    pytest.importorskip("moe_local.backends.mlx")
+    import mlx.nn as nn
+
+    base, q4 = quantized
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = fuse(q4, adapter, tmp_path / "fused", backend="mlx")
+    index = tensor_index(out)
+    tuned = json.loads((adapter / "adapter_config.json").read_text())["moe_local"]["layers"]
+    for layer in tuned:
+        assert f"model.layers.{layer}.mlp.gate.scales" not in index
+        assert index[f"model.layers.{layer}.mlp.gate.weight"][1] in ("F32", "BF16", "F16")
+    assert {n for n in tensor_index(q4) if n.endswith(".scales")} - {n for n in index if n.endswith(".scales")} \
+        == {f"model.layers.{layer}.mlp.gate.scales" for layer in tuned}
+    logits, model = mlx_lm_logits(out, IDS)
+    assert all(type(model.model.layers[i].mlp.gate) is nn.Linear for i in tuned)
+    expected = moe_local.load(q4, backend="mlx", adapter_path=adapter).logits(IDS)
+    assert rel_err(logits, expected) <= 1e-4
