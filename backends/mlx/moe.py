@@ -19,6 +19,8 @@ unsorted. ``reference`` is the per-slot loop with dense matmuls, kept for checki
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -31,31 +33,40 @@ from moe_local.spec import ROUTER_SIGMOID_SELECT, MoESpec
 # "reference": the per-slot loop of the reference formula with dense matmuls.
 MOE_IMPLS = ("grouped", "reference")
 
-# mlx-lm sorts from 64 rows on (indices.size >= 64) and we keep its threshold: on MLX's CPU build
-# sorted and unsorted gathers time the same within noise at every shape of scripts/bench_moe_mlx.py
-# (the CPU gather runs one matrix-vector product per row either way), so there is nothing to gain
-# from moving it, and on a Mac mlx-lm's threshold is the one that was measured on Metal.
+# Rows are sorted by expert from 64 rows on, mlx-lm's threshold (indices.size >= 64). On MLX's CPU
+# build sorting never measured faster or slower beyond noise: rows always vs never sorted, at
+# T = 1, 4, 8, 16 (8 to 128 rows) on both bench shapes, were within ±10% either way (the CPU
+# gather_mm runs every row at the same ~1 GFLOP/s). mlx-lm's threshold was chosen on Metal; keep it.
 SORT_MIN_ROWS = 64
 
 # Adjugate strategies (DESIGN §3), all exact:
 #   "per-slot":  adjugates ride in the experts' sorted rows: each (token, slot) row also runs its
 #                group's adjugate, weighted by w_i (Σ_i w_i λ A_g(i) = λ Σ_g (Σ_{i∈g} w_i) A_g).
-#                No extra sort, no host synchronisation; computes an adjugate k times per token.
-#   "per-group": once per (token, group) with summed weights; the distinct pairs are counted on the
-#                host (one synchronisation per layer), so only the rows that exist are computed.
-# A third strategy, adjugates merged into the experts' weights (one gather for both), was measured
-# in scripts/bench_moe_mlx.py and is not shipped; see ADJUGATE_PER_GROUP_MIN_ROWS for the numbers.
+#                No second sort, no host read; an adjugate runs once per selected expert.
+#   "per-group": once per (token, group) with the group's summed weight; the distinct pairs are
+#                counted on the host (one read per layer) so that only existing rows are computed.
+#   merged weights (each expert concatenated with its group's adjugate, λ folded into the
+#                down projection, one gather for both) is measured by scripts/bench_moe_mlx.py only.
+# Choice: per-group from ADJUGATE_PER_GROUP_MIN_ROWS (token, slot) rows on, per-slot below. Measured
+# on MLX's CPU build at the GroveMoE shape (E=128, k=8, H=2048, I=768, 64 adjugates of 128), time
+# over the same-shape plain MoE (medians; noise here is ±10%):
+#                    FLOP ratio  per-slot  per-group  merged
+#   random, T=1      1.17 / 1.17   1.13      1.06      0.94
+#   random, T=16     1.17 / 1.16   1.15      1.19      1.12
+#   random, T=128    1.17 / 1.16   1.18      1.13      1.12
+#   co-act., T=1     1.17 / 1.08   1.18      1.07      1.17
+#   co-act., T=16    1.17 / 1.08   1.13      1.08      1.26
+#   co-act., T=128   1.17 / 1.08   0.98      0.92      1.22
+# ("co-act.": a token's 8 experts fill 4 groups, what Grove's routing favours; FLOP ratio per-slot
+# / per-group.) The CPU is compute-bound, so time follows FLOPs: per-group is never worse beyond noise and wins
+# when groups co-activate. Merged buys nothing for a second copy of every expert: not shipped.
+# Below 64 rows (decode) the block still runs per-slot: per-group's host read per layer cost nothing
+# measurable on the CPU (mlx-lm stream_generate, tiny Grove: 30.2 vs 28.4 tokens/s per-group vs
+# per-slot), but on a GPU it would serialise mlx-lm's asynchronous decode once per layer, which no
+# Mac here could measure; a decode-sized batch loses at most its duplicate adjugate rows (about 8% of
+# the layer's FLOPs at GroveMoE's shape). Time `bench_moe_mlx.py --tokens 1` on a Mac to revisit.
+# Inside mx.compile (mlx-lm compiles its training step) host reads are forbidden: per-slot there.
 ADJUGATE_STRATEGIES = ("auto", "per-slot", "per-group")
-# "auto" picks "per-group" from this many (token, slot) rows on, "per-slot" below. Why: MLX's CPU
-# build is compute-bound at every T (a flat ~2.4 GFLOP/s), so cost follows rows computed. With
-# random routing at the GroveMoE shape (E=128, k=8, 64 groups) a token's 8 experts share a group
-# only ~0.2 times, and per-group saves ~3% of adjugate rows, which is within noise; with co-activated
-# groups (what Grove is trained for; all 8 experts in 4 groups) it halves them. The host
-# synchronisation costs well under a millisecond, nothing next to a 128-token layer (seconds on this
-# CPU), but it would stall mlx-lm's asynchronous decode (T=1, 8 rows), so decode stays per-slot.
-# Merged weights measured no faster than per-slot on the CPU (same FLOPs, and the CPU is not
-# launch-bound) and cost a second copy of every expert, so they are not shipped.
-# Measured numbers: see the comment above `choose_adjugate` and the report of issue 3.
 ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS
 
 
@@ -107,6 +118,31 @@ def route(logits: mx.array, probs: mx.array, moe: MoESpec) -> tuple[mx.array, mx
     return idx, weights
 
 
+class GroupPlan(NamedTuple):
+    """The distinct (token, group) pairs of a routing, as rows of the flattened [T, k] slots."""
+
+    same: mx.array    # [T, k, k]: slots i and j of a token chose experts of the same group
+    group: mx.array   # [T*k]: each slot's group, or num_groups where an earlier slot has it
+    order: mx.array   # [T*k]: slots sorted by that key: the first `rows` are the distinct pairs
+    rows: int
+
+
+def group_plan(idx: mx.array, experts_per_group: int, num_groups: int) -> GroupPlan | None:
+    """The (token, group) rows of a routing; None inside mx.compile / vmap, which forbid the host
+    read that counts them (mlx-lm compiles its training step)."""
+    k = idx.shape[1]
+    gid = idx // experts_per_group
+    same = gid[:, :, None] == gid[:, None, :]
+    earlier = mx.tril(mx.ones((k, k), dtype=mx.bool_), k=-1)
+    first = ~mx.any(same & earlier, axis=-1)           # the slot opens its group in this token
+    group = mx.where(first, gid, num_groups).flatten()  # repeats sort after every real group
+    try:
+        rows = int(first.sum().item())
+    except ValueError:                                  # "[eval] ... during function transformations"
+        return None
+    return GroupPlan(same, group, mx.argsort(group), rows)
+
+
 def choose_adjugate(strategy: str, rows: int) -> str:
     if strategy != "auto":
         return strategy
@@ -122,7 +158,8 @@ class MoEBlock(nn.Module):
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
         self.spec = moe
         self.impl = impl
-        self.adjugate = "auto"          # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
+        self.adjugate = "auto"               # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
+        self.sort_min_rows = SORT_MIN_ROWS   # benchmarks set it to time always/never sorted rows
         self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
         self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
@@ -152,7 +189,12 @@ class MoEBlock(nn.Module):
         rows = tokens * k
         grove = self.spec.grove
         strategy = choose_adjugate(self.adjugate, rows) if grove else None
-        if rows >= SORT_MIN_ROWS:
+        plan = None
+        if strategy == "per-group":
+            plan = group_plan(idx, grove.experts_per_group, self.spec.num_groups)
+            if plan is None:                                   # inside mx.compile: no host reads
+                strategy = "per-slot"
+        if rows >= self.sort_min_rows:
             flat = idx.flatten()
             order = mx.argsort(flat)
             xs = x[order // k][:, None, :]                     # [rows, 1, H], sorted by expert
@@ -169,28 +211,20 @@ class MoEBlock(nn.Module):
             y = y.reshape(tokens, k, -1)
         out = (y * weights[..., None]).sum(axis=1)
         if strategy == "per-group":
-            out = out + grove.scale * self._adjugates_per_group(x, idx, weights)
+            out = out + grove.scale * self._adjugates_per_group(x, weights, plan)
         return out
 
-    def _adjugates_per_group(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+    def _adjugates_per_group(self, x: mx.array, weights: mx.array, plan: "GroupPlan") -> mx.array:
         """Σ_groups (Σ_{i in group} w_i) A_group(x), each adjugate once per (token, group)."""
-        tokens, k = idx.shape
-        groups = self.spec.num_groups
-        gid = idx // self.spec.grove.experts_per_group
-        same = gid[:, :, None] == gid[:, None, :]                            # [T, k, k]
-        earlier = mx.tril(mx.ones((k, k), dtype=mx.bool_), k=-1)
-        first = ~mx.any(same & earlier, axis=-1)           # the slot opens its group in this token
-        summed = mx.where(same, weights[:, None, :], 0).sum(axis=-1)        # its group's weight
-        key = mx.where(first, gid, groups).flatten()       # repeats sort after every real group
-        order = mx.argsort(key)
-        n = int(first.sum().item())                        # host sync: rows that exist
-        keep = order[:n]
-        a = self.chunk_experts(x[keep // k][:, None, :], key[keep], True)[:, 0]
+        tokens, k = weights.shape
+        keep = plan.order[:plan.rows]
+        summed = mx.where(plan.same, weights[:, None, :], 0).sum(axis=-1)   # each slot's group weight
+        a = self.chunk_experts(x[keep // k][:, None, :], plan.group[keep], True)[:, 0]
         a = a * summed.flatten()[keep][:, None]
         # Back to (token, slot) layout with zero rows for the repeats, then sum over slots: gathers
         # only, so the result is deterministic and differentiable.
-        padded = mx.concatenate([a, mx.zeros((tokens * k - n, a.shape[-1]), dtype=a.dtype)])
-        return padded[mx.argsort(order)].reshape(tokens, k, -1).sum(axis=1)
+        padded = mx.concatenate([a, mx.zeros((tokens * k - plan.rows, a.shape[-1]), dtype=a.dtype)])
+        return padded[mx.argsort(plan.order)].reshape(tokens, k, -1).sum(axis=1)
 
     # -- the reference ----------------------------------------------------------------------------
     def _per_slot(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
