@@ -1,4 +1,4 @@
-"""One MoE layer on MLX: the project's block vs mlx-lm's SwitchGLU block vs the per-slot loop, and Grove's overhead.
+"""One MoE layer on MLX: the project's block vs mlx-lm's SwitchGLU block vs the per-slot loop; Grove's overhead.
 
     python scripts/bench_moe_mlx.py                       # T = 1,16 on a CPU (~3 minutes on 2 cores)
     python scripts/bench_moe_mlx.py --tokens 1,16,128,512 --repeats 5
@@ -11,8 +11,10 @@ per-group (once per (token, group), host-counted rows), merged (each expert conc
 group's adjugate, λ folded into the down projection: one gather for both); "(auto)" marks the one the
 block's default picks at that size. Grove rows are timed twice: random routing, and co-activated
 routing (paired experts share their gate row, so a token picks both experts of 4 groups: the case
-Grove's per-group execution is for). Every implementation runs on the same weights and inputs; its output is checked against the
-per-slot loop (max relative error printed). Times are medians of interleaved repeats after a warm-up.
+Grove's per-group execution is for). Every implementation runs on the same weights and inputs; its
+output is checked against the per-slot loop (max relative error printed; where the loop is not timed,
+against mlx-lm's block or Grove's per-slot strategy). Times are medians of interleaved repeats after
+a warm-up.
 
 Roof: a dense fp32 MLX matmul measured in the same run; "% roof" = FLOPs executed / time / that rate.
 On Linux this times MLX's CPU build only: it says nothing about Apple silicon (Metal). The script

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
+from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from mlx_lm.utils import load_model as mlx_lm_load_model  # noqa: E402
 
 import checkpoints  # noqa: E402
@@ -76,7 +77,7 @@ def test_reference_impl_matches_grouped(qwen3_dir):
     assert rel(grouped, reference) <= 1e-5
 
 
-def test_left_padded_rows_equal_rows_alone(olmoe_dir):
+def test_left_padded_rows_equal_rows_alone(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="mlx")
     lengths = [12, 5, 1, 9]
     rows = [RNG.integers(0, 128, n) for n in lengths]
@@ -88,6 +89,10 @@ def test_left_padded_rows_equal_rows_alone(olmoe_dir):
         mask[i, width - len(r):] = 1
     batch = m.logits(ids, mask)
     torch_batch = moe_local.load(str(olmoe_dir), backend="torch").logits(ids, mask)
+    # mlx-lm's own model through the same left-padding caches its batched generation uses
+    theirs, _ = mlx_lm_load_model(both_spellings(olmoe_dir, tmp_path / "m"))
+    padding = (mask == 0).sum(1).tolist()
+    assert rel(batch, np.array(theirs(mx.array(ids), cache=[BatchKVCache(padding) for _ in theirs.layers]))) <= 1e-5
     for i, r in enumerate(rows):
         alone = m.logits(r)[0]
         assert rel(batch[i, width - len(r):], alone) <= 1e-5
@@ -179,3 +184,19 @@ def test_auto_backend_is_mlx_only_on_apple_silicon(monkeypatch):
     assert auto_backend() == "torch"
     monkeypatch.setattr(backends, "on_apple_silicon", lambda: True)
     assert auto_backend() == "mlx"
+
+
+@pytest.mark.parametrize("make, drop", [
+    (checkpoints.make_grove, "model.layers.1.mlp.chunk_experts.2.down_proj.weight"),
+    (checkpoints.make_qwen3_moe, "model.layers.1.mlp.experts.3.up_proj.weight"),
+    (checkpoints.make_olmoe, "lm_head.weight"),
+])
+def test_missing_tensor_is_a_user_error(tmp_path, make, drop):
+    from safetensors.numpy import load_file, save_file
+
+    folder = make(tmp_path / "m", tokenizer=False)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors[drop]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=drop.replace(".", r"\.")):
+        moe_local.load(str(folder), backend="mlx")

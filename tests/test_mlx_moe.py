@@ -15,6 +15,7 @@ from moe_local.backends.mlx.moe import SORT_MIN_ROWS, MoEBlock  # noqa: E402
 from moe_local.spec import ROUTER_SIGMOID_SELECT, GroveSpec, MoESpec  # noqa: E402
 
 H, I, IA = 32, 32, 32
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def make_block(top_k=3, experts=8, grove=True, norm=False, seed=0) -> MoEBlock:
@@ -49,11 +50,11 @@ def formula(block: MoEBlock, x: np.ndarray) -> np.ndarray:
         if spec.renormalize:
             w = w / w.sum()
         for e, wi in zip(chosen, w):
-            out[t] += wi * swiglu_np(xt, *(p[f"switch_mlp.{n}.weight"][e] for n in ("gate_proj", "up_proj", "down_proj")))
+            out[t] += wi * swiglu_np(xt, *(p[f"switch_mlp.{n}.weight"][e] for n in PROJECTIONS))
         if spec.grove:
             groups = chosen // spec.grove.experts_per_group
             for g in np.unique(groups):
-                a = swiglu_np(xt, *(p[f"chunk_experts.{n}.weight"][g] for n in ("gate_proj", "up_proj", "down_proj")))
+                a = swiglu_np(xt, *(p[f"chunk_experts.{n}.weight"][g] for n in PROJECTIONS))
                 out[t] += spec.grove.scale * w[groups == g].sum() * a
     return out
 

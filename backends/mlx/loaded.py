@@ -34,13 +34,14 @@ def default_device() -> str:
 
 
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
+    """Load a folder (float or mlx-lm-quantized). ``device`` ('cpu' or 'gpu', default: the GPU where
+    Metal is available) becomes MLX's default device, as MLX programs select devices."""
     spec = load_spec(folder)
     device = device or default_device()
     if device not in DEVICES:
         raise UserError(f"unknown MLX device '{device}' (choose {', '.join(DEVICES)})")
     if device == "gpu" and not mx.metal.is_available():
         raise UserError("MLX has no GPU here (Metal is only on Apple silicon); use device 'cpu'")
-    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     moe_impl = moe_impl or "grouped"
     if moe_impl not in MOE_IMPLS:
         raise UserError(f"moe_impl '{moe_impl}' is not one of the mlx backend's: {', '.join(MOE_IMPLS)}")
@@ -50,6 +51,7 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
         raise UserError(f"dtype '{dtype_name}' is not supported (choose {', '.join(DTYPES)})")
     if device == "cpu" and dtype_name != "float32":
         raise UserError(f"MLX on the CPU runs float32 only (its gather_mm); dtype '{dtype_name}' needs a Mac GPU")
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     model = load_mlx_model(folder, spec, moe_impl, DTYPES[dtype_name])
     return MLXModel(model, spec, Path(folder), moe_impl, device)
 

@@ -68,7 +68,7 @@ class GroveMoeModel(Qwen3MoeModel):
     """GroveMoE: mlx-lm's Qwen3-MoE model whose MoE blocks run Grove's adjugate experts."""
 
     def sanitize(self, weights):
-        """Stack ``mlp.chunk_experts.J.*`` into ``mlp.chunk_experts.*`` ([groups, out, in]) as mlx-lm stacks experts."""
+        """Stack ``mlp.chunk_experts.J.*`` into ``mlp.chunk_experts.*`` ([groups, out, in]), as mlx-lm does experts."""
         weights = super().sanitize(weights)
         for moe in self.spec.moe:
             prefix = f"model.layers.{moe.layer}.mlp.chunk_experts"
@@ -79,7 +79,7 @@ class GroveMoeModel(Qwen3MoeModel):
                     names = [f"{prefix}.{j}.{part}.{suffix}" for j in range(moe.num_groups)]
                     missing = [n for n in names if n not in weights]
                     if missing:
-                        raise UserError(f"the checkpoint lacks tensor {missing[0]}")
+                        raise KeyError(missing[0])   # reported like mlx-lm's own missing experts
                     weights[f"{prefix}.{part}.{suffix}"] = mx.stack([weights.pop(n) for n in names])
         return weights
 
@@ -102,8 +102,10 @@ def load_mlx_model(folder: Path, spec: ModelSpec, impl: str, dtype):
     try:
         model, _ = load_model(Path(folder), model_config=config,
                               get_model_classes=lambda config: (partial(cls, spec=spec, impl=impl), args_cls))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except KeyError as e:          # a sanitize step popping a tensor the folder lacks
+        raise UserError(f"{folder} lacks tensor {e.args[0]}") from None
+    except (ValueError, FileNotFoundError) as e:   # mlx-lm's strict load: missing / extra / mis-shaped
+        message = " ".join(str(e).split())[:300] or type(e).__name__
         raise UserError(f"cannot load {folder} with the mlx backend: {message}") from None
     cast_floats(model, dtype)
     return model

@@ -57,9 +57,11 @@ SORT_MIN_ROWS = 64
 #   co-act., T=1     1.17 / 1.08   1.18      1.07      1.17
 #   co-act., T=16    1.17 / 1.08   1.13      1.08      1.26
 #   co-act., T=128   1.17 / 1.08   0.98      0.92      1.22
+# and at T=512 (random routing; whole-layer medians of 2 were noise-bound) the adjugate work alone:
+# 4.49 s per-slot, 4.41 s per-group, of which counting the pairs and gathering rows took 0.03 s.
 # ("co-act.": a token's 8 experts fill 4 groups, what Grove's routing favours; FLOP ratio per-slot
-# / per-group.) The CPU is compute-bound, so time follows FLOPs: per-group is never worse beyond noise and wins
-# when groups co-activate. Merged buys nothing for a second copy of every expert: not shipped.
+# / per-group.) The CPU is compute-bound, so time follows FLOPs: per-group is never worse beyond
+# noise and wins when groups co-activate. Merged buys nothing for a second copy of every expert: not shipped.
 # Below 64 rows (decode) the block still runs per-slot: per-group's host read per layer cost nothing
 # measurable on the CPU (mlx-lm stream_generate, tiny Grove: 30.2 vs 28.4 tokens/s per-group vs
 # per-slot), but on a GPU it would serialise mlx-lm's asynchronous decode once per layer, which no
@@ -71,7 +73,7 @@ ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS
 
 
 class Experts(nn.Module):
-    """SwiGLU experts stacked as mlx-lm stores them: ``gate_proj``/``up_proj`` ``[E, I, H]``, ``down_proj`` ``[E, H, I]``."""
+    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
