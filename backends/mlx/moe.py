@@ -35,7 +35,7 @@ MOE_IMPLS = ("grouped", "reference")
 
 # Rows are sorted by expert from 64 rows on, mlx-lm's threshold (indices.size >= 64). On MLX's CPU
 # build sorting never measured faster or slower beyond noise: rows always vs never sorted, at
-# T = 1, 4, 8, 16 (8 to 128 rows) on both bench shapes, were within ±10% either way (the CPU
+# T = 1, 4, 8, 16 (8 to 128 rows) on both bench shapes, were within ±11% either way (the CPU
 # gather_mm runs every row at the same ~1 GFLOP/s). mlx-lm's threshold was chosen on Metal; keep it.
 SORT_MIN_ROWS = 64
 
@@ -49,7 +49,8 @@ SORT_MIN_ROWS = 64
 #                down projection, one gather for both) is measured by scripts/bench_moe_mlx.py only.
 # Choice: per-group from ADJUGATE_PER_GROUP_MIN_ROWS (token, slot) rows on, per-slot below. Measured
 # on MLX's CPU build at the GroveMoE shape (E=128, k=8, H=2048, I=768, 64 adjugates of 128), time
-# over the same-shape plain MoE (medians; noise here is ±10%):
+# over the same-shape plain MoE (medians of 3; on this shared 2-core machine a rerun moves a ratio
+# by up to ±15%, so read the columns against the FLOP ratios rather than against each other):
 #                    FLOP ratio  per-slot  per-group  merged
 #   random, T=1      1.17 / 1.17   1.13      1.06      0.94
 #   random, T=16     1.17 / 1.16   1.15      1.19      1.12
