@@ -112,6 +112,13 @@ class MLXModel(LoadedModel):
         out = self.model(ids, cache=caches)
         return np.array(out.astype(mx.float32))
 
+    def save(self, out: Path) -> Path:
+        """Write the model with its current gates: a Hugging Face folder (float models) or mlx-lm's
+        quantized format with float gates (quantized models); see save.py."""
+        from .save import save_model
+
+        return save_model(self, Path(out))
+
     def get_router_weights(self, layers=None) -> dict:
         layers = self.spec.moe_layers if layers is None else layers
         out = {}
