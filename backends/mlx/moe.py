@@ -1,0 +1,249 @@
+"""The project's MoE block for MLX: router, grouped expert execution, Grove adjugates.
+
+Routing follows the reference implementations (the same rules as the torch block):
+
+- qwen3_moe / olmoe: softmax in fp32 over all experts, top-k of the probabilities, optional
+  renormalisation, weights cast to the activations' dtype.
+- GroveMoE: top-k of ``sigmoid(logits)`` selects, the softmax probabilities of the selected experts
+  are always renormalised, and ``y = Σ w_i E_i(x) + λ Σ_groups (Σ_{i in group} w_i) A_group(x)``.
+
+Parameter names are mlx-lm's (``gate``, ``switch_mlp.{gate,up,down}_proj`` stacked ``[E, out, in]``),
+so mlx-lm's ``sanitize`` and mlx-lm-quantized folders load as they are; Grove's adjugates are
+stacked the same way under ``chunk_experts``. The expert layers are mlx-lm's ``SwitchLinear`` (and
+``QuantizedSwitchLinear`` after ``nn.quantize``), i.e. ``mx.gather_mm`` / ``mx.gather_qmm``.
+
+Grouped execution: each (token, slot) is one row. From ``SORT_MIN_ROWS`` rows on, rows are sorted by
+expert and the gathers get ``sorted_indices=True`` (MLX's segmented path); below it they stay
+unsorted. ``reference`` is the per-slot loop with dense matmuls, kept for checking.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from moe_local.spec import ROUTER_SIGMOID_SELECT, MoESpec
+
+# "grouped": gather_mm / gather_qmm over expert-sorted rows (the default);
+# "reference": the per-slot loop of the reference formula with dense matmuls.
+MOE_IMPLS = ("grouped", "reference")
+
+# Rows are sorted by expert from 64 rows on, mlx-lm's threshold (indices.size >= 64). On MLX's CPU
+# build sorting never measured faster or slower beyond noise: rows always vs never sorted, at
+# T = 1, 4, 8, 16 (8 to 128 rows) on both bench shapes, were within ±11% either way (the CPU
+# gather_mm runs every row at the same ~1 GFLOP/s). mlx-lm's threshold was chosen on Metal; keep it.
+SORT_MIN_ROWS = 64
+
+# Adjugate strategies (DESIGN §3), all exact:
+#   "per-slot":  adjugates ride in the experts' sorted rows: each (token, slot) row also runs its
+#                group's adjugate, weighted by w_i (Σ_i w_i λ A_g(i) = λ Σ_g (Σ_{i∈g} w_i) A_g).
+#                No second sort, no host read; an adjugate runs once per selected expert.
+#   "per-group": once per (token, group) with the group's summed weight; the distinct pairs are
+#                counted on the host (one read per layer) so that only existing rows are computed.
+#   merged weights (each expert concatenated with its group's adjugate, λ folded into the
+#                down projection, one gather for both) is measured by scripts/bench_moe_mlx.py only.
+# Choice: per-group from ADJUGATE_PER_GROUP_MIN_ROWS (token, slot) rows on, per-slot below. Measured
+# on MLX's CPU build at the GroveMoE shape (E=128, k=8, H=2048, I=768, 64 adjugates of 128), time
+# over the same-shape plain MoE (medians of 3; on this shared 2-core machine a rerun moves a ratio
+# by up to ±15%, so read the columns against the FLOP ratios rather than against each other):
+#                    FLOP ratio  per-slot  per-group  merged
+#   random, T=1      1.17 / 1.17   1.13      1.06      0.94
+#   random, T=16     1.17 / 1.16   1.15      1.19      1.12
+#   random, T=128    1.17 / 1.16   1.18      1.13      1.12
+#   co-act., T=1     1.17 / 1.08   1.18      1.07      1.17
+#   co-act., T=16    1.17 / 1.08   1.13      1.08      1.26
+#   co-act., T=128   1.17 / 1.08   0.98      0.92      1.22
+# and at T=512 (random routing; whole-layer medians of 2 were noise-bound) the adjugate work alone:
+# 4.49 s per-slot, 4.41 s per-group, of which counting the pairs and gathering rows took 0.03 s.
+# ("co-act.": a token's 8 experts fill 4 groups, what Grove's routing favours; FLOP ratio per-slot
+# / per-group.) The CPU is compute-bound, so time follows FLOPs: per-group is never worse beyond
+# noise and wins when groups co-activate. Merged buys nothing for a second copy of every expert: not shipped.
+# Below 64 rows (decode) the block still runs per-slot: per-group's host read per layer cost nothing
+# measurable on the CPU (mlx-lm stream_generate, tiny Grove: 30.2 vs 28.4 tokens/s per-group vs
+# per-slot), but on a GPU it would serialise mlx-lm's asynchronous decode once per layer, which no
+# Mac here could measure; a decode-sized batch loses at most its duplicate adjugate rows (about 8% of
+# the layer's FLOPs at GroveMoE's shape). Time `bench_moe_mlx.py --tokens 1` on a Mac to revisit.
+# Inside mx.compile (mlx-lm compiles its training step) host reads are forbidden: per-slot there.
+ADJUGATE_STRATEGIES = ("auto", "per-slot", "per-group")
+ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS
+
+
+class Experts(nn.Module):
+    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=False)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """Rows ``x[..., 1, H]`` through experts ``indices`` (gather_mm / gather_qmm)."""
+        up = self.up_proj(x, indices, sorted_indices=sorted_indices)
+        gate = self.gate_proj(x, indices, sorted_indices=sorted_indices)
+        return self.down_proj(swiglu(gate, up), indices, sorted_indices=sorted_indices)
+
+    def one(self, e: int, x: mx.array) -> mx.array:
+        """Expert ``e`` on rows ``x [n, H]`` with dense matmuls (the reference path)."""
+        gate, up = dense(self.gate_proj, e, x), dense(self.up_proj, e, x)
+        return dense(self.down_proj, e, nn.silu(gate) * up)
+
+
+def expert_weight(layer, e: int) -> mx.array:
+    """Expert ``e``'s float weight ``[out, in]`` of a (possibly quantized) switch layer."""
+    if isinstance(layer, QuantizedSwitchLinear):
+        biases = layer.get("biases")
+        return mx.dequantize(layer.weight[e], layer.scales[e], None if biases is None else biases[e],
+                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    return layer.weight[e]
+
+
+def dense(layer, e: int, x: mx.array) -> mx.array:
+    return x @ expert_weight(layer, e).astype(x.dtype).T
+
+
+def route(logits: mx.array, probs: mx.array, moe: MoESpec) -> tuple[mx.array, mx.array]:
+    """(top-k expert ids [T, k], their fp32 weights [T, k]); ``probs`` = fp32 softmax of ``logits``."""
+    k = moe.top_k
+    if moe.router == ROUTER_SIGMOID_SELECT:
+        score = mx.sigmoid(logits.astype(mx.float32))
+    else:
+        score = probs
+    idx = mx.stop_gradient(mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k])
+    weights = mx.take_along_axis(probs, idx, axis=-1)
+    if moe.renormalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return idx, weights
+
+
+class GroupPlan(NamedTuple):
+    """The distinct (token, group) pairs of a routing, as rows of the flattened [T, k] slots."""
+
+    same: mx.array    # [T, k, k]: slots i and j of a token chose experts of the same group
+    group: mx.array   # [T*k]: each slot's group, or num_groups where an earlier slot has it
+    order: mx.array   # [T*k]: slots sorted by that key: the first `rows` are the distinct pairs
+    rows: int
+
+
+def group_plan(idx: mx.array, experts_per_group: int, num_groups: int) -> GroupPlan | None:
+    """The (token, group) rows of a routing; None inside mx.compile / vmap, which forbid the host
+    read that counts them (mlx-lm compiles its training step)."""
+    k = idx.shape[1]
+    gid = idx // experts_per_group
+    same = gid[:, :, None] == gid[:, None, :]
+    earlier = mx.tril(mx.ones((k, k), dtype=mx.bool_), k=-1)
+    first = ~mx.any(same & earlier, axis=-1)           # the slot opens its group in this token
+    group = mx.where(first, gid, num_groups).flatten()  # repeats sort after every real group
+    try:
+        rows = int(first.sum().item())
+    except ValueError:                                  # "[eval] ... during function transformations"
+        return None
+    return GroupPlan(same, group, mx.argsort(group), rows)
+
+
+def choose_adjugate(strategy: str, rows: int) -> str:
+    if strategy != "auto":
+        return strategy
+    return "per-group" if rows >= ADJUGATE_PER_GROUP_MIN_ROWS else "per-slot"
+
+
+class MoEBlock(nn.Module):
+    """Drop-in for mlx-lm's sparse MoE blocks (and GroveMoE's), with mlx-lm's parameter names."""
+
+    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped"):
+        super().__init__()
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+        self.spec = moe
+        self.impl = impl
+        self.adjugate = "auto"               # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
+        self.sort_min_rows = SORT_MIN_ROWS   # benchmarks set it to time always/never sorted rows
+        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
+        if moe.grove:
+            self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
+        # Set by callers that need routing (RoMA): receives the fp32 router probabilities [..., E],
+        # inside the graph (differentiable in the gate).
+        self.on_routing = None
+
+    def __call__(self, hidden_states: mx.array) -> mx.array:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+        if self.on_routing is not None:
+            self.on_routing(probs.reshape(*shape[:-1], -1))
+        idx, weights = route(logits, probs, self.spec)
+        weights = weights.astype(x.dtype)
+        if self.impl == "reference":
+            out = self._per_slot(x, idx, weights)
+        else:
+            out = self._grouped(x, idx, weights)
+        return out.reshape(shape)
+
+    # -- grouped execution ------------------------------------------------------------------------
+    def _grouped(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        tokens, k = idx.shape
+        rows = tokens * k
+        grove = self.spec.grove
+        strategy = choose_adjugate(self.adjugate, rows) if grove else None
+        plan = None
+        if strategy == "per-group":
+            plan = group_plan(idx, grove.experts_per_group, self.spec.num_groups)
+            if plan is None:                                   # inside mx.compile: no host reads
+                strategy = "per-slot"
+        if rows >= self.sort_min_rows:
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            xs = x[order // k][:, None, :]                     # [rows, 1, H], sorted by expert
+            ids = flat[order]
+            y = self.switch_mlp(xs, ids, True)
+            if strategy == "per-slot":                         # sorted by expert = sorted by group
+                y = y + grove.scale * self.chunk_experts(xs, ids // grove.experts_per_group, True)
+            y = y[mx.argsort(order)].reshape(tokens, k, -1)
+        else:
+            xs = mx.expand_dims(x, (-2, -3))                   # [T, 1, 1, H]
+            y = self.switch_mlp(xs, idx, False)
+            if strategy == "per-slot":
+                y = y + grove.scale * self.chunk_experts(xs, idx // grove.experts_per_group, False)
+            y = y.reshape(tokens, k, -1)
+        out = (y * weights[..., None]).sum(axis=1)
+        if strategy == "per-group":
+            out = out + grove.scale * self._adjugates_per_group(x, weights, plan)
+        return out
+
+    def _adjugates_per_group(self, x: mx.array, weights: mx.array, plan: "GroupPlan") -> mx.array:
+        """Σ_groups (Σ_{i in group} w_i) A_group(x), each adjugate once per (token, group)."""
+        tokens, k = weights.shape
+        keep = plan.order[:plan.rows]
+        summed = mx.where(plan.same, weights[:, None, :], 0).sum(axis=-1)   # each slot's group weight
+        a = self.chunk_experts(x[keep // k][:, None, :], plan.group[keep], True)[:, 0]
+        a = a * summed.flatten()[keep][:, None]
+        # Back to (token, slot) layout with zero rows for the repeats, then sum over slots: gathers
+        # only, so the result is deterministic and differentiable.
+        padded = mx.concatenate([a, mx.zeros((tokens * k - plan.rows, a.shape[-1]), dtype=a.dtype)])
+        return padded[mx.argsort(plan.order)].reshape(tokens, k, -1).sum(axis=1)
+
+    # -- the reference ----------------------------------------------------------------------------
+    def _per_slot(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        """Every (token, slot) on its own, adjugates once per selected expert (the reference loop)."""
+        out = mx.zeros_like(x)
+        small = mx.zeros_like(x)
+        per_group = self.spec.grove.experts_per_group if self.spec.grove else 0
+        chosen = np.array(idx)
+        for slot in range(chosen.shape[1]):
+            for e in np.unique(chosen[:, slot]).tolist():
+                rows = mx.array(np.nonzero(chosen[:, slot] == e)[0])
+                w = weights[rows, slot][:, None]
+                xr = x[rows]
+                out = out.at[rows].add(self.switch_mlp.one(e, xr) * w)
+                if per_group:
+                    small = small.at[rows].add(self.chunk_experts.one(e // per_group, xr) * w)
+        if per_group:
+            out = self.spec.grove.scale * small + out
+        return out

@@ -1,0 +1,75 @@
+"""Write a loaded MLX model back as a model folder (what ``moe-local fuse`` writes).
+
+A float model becomes an ordinary Hugging Face folder: experts per expert
+(``mlp.experts.E.*_proj.weight``, GroveMoE's ``mlp.chunk_experts.J.*``), as transformers writes
+them, so transformers, mlx-lm and the torch backend read it. A quantized model keeps mlx-lm's format
+(stacked ``switch_mlp`` experts with ``.scales``/``.biases``), and its config's per-layer quantization
+entries are dropped for layers that are no longer quantized: float gates installed by
+``set_router_weights`` are then loaded as float by mlx-lm (no ``.scales``). Floating tensors are
+written in the checkpoint's dtype, as they came.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from moe_local.checkpoint import tensor_index, write_model
+
+from .model import DTYPES
+
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$")
+_CARRIED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")   # GroveMoE's, unused but kept
+
+
+def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
+    """The model's weights under checkpoint names, floating ones in the checkpoint's dtype."""
+    params = dict(tree_flatten(model.parameters()))
+    quantized = any(name.endswith(".scales") for name in params)
+    dtype = DTYPES[spec.dtype]
+    out = {}
+    for name, value in params.items():
+        if spec.tie_word_embeddings and name.startswith("lm_head."):
+            continue
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        m = None if quantized else _STACKED.match(name)
+        if m:
+            kind = "experts" if m.group(2) == "switch_mlp" else "chunk_experts"
+            for e in range(value.shape[0]):
+                out[f"{m.group(1)}.{kind}.{e}.{m.group(3)}.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+def carried_tensors(folder: Path) -> dict[str, mx.array]:
+    """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, (path, _, _) in tensor_index(folder).items():
+        if _CARRIED.match(name):
+            by_file.setdefault(path, []).append(name)
+    out = {}
+    for path, names in by_file.items():
+        arrays = mx.load(str(path))
+        out.update({name: arrays[name] for name in names})
+    return out
+
+
+def quantization_config(config: dict, tensors: dict) -> dict:
+    """The config's quantization entries without the layers written in float."""
+    out = {}
+    for key in ("quantization", "quantization_config"):
+        if isinstance(config.get(key), dict):
+            out[key] = {k: v for k, v in config[key].items()
+                        if not (isinstance(v, dict) and f"{k}.scales" not in tensors)}
+    return out
+
+
+def save_model(loaded, out: Path) -> Path:
+    tensors = {**carried_tensors(loaded.folder), **checkpoint_tensors(loaded.model, loaded.spec)}
+    return write_model(out, loaded.spec, tensors, tokenizer_src=loaded.folder, dtype=loaded.spec.dtype,
+                       extra_config=quantization_config(dict(loaded.spec.config), tensors))
