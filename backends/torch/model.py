@@ -141,7 +141,9 @@ def _checkpoint_shape(name: str, shape) -> tuple:
 def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype, device: str):
     model = build(spec, impl)
     load_weights(model, checkpoint_state(folder, spec, dtype), spec, folder)
-    return model.to(device).eval()
+    # Nothing here trains the base weights (the tuner keeps its own fp32 routers): frozen parameters
+    # keep autograd from recording inference, and let the Triton path run outside no_grad too.
+    return model.requires_grad_(False).to(device).eval()
 
 
 def carried_tensors(folder: Path) -> dict[str, torch.Tensor]:
