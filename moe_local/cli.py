@@ -20,6 +20,10 @@ from .errors import UserError
 # name -> "module:attribute" of the click command; one line per command.
 COMMANDS = {
     "info": "moe_local.commands.info:info",
+    "embed": "moe_local.commands.embed:embed",
+    "prepare": "moe_local.commands.prepare:prepare",
+    "tune": "moe_local.commands.tune:tune",
+    "eval": "moe_local.commands.eval:eval_",
 }
 
 

@@ -13,6 +13,7 @@ from moe_local.errors import UserError
 from .. import LoadedModel, check_router_weights, gate_name
 from .model import DTYPES, load_causal_lm
 from .moe import MOE_IMPLS
+from .tuning import TorchTuning
 
 
 def default_device() -> str:
@@ -42,7 +43,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class TorchModel(LoadedModel):
+class TorchModel(TorchTuning, LoadedModel):
     backend = "torch"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
