@@ -216,7 +216,11 @@ def read_bank(folder) -> Bank:
 
 def check_bank(bank: Bank, spec, layers, data_sha256: str, where) -> None:
     """A bank must come from this model, these tuned layers and this data file."""
-    if bank.meta["fingerprint"] != spec.fingerprint(bank.layers):
+    try:
+        ours = spec.fingerprint(bank.layers)
+    except UserError:   # a layer that is not an MoE layer here
+        ours = None
+    if bank.meta["fingerprint"] != ours:
         raise UserError(f"the routing bank {where} was made for another model; run `moe-local prepare` again")
     if list(layers) != bank.layers:
         raise UserError(f"the routing bank {where} covers layers {bank.layers}, the tune asks for {list(layers)}")

@@ -285,8 +285,9 @@ def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_
 # Output folder, checkpoints, resume
 # ---------------------------------------------------------------------------------------------
 
-def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False) -> None:
-    """Refuse what would overwrite the user's files; clear our own with ``overwrite``."""
+def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False, clear: bool = True) -> None:
+    """Refuse what would overwrite the user's files; clear our own with ``overwrite`` (and ``clear``)."""
+    out = Path(out)
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
     if out.exists() and not out.is_dir():
@@ -310,7 +311,7 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
     if entries and not overwrite:
         raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
                         "or --overwrite to replace it")
-    for e in entries:
+    for e in entries if clear else []:
         if keep_bank and e.name == BANK_DIR:
             continue
         shutil.rmtree(e) if e.is_dir() else e.unlink()

@@ -57,3 +57,14 @@ def single_token_letters_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>")
     fast.save_pretrained(str(folder))
+
+
+def answerable(model, rows: list[dict]) -> list[dict]:
+    """The rows with every other answer set to the base model's own choice, so that the neighbour search
+    always has successful samples (a random tiny model may otherwise answer none right)."""
+    from moe_local.data import parse_record
+    from moe_local.evaluate import evaluate
+
+    records = [parse_record(r, "t", i + 1) for i, r in enumerate(rows)]
+    preds = evaluate(model, records, layers=1, progress="off").predictions
+    return [dict(r, answer=int(p)) if i % 2 == 0 else r for i, (r, p) in enumerate(zip(rows, preds))]
