@@ -4,7 +4,8 @@ Oracle (PAPERS §1): per sample, additive offsets on the tuned layers' router lo
 token, optimised by Adam on the CE of the true label (``oracle_steps`` steps, ``oracle_lr``); top-k is
 re-selected at every step because each step re-routes with the offset logits. Its control
 ``oracle_wrong`` aims the same optimisation at a random wrong label and reports the share of samples
-it flips to that label (FINDINGS: much of an oracle gain on unsure samples is steerability).
+that end on that label (FINDINGS: much of an oracle gain on unsure samples is steerability); like the
+oracle's accuracy it counts samples that were there before the steps (compare each with the base).
 Offsets are per sample and Adam is elementwise, so optimising a batch at once equals optimising
 each sample alone (the loss is a sum over samples).
 """

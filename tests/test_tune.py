@@ -14,7 +14,7 @@ import moe_local
 from moe_local import data, tune
 from moe_local.adapter import read_adapter
 from moe_local.errors import UserError
-from tune_helpers import answerable, task_records, unit_rows, write_jsonl
+from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
 
@@ -167,7 +167,7 @@ def test_mlx_lm_loader_gives_the_same_logits(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_cli_prepare_tune_with_config_file(olmoe_dir, tmp_path):
+def test_cli_prepare_tune_with_config_file(olmoe_dir, tmp_path, capsys):
     path = _task_file(moe_local.load(str(olmoe_dir), backend="torch"), tmp_path, 6)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("layers: 2\nepochs: 1\nbatch_size: 3\nlr: 0.01\nlam_warmup: 0\nbackend: torch\n")
@@ -175,25 +175,25 @@ def test_cli_prepare_tune_with_config_file(olmoe_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     bank = tmp_path / "bank"
     assert (bank / "bank.json").is_file()
-    r = run_cli("tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
-                "-c", cfg, "--method", "router")
-    assert r.returncode == 0, r.stderr
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
+                 "-c", cfg, "--method", "router")
+    assert r[0] == 0, r[2]
     _, config = read_adapter(tmp_path / "A")
     assert config["moe_local"]["method"] == "router" and config["moe_local"]["hyperparameters"]["batch_size"] == 3
-    assert "step 2/2" in r.stdout           # plain metric lines when stdout is not a terminal
-    r = run_cli("tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "-c", cfg)
-    assert r.returncode == 2 and "exists and is not empty" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
-                "-c", cfg, "--method", "router", "--resume")
-    assert r.returncode == 0, r.stderr      # already complete: rewrites the same adapter
+    assert "step 2/2" in r[1]           # plain metric lines when stdout is not a terminal
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "-c", cfg)
+    assert r[0] == 2 and "exists and is not empty" in r[2] and "Traceback" not in r[2]
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
+                 "-c", cfg, "--method", "router", "--resume")
+    assert r[0] == 0, r[2]      # already complete: rewrites the same adapter
 
 
-def test_cli_tune_bad_inputs(olmoe_dir, tmp_path):
+def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "train.jsonl", task_records(4))
     np.save(path.with_suffix(".npy"), unit_rows(5))
-    r = run_cli("tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
-    assert r.returncode == 2 and "has 5 rows but the data has 4 records" in r.stderr
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    assert r[0] == 2 and "has 5 rows but the data has 4 records" in r[2]
     path.with_suffix(".npy").unlink()
-    r = run_cli("tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
-    assert r.returncode == 2 and "moe-local embed" in r.stderr
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    assert r[0] == 2 and "moe-local embed" in r[2]
     assert not (tmp_path / "A").exists()

@@ -68,3 +68,16 @@ def answerable(model, rows: list[dict]) -> list[dict]:
     records = [parse_record(r, "t", i + 1) for i, r in enumerate(rows)]
     preds = evaluate(model, records, layers=1, progress="off").predictions
     return [dict(r, answer=int(p)) if i % 2 == 0 else r for i, (r, p) in enumerate(zip(rows, preds))]
+
+
+def run_main(capsys, *args):
+    """``moe-local ARGS`` in this process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from moe_local.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
