@@ -128,6 +128,8 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
 
     ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
     """
+    if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
+        layers = min(layers, len(model.spec.moe))
     layers = roma.tuned_layers(model.spec, layers)
     encoded = encode_records(model.tokenizer, records)
     answers = np.array([r.answer for r in records])

@@ -172,11 +172,6 @@ class PrefixCache:
     def stores(self) -> bool:
         return self.mode in ("memory", "disk", "auto")
 
-    @property
-    def complete(self) -> bool:
-        return self.mode in ("recompute", "full") or len(self.rows) == len(self.lengths) \
-            or (self.mmap is not None and len(self.rows) == len(self.lengths))
-
     def _decide(self, sample) -> None:
         host = self.model.hidden_to_host(sample[:1])
         nbytes = self.tokens * host.shape[-1] * host.itemsize

@@ -197,3 +197,21 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
     assert r[0] == 2 and "moe-local embed" in r[2]
     assert not (tmp_path / "A").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, dtype):
+    m = moe_local.load(str(olmoe_dir), backend="torch", dtype=dtype)
+    records, emb = _records(m, 6), unit_rows(6)
+    out = {}
+    for mode in ("memory", "disk", "recompute", "full"):
+        settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
+        out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
+        assert not (tmp_path / mode / tune.CACHE_FILE).exists()   # the memory-mapped file is removed
+    for name in out["memory"].weights:   # exact bytes round trip through the file
+        np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
+    # the prefix run in another batch layout, or the whole model: the same losses up to rounding
+    loss = [r["loss"] for r in out["memory"].metrics]
+    for mode in ("recompute", "full"):
+        np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss,
+                                   rtol=1e-5 if dtype == "float32" else 2e-2)

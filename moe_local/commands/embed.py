@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import click
@@ -34,7 +35,7 @@ def embed(data, out, embedder, batch_size, device, overwrite):
         raise UserError(f"--out must end in .npy, got {out}")
     records = read_records(data)
     array = compute_embeddings([embedding_text(r) for r in records], embedder, batch_size,
-                               progress=click.get_text_stream("stdout").isatty(), device=device)
+                               progress=sys.stdout.isatty(), device=device)
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32), allow_pickle=False)
     atomic_write_bytes(out, buffer.getvalue())
