@@ -96,6 +96,7 @@ class TuneResult:
     prepare_s: float              # the base-model pass (bank and prefix cache), 0 if reused
     cache_s: float                # prefix-only pass when the bank was given, 0 otherwise
     train_s: float
+    train_cpu_s: float            # process CPU time of the training loop (steadier than wall time on a busy host)
     samples_per_s: float
     peak_mem_gb: float
 
@@ -288,6 +289,8 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
     if out.exists() and not out.is_dir():
         raise UserError(f"adapter path {out} is a file, not an adapter folder; it is never overwritten")
     entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
+    if keep_bank:   # the bank given for this run may live in the adapter folder (A/bank, the default)
+        entries = [e for e in entries if e.name != BANK_DIR]
     foreign = [e.name for e in entries if e.name not in OURS]
     if not foreign and (out / CONFIG_FILE).is_file():
         try:
@@ -307,9 +310,17 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
         raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
                         "or --overwrite to replace it")
     for e in entries if clear else []:
-        if keep_bank and e.name == BANK_DIR:
-            continue
         shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+def default_bank(out: Path, bank, overwrite: bool):
+    """(the bank to use, whether it is ``out/bank``): ``out/bank`` when no bank is given and one is there
+    (made by ``moe-local prepare --bank A/bank`` or by an interrupted run), unless ``overwrite``."""
+    bank_dir = Path(out) / BANK_DIR
+    if bank is None and not overwrite and (bank_dir / roma.BANK_META).is_file():
+        bank = bank_dir
+    keep = isinstance(bank, (str, Path)) and Path(bank).resolve() == bank_dir.resolve()
+    return bank, keep
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -393,7 +404,8 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     layers = roma.tuned_layers(spec, settings.layers)
     out = Path(out)
     bank_dir = out / BANK_DIR
-    check_output(out, resume, overwrite, keep_bank=isinstance(bank, (str, Path)) and Path(bank) == bank_dir)
+    bank, keep_bank = default_bank(out, bank, overwrite)
+    check_output(out, resume, overwrite, keep_bank=keep_bank)
     out.mkdir(parents=True, exist_ok=True)
     data_sha = records_sha256(records)
     fingerprint = spec.fingerprint(layers)
@@ -407,9 +419,9 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     prepare_s = cache_s = 0.0
     if isinstance(bank, (str, Path)):
         bank = roma.read_bank(bank)
-    elif bank is None and resume and (bank_dir / roma.BANK_META).is_file():
-        bank = roma.read_bank(bank_dir)
     if bank is None:
+        if embeddings is None:
+            raise UserError("tuning needs task embeddings (or a routing bank that holds them)")
         t0 = time.perf_counter()
         bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress)
         prepare_s = time.perf_counter() - t0
@@ -424,6 +436,8 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
             bar = Progress(len(records), "cache", progress)
             for batch in batches(encoded, np.arange(len(records)), settings.batch_size):
                 cache.put(batch, model.prefix_hidden(batch, layers[0]))
+                if not cache.stores:   # auto mode found it over the budget: recompute instead
+                    break
                 bar.update(batch.size)
             bar.close()
             cache_s = time.perf_counter() - t0
@@ -447,7 +461,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     bar = Progress(total, "tune", progress, initial=opt.step_count)
     window = _Window()
     model.reset_peak_memory()
-    t_train = time.perf_counter()
+    t_train, cpu_train = time.perf_counter(), time.process_time()
     trained_samples = 0
     try:
         with open(out / METRICS_FILE, "a") as metrics_file:
@@ -486,14 +500,14 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                         break
     finally:
         cache.close()
-    train_s = time.perf_counter() - t_train
+    train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     bar.close()
     weights = {_gate(i): opt.params[_gate(i)].copy() for i in layers}
     hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
              "betas": list(opt.betas), "eps": opt.eps}
     write_adapter(out, weights, spec, layers, settings.method, hyper)
     return TuneResult(weights=weights, layers=layers, metrics=metrics, bank=bank, steps=opt.step_count,
-                      prepare_s=prepare_s, cache_s=cache_s, train_s=train_s,
+                      prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
                       samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
                       peak_mem_gb=model.peak_memory_gb())
 

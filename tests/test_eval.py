@@ -1,8 +1,8 @@
 """Evaluation: accuracy per task, the oracle and its wrong-label control, reports, the eval command."""
 
 import json
+
 import numpy as np
-import pytest
 
 import moe_local
 from moe_local import data, tune

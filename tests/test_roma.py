@@ -181,9 +181,7 @@ def _full_model_step(m, batch, layers, weights, targets, w, lam):
     routing read through the MoE block's on_routing hook, scores computed from the full logits."""
     from moe_local.backends.torch.loaded import positions_from_mask
 
-    saved = {}
-    captured = {}
-    params = {}
+    saved, captured, params = {}, {}, {}
     for i in layers:
         gate = m.moe_block(i).gate
         saved[i] = gate.weight
@@ -196,8 +194,6 @@ def _full_model_step(m, batch, layers, weights, targets, w, lam):
                          use_cache=False).logits.float()
         logp = torch.log_softmax(logits, -1)
         B, C, L = batch.cand_tok.shape
-        scores = torch.full((B, C), data.MISSING_SCORE)
-        scores = scores.clone()
         rows = []
         for b in range(B):
             row = []

@@ -63,31 +63,31 @@ class Interrupt(Exception):
 def test_resume_after_interruption_gives_the_same_adapter(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
     records, emb = _records(m, 10), unit_rows(10)
-    settings = tune.TuneSettings(epochs=3, save_every=2, **SMALL)   # 3 steps per epoch, 9 in all
+    settings = tune.TuneSettings(epochs=2, save_every=2, **SMALL)   # 3 steps per epoch, 6 in all
     whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
 
-    def stop_at_7(step, row):
-        if step == 7:
+    def stop_at_5(step, row):
+        if step == 5:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_7, progress="off")
-    assert tune.latest_checkpoint(tmp_path / "cut").name == "step-00000006"
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_5, progress="off")
+    assert tune.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
     with pytest.raises(UserError, match="exists and is not empty"):
         tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
     resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
-    assert resumed.steps == whole.steps == 9
+    assert resumed.steps == whole.steps == 6
     a, _ = read_adapter(tmp_path / "whole")
     b, _ = read_adapter(tmp_path / "cut")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(tuple(r) == tune.METRIC_KEYS for r in rows)
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
     # a resumed run with other settings is refused, naming the setting
     with pytest.raises(UserError, match="lr="):
-        tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=3), tmp_path / "cut",
+        tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2), tmp_path / "cut",
                   resume=True, progress="off")
 
 
@@ -167,25 +167,28 @@ def test_mlx_lm_loader_gives_the_same_logits(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_cli_prepare_tune_with_config_file(olmoe_dir, tmp_path, capsys):
+def test_cli_prepare_then_tune_with_config_file(olmoe_dir, tmp_path, capsys):
     path = _task_file(moe_local.load(str(olmoe_dir), backend="torch"), tmp_path, 6)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("layers: 2\nepochs: 1\nbatch_size: 3\nlr: 0.01\nlam_warmup: 0\nbackend: torch\n")
-    r = run_cli("prepare", "--model", olmoe_dir, "--data", path, "--bank", tmp_path / "bank", "--layers", 2)
+    bank = tmp_path / "A" / "bank"          # where tune looks for a bank by default
+    r = run_cli("prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
     assert r.returncode == 0, r.stderr
-    bank = tmp_path / "bank"
     assert (bank / "bank.json").is_file()
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A",
                  "-c", cfg, "--method", "router")
     assert r[0] == 0, r[2]
+    assert "prepare:" not in r[1]           # the prepared bank was used, not made again
     _, config = read_adapter(tmp_path / "A")
     assert config["moe_local"]["method"] == "router" and config["moe_local"]["hyperparameters"]["batch_size"] == 3
-    assert "step 2/2" in r[1]           # plain metric lines when stdout is not a terminal
+    assert "step 2/2" in r[1]               # plain metric lines when stdout is not a terminal
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "-c", cfg)
     assert r[0] == 2 and "exists and is not empty" in r[2] and "Traceback" not in r[2]
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path", tmp_path / "A",
-                 "-c", cfg, "--method", "router", "--resume")
-    assert r[0] == 0, r[2]      # already complete: rewrites the same adapter
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path",
+                 tmp_path / "A", "-c", cfg, "--method", "router", "--resume")
+    assert r[0] == 0, r[2]                  # already complete: rewrites the same adapter
+    r = run_main(capsys, "prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
+    assert r[0] == 2 and "--overwrite" in r[2]
 
 
 def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
@@ -204,7 +207,8 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, dtype):
     m = moe_local.load(str(olmoe_dir), backend="torch", dtype=dtype)
     records, emb = _records(m, 6), unit_rows(6)
     out = {}
-    for mode in ("memory", "disk", "recompute", "full"):
+    modes = ("memory", "disk", "recompute", "full") if dtype == "float32" else ("memory", "disk")
+    for mode in modes:
         settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
         out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
         assert not (tmp_path / mode / tune.CACHE_FILE).exists()   # the memory-mapped file is removed
@@ -212,6 +216,5 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, dtype):
         np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
     # the prefix run in another batch layout, or the whole model: the same losses up to rounding
     loss = [r["loss"] for r in out["memory"].metrics]
-    for mode in ("recompute", "full"):
-        np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss,
-                                   rtol=1e-5 if dtype == "float32" else 2e-2)
+    for mode in modes[2:]:
+        np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss, rtol=1e-5)

@@ -41,6 +41,11 @@ class LiveGate(nn.Module):
         self.capture_rows = capture_rows
         self.sink = sink
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """What the block's kernels would read as the gate weight."""
+        return self.base.weight if self.live_weight is None else self.live_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.live_weight is None:
             logits = self.base(x)

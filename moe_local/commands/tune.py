@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from moe_local.tune import CACHE_MODES, METHODS, TuneSettings
@@ -47,11 +49,12 @@ D = TuneSettings()
 def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, overwrite, **hyper):
     """Fine-tune only the routers of the last MoE layers on a reference task set."""
     import moe_local
-    from moe_local.tune import check_output, tune as run_tune
+    from moe_local.tune import check_output, default_bank, tune as run_tune
 
     settings = TuneSettings(**hyper)
     settings.check()
-    check_output(adapter_path, resume, overwrite, clear=False)   # before the model loads: fail fast
+    bank, keep_bank = default_bank(Path(adapter_path), bank, overwrite)
+    check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank, clear=False)   # fail fast
     records, emb = load_data(data, embeddings, need_embeddings=bank is None)
     loaded = moe_local.load(model, backend=backend, device=device)
     result = run_tune(loaded, records, emb, settings, adapter_path, bank=bank, data_file=data, resume=resume,
