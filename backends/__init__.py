@@ -129,6 +129,74 @@ class LoadedModel:
         """Peak memory in bytes so far (the accelerator's, else the process's)."""
         raise NotImplementedError
 
+    # -- tune/eval operations (moe_local.tune, moe_local.evaluate) ------------------------------
+    # ``batch`` is a ``moe_local.data.Batch`` (numpy only; its docstring defines every field):
+    # S left-padded sequences [S, T] with their mask, B samples, candidate rows to score, and
+    # each sample's routing position (the last prompt token of its sequence ``sample_seq[b]``).
+    # ``layers`` is the tuple of tuned MoE layers, all at or after the suffix start ``layer``.
+    # "Backend array" = torch.Tensor / mx.array; tune.py never looks inside one.
+
+    def prefix_hidden(self, batch, layer: int) -> list:
+        """Hidden states at the input of decoder layer ``layer`` (0 = the token embeddings), no grad.
+
+        One backend array ``[lengths[s], hidden]`` per sequence s, real tokens only (ragged, no
+        padding), in the model's dtype. Positions restart at 0 on each row's first real token.
+        """
+        raise NotImplementedError
+
+    def suffix_forward(self, hidden, batch, layer: int, layers, router_weights=None, offsets=None):
+        """Run decoder layers ``layer`` .. end, the final norm and the LM head on ``hidden``.
+
+        hidden: per-sequence arrays as ``prefix_hidden`` returns them (re-padded here to ``batch``).
+        router_weights: None (the model's own gates, in its dtype) or ``{layer: float32 array [E, H]}``
+            for every tuned layer; the router logits are then ``x.float32 @ Wᵀ`` (fp32 routers
+            whatever the model dtype); differentiable in these arrays.
+        offsets: None or float32 ``[B, len(layers), E]`` added to the router logits of the tuned
+            layers at the last prompt token of every sequence of sample b (the oracle); differentiable.
+        Top-k selection and expert weights follow the model's router rule from those logits.
+        Returns backend arrays ``(scores [B, C] float32, routing [B, len(layers), E] float32)``:
+        ``scores[b, c] = Σ_l cand_tokmask · log_softmax(logits[head_seq[r], head_pos[r]])[cand_tok]``
+        with ``r = cand_row[b, c, l]``; ``MISSING_SCORE`` where ``cand_valid`` is False; routing =
+        fp32 softmax over all experts of the (offset) logits at ``(sample_seq[b], prompt_pos[...])``.
+        """
+        raise NotImplementedError
+
+    def suffix_scores(self, hidden, batch, layer: int, layers, router_weights=None, offsets=None):
+        """``suffix_forward`` without gradients, as float32 numpy ``(scores, routing)``;
+        ``router_weights`` values and ``offsets`` given as numpy."""
+        raise NotImplementedError
+
+    def suffix_value_and_grad(self, hidden, batch, layer: int, layers, loss_fn, inputs: dict,
+                              router_weights=None, offsets=None, wrt: str = "router_weights"):
+        """One differentiable suffix pass: ``loss, aux = loss_fn(scores, routing, **inputs)``.
+
+        inputs: numpy arrays, converted to backend arrays before the call. loss_fn uses only
+        operations torch and mlx share (``moe_local.roma.roma_loss``): arithmetic, ``.sum(axis)``,
+        ``.logsumexp(axis)``, ``.reshape``, ``[:, None]``; ``aux`` is a dict of arrays.
+        wrt: "router_weights" (numpy ``{layer: float32 [E, H]}``, required) or "offsets" (numpy
+        float32 ``[B, len(layers), E]``, required; router_weights may then be None).
+        Returns ``(loss float, aux as numpy plus "scores" and "routing", grads)`` with grads
+        ``{layer: float32 numpy [E, H]}`` or a float32 numpy array shaped like ``offsets``.
+        The model's own parameters are never trained (the optimiser is numpy, in moe_local.tune).
+        """
+        raise NotImplementedError
+
+    def hidden_to_host(self, hidden):
+        """A numpy array holding the exact bytes of a hidden-state array (bfloat16 as its bit pattern)."""
+        raise NotImplementedError
+
+    def hidden_from_host(self, array):
+        """The inverse of ``hidden_to_host``: a backend array in the model's dtype, on the model's device."""
+        raise NotImplementedError
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window where the device allows it (CUDA, MLX); else a no-op."""
+        raise NotImplementedError
+
+    def peak_memory_gb(self) -> float:
+        """``peak_memory`` in GiB (since ``reset_peak_memory`` where the device allows it)."""
+        return self.peak_memory() / 1024**3
+
 
 def gate_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.weight"

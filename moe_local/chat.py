@@ -37,7 +37,7 @@ class GenerationStats:
     def footer(self) -> str:
         return (f"[{self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | prompt "
                 f"{self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | peak memory "
-                f"{self.peak_memory_gb:.2f} GB]")
+                f"{self.peak_memory_gb:.2f} GiB]")
 
 
 def check_sampling(max_tokens: int, temp: float, top_p: float) -> None:
@@ -289,7 +289,7 @@ class Conversation:
                 stats.prompt_tps = stats.prompt_tokens / max(first - start, 1e-9)
                 if len(generated) > 1:
                     stats.generation_tps = (len(generated) - 1) / max(end - first, 1e-9)
-            stats.peak_memory_gb = model.peak_memory() / 1e9
+            stats.peak_memory_gb = model.peak_memory_gb()
             self.stats = stats
 
     def _settle_cache(self, known: list[int]) -> None:

@@ -23,6 +23,10 @@ COMMANDS = {
     "fuse": "moe_local.commands.fuse:fuse",
     "generate": "moe_local.commands.generate:generate",
     "info": "moe_local.commands.info:info",
+    "embed": "moe_local.commands.embed:embed",
+    "prepare": "moe_local.commands.prepare:prepare",
+    "tune": "moe_local.commands.tune:tune",
+    "eval": "moe_local.commands.eval:eval_",
 }
 
 

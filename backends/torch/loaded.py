@@ -15,6 +15,7 @@ from .. import LoadedModel, check_router_weights, gate_name
 from .generation import TorchGeneration
 from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm
 from .moe import MOE_IMPLS
+from .tuning import TorchTuning
 
 
 def default_device() -> str:
@@ -47,7 +48,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class TorchModel(TorchGeneration, LoadedModel):
+class TorchModel(TorchGeneration, TorchTuning, LoadedModel):
     backend = "torch"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):

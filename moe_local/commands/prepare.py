@@ -1,0 +1,62 @@
+"""``moe-local prepare``: one base-model pass over the reference set -> the routing bank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moe_local.errors import UserError
+
+from .options import ConfigCommand, backend_option, device_option, model_option
+
+
+def data_options(f):
+    f = click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
+                     help="Task embeddings (.npy [records, D]); default: the data path with .npy.")(f)
+    return click.option("--data", required=True, type=click.Path(dir_okay=False),
+                        help="Reference task file (JSONL).")(f)
+
+
+def load_data(data, embeddings, need_embeddings: bool = True):
+    """(records, unit-row embeddings or None) with one-line errors."""
+    from moe_local.data import read_records
+    from moe_local.embeddings import load_embeddings
+
+    records = read_records(data)
+    if embeddings is None and not need_embeddings and not Path(data).with_suffix(".npy").is_file():
+        return records, None
+    return records, load_embeddings(embeddings, len(records), data_path=data)
+
+
+@click.command(cls=ConfigCommand)
+@model_option
+@backend_option
+@device_option
+@data_options
+@click.option("--layers", type=int, default=5, show_default=True, help="Tune the last N MoE layers.")
+@click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
+def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
+    """Record which reference samples the base model answers correctly and their routing (the bank)."""
+    import moe_local
+    from moe_local import roma
+    from moe_local.tune import prepare as run_prepare
+
+    bank = Path(bank)
+    if bank.exists() and not bank.is_dir():
+        raise UserError(f"bank path {bank} is a file; give a folder")
+    if bank.is_dir() and any(bank.iterdir()):
+        if not (bank / roma.BANK_META).is_file():
+            raise UserError(f"bank folder {bank} holds files that are not a routing bank; give a new folder")
+        if not overwrite:
+            raise UserError(f"bank folder {bank} exists; pass --overwrite to replace it")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    records, emb = load_data(data, embeddings)
+    loaded = moe_local.load(model, backend=backend, device=device)
+    result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data)
+    roma.write_bank(bank, result)
+    click.echo(f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
+               f"layers {result.layers}")

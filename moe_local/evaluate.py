@@ -1,0 +1,173 @@
+"""Multiple-choice accuracy (overall and per task) and the oracle-routing gap with its control.
+
+Oracle (PAPERS §1): per sample, additive offsets on the tuned layers' router logits at the last prompt
+token, optimised by Adam on the CE of the true label (``oracle_steps`` steps, ``oracle_lr``); top-k is
+re-selected at every step because each step re-routes with the offset logits. Its control
+``oracle_wrong`` aims the same optimisation at a random wrong label and reports the share of samples
+that end on that label (FINDINGS: much of an oracle gain on unsure samples is steerability); like the
+oracle's accuracy it counts samples that were there before the steps (compare each with the base).
+Offsets are per sample and Adam is elementwise, so optimising a batch at once equals optimising
+each sample alone (the loss is a sum over samples).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import roma
+from .data import Record, batches, encode_records, predictions
+from .progress import Progress
+
+NO_TASK = "(none)"
+
+
+@dataclass
+class Accuracy:
+    accuracy: float
+    n: int
+    per_task: dict = field(default_factory=dict)   # task -> (accuracy, n)
+
+    @classmethod
+    def of(cls, hits: np.ndarray, records: list[Record]) -> "Accuracy":
+        tasks: dict[str, list] = {}
+        for hit, r in zip(hits, records):
+            tasks.setdefault(r.task or NO_TASK, []).append(bool(hit))
+        per_task = {t: (float(np.mean(v)), len(v)) for t, v in sorted(tasks.items())}
+        return cls(float(np.mean(hits)) if len(hits) else 0.0, len(hits), per_task)
+
+
+@dataclass
+class EvalResult:
+    accuracy: Accuracy
+    predictions: np.ndarray
+    oracle: Accuracy | None = None
+    oracle_wrong: Accuracy | None = None   # the share flipped to the random wrong label
+    layers: tuple = ()
+
+    def rows(self, model: str, split: str, method: str, seed: int, backend: str) -> list[dict]:
+        """Report rows (DESIGN §9)."""
+        out = [_row(model, split, method, self.accuracy, seed, backend)]
+        if self.oracle is not None:
+            out.append(_row(model, split, "oracle", self.oracle, seed, backend))
+            out.append(_row(model, split, "oracle_wrong", self.oracle_wrong, seed, backend))
+        return out
+
+
+def _row(model, split, method, acc: Accuracy, seed, backend) -> dict:
+    return {"model": str(model), "split": split, "method": method, "accuracy": acc.accuracy, "n": acc.n,
+            "seed": int(seed), "backend": backend}
+
+
+@contextlib.contextmanager
+def router_weights_applied(model, weights: dict | None):
+    """Install gate weights for the duration (as an adapter loaded at startup would), then restore."""
+    if not weights:
+        yield
+        return
+    from .backends import layer_of_gate
+
+    saved = model.get_router_weights([layer_of_gate(k) for k in weights])
+    model.set_router_weights(weights)
+    try:
+        yield
+    finally:
+        model.set_router_weights(saved)
+
+
+def _ce_loss(scores, routing, onehot):
+    ce = roma.candidate_ce(scores, onehot)
+    return ce.sum(), {"ce": ce}
+
+
+class _Adam:
+    """torch.optim.Adam's update on one float32 array (no weight decay)."""
+
+    def __init__(self, shape, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.x = np.zeros(shape, np.float32)
+        self.m = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+
+    def step(self, g):
+        self.t += 1
+        b1, b2 = self.betas
+        self.m += (g - self.m) * np.float32(1 - b1)
+        self.v = self.v * np.float32(b2) + np.float32(1 - b2) * g * g
+        denom = np.sqrt(self.v) / np.float32(np.sqrt(1 - b2 ** self.t)) + np.float32(self.eps)
+        self.x -= np.float32(self.lr / (1 - b1 ** self.t)) * (self.m / denom)
+
+
+def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: float) -> np.ndarray:
+    """Predictions after ``steps`` Adam steps on per-sample router-logit offsets toward ``targets``."""
+    experts = model.spec.moe_at(layers[0]).num_experts
+    adam = _Adam((batch.size, len(layers), experts), lr)
+    onehot = batch.answer_onehot(targets)
+    for _ in range(steps):
+        _, _, grad = model.suffix_value_and_grad(hidden, batch, layers[0], layers, _ce_loss, {"onehot": onehot},
+                                                 offsets=adam.x, wrt="offsets")
+        adam.step(grad)
+    scores, _ = model.suffix_scores(hidden, batch, layers[0], layers, offsets=adam.x)
+    return predictions(scores)
+
+
+def wrong_labels(records: list[Record], seed: int) -> np.ndarray:
+    """One random wrong answer per record (reproducible from the seed)."""
+    rng = np.random.default_rng([seed, 1])
+    n = np.array([len(r.choices) for r in records])
+    answers = np.array([r.answer for r in records])
+    return (answers + rng.integers(1, n)) % n
+
+
+def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, router_weights: dict | None = None,
+             oracle: bool = False, oracle_steps: int = 20, oracle_lr: float = 0.1, seed: int = 0,
+             progress="auto") -> EvalResult:
+    """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
+
+    ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
+    """
+    if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
+        layers = min(layers, len(model.spec.moe))
+    layers = roma.tuned_layers(model.spec, layers)
+    encoded = encode_records(model.tokenizer, records)
+    answers = np.array([r.answer for r in records])
+    wrong = wrong_labels(records, seed)
+    preds = np.zeros(len(records), np.int64)
+    oracle_preds = np.zeros(len(records), np.int64)
+    wrong_preds = np.zeros(len(records), np.int64)
+    bar = Progress(len(records), "eval" + (" + oracle" if oracle else ""), progress)
+    with router_weights_applied(model, router_weights):
+        for batch in batches(encoded, np.arange(len(records)), batch_size):
+            hidden = model.prefix_hidden(batch, layers[0])
+            scores, _ = model.suffix_scores(hidden, batch, layers[0], layers)
+            preds[batch.index] = predictions(scores)
+            if oracle:
+                oracle_preds[batch.index] = oracle_predictions(model, hidden, batch, layers, batch.answers,
+                                                               oracle_steps, oracle_lr)
+                wrong_preds[batch.index] = oracle_predictions(model, hidden, batch, layers, wrong[batch.index],
+                                                              oracle_steps, oracle_lr)
+            bar.update(batch.size)
+    bar.close()
+    result = EvalResult(Accuracy.of(preds == answers, records), preds, layers=layers)
+    if oracle:
+        result.oracle = Accuracy.of(oracle_preds == answers, records)
+        result.oracle_wrong = Accuracy.of(wrong_preds == wrong, records)
+    return result
+
+
+def format_result(result: EvalResult, method: str) -> list[str]:
+    lines = [f"{method}: accuracy {result.accuracy.accuracy:.4f} (n={result.accuracy.n})"]
+    if result.oracle is not None:
+        lines.append(f"oracle: accuracy {result.oracle.accuracy:.4f}; oracle_wrong (flipped to a random wrong "
+                     f"label): {result.oracle_wrong.accuracy:.4f}")
+    tasks = result.accuracy.per_task
+    if len(tasks) > 1 or NO_TASK not in tasks:
+        for task, (acc, n) in tasks.items():
+            extra = ""
+            if result.oracle is not None:
+                extra = (f"  oracle {result.oracle.per_task[task][0]:.4f}  "
+                         f"oracle_wrong {result.oracle_wrong.per_task[task][0]:.4f}")
+            lines.append(f"  {task}: {acc:.4f} (n={n}){extra}")
+    return lines

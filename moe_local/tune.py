@@ -1,0 +1,568 @@
+"""The RoMA tune loop, written once against the backend contract (backends/__init__.py).
+
+    prepare: one base-model pass -> routing bank (correct, routing, embeddings) + prefix cache
+    tune:    epochs of router-only AdamW steps on CE + λ(t)·manifold, r_i live -> adapter folder
+
+Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients), so
+both backends take the same steps, checkpoints are backend-neutral, and ``--resume`` continues
+bit-for-bit. Python API for one-process pipelines (``moe-local demo``)::
+
+    bank, cache = prepare(model, records, embeddings, layers)
+    result = tune(model, records, embeddings, TuneSettings(...), out="adapter")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from . import roma
+from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_adapter
+from .data import Record, batches, encode_records, predictions
+from .errors import UserError
+from .files import AtomicFolder, atomic_save_numpy_safetensors, atomic_write_text
+from .progress import Progress
+
+CHECKPOINTS = "checkpoints"
+BANK_DIR = "bank"
+CACHE_FILE = ".prefix-cache.bin"
+METRIC_KEYS = ("step", "loss", "ce", "manifold", "acc", "lr", "lam", "samples_per_s", "peak_mem_gb")
+# Entries of an adapter folder this package writes; anything else there is the user's and is never touched.
+OURS = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINTS, BANK_DIR)
+METHODS = ("roma", "router")
+CACHE_MODES = ("auto", "memory", "disk", "recompute", "full")
+
+
+@dataclass
+class TuneSettings:
+    """Every hyper-parameter of a tune run (the paper's released defaults where it has them)."""
+
+    method: str = "roma"
+    layers: int = 5
+    k: int = 3
+    lam: float = 0.8
+    sigma: float = 0.4
+    lr: float = 7e-5
+    epochs: int = 3
+    batch_size: int = 32
+    lam_warmup: int = 2000
+    seed: int = 0
+    weight_decay: float = 0.01
+    ce_weight: float = 1.0
+    # Run-time settings: they may change between an interrupted run and its --resume.
+    log_every: int = field(default=10, metadata={"runtime": True})
+    save_every: int = field(default=100, metadata={"runtime": True})
+    keep_checkpoints: int = field(default=2, metadata={"runtime": True})
+    prefix_cache: str = field(default="auto", metadata={"runtime": True})
+    cache_budget_gb: float = field(default=4.0, metadata={"runtime": True})
+
+    def hyperparameters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.prefix_cache not in CACHE_MODES:
+            raise UserError(f"--prefix-cache must be one of {', '.join(CACHE_MODES)}, got '{self.prefix_cache}'")
+        for name in ("epochs", "batch_size", "k", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "sigma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("lam", "weight_decay", "ce_weight", "cache_budget_gb"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+
+    @property
+    def effective_lam(self) -> float:
+        return self.lam if self.method == "roma" else 0.0
+
+
+@dataclass
+class TuneResult:
+    weights: dict                 # gate name -> float32 numpy, the tuned routers
+    layers: tuple
+    metrics: list                 # the metrics.jsonl rows
+    bank: roma.Bank
+    steps: int
+    prepare_s: float              # the base-model pass (bank and prefix cache), 0 if reused
+    cache_s: float                # prefix-only pass when the bank was given, 0 otherwise
+    train_s: float
+    train_cpu_s: float            # process CPU time of the training loop (steadier than wall time on a busy host)
+    samples_per_s: float
+    peak_mem_gb: float
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW (torch.optim.AdamW's update, in float32 numpy)
+# ---------------------------------------------------------------------------------------------
+
+class AdamW:
+    """Decoupled weight decay, bias-corrected moments: the update torch.optim.AdamW makes."""
+
+    def __init__(self, params: dict, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
+        self.exp_avg = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.exp_avg_sq = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.step_count = 0
+
+    def step(self, grads: dict) -> None:
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        for k, p in self.params.items():
+            g = np.asarray(grads[k], dtype=np.float32)
+            if self.weight_decay:
+                p *= np.float32(1.0 - self.lr * self.weight_decay)
+            m, v = self.exp_avg[k], self.exp_avg_sq[k]
+            m += (g - m) * np.float32(1.0 - b1)
+            v *= np.float32(b2)
+            v += np.float32(1.0 - b2) * g * g
+            denom = np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(self.eps)
+            p -= np.float32(self.lr / bc1) * (m / denom)
+
+    def state(self) -> tuple[dict, dict]:
+        tensors = {}
+        for k in self.params:
+            tensors[k] = self.params[k]
+            tensors[f"{k}.exp_avg"] = self.exp_avg[k]
+            tensors[f"{k}.exp_avg_sq"] = self.exp_avg_sq[k]
+        return tensors, {"step": self.step_count}
+
+    def load(self, tensors: dict, info: dict) -> None:
+        for k in self.params:
+            self.params[k] = np.array(tensors[k], dtype=np.float32)
+            self.exp_avg[k] = np.array(tensors[f"{k}.exp_avg"], dtype=np.float32)
+            self.exp_avg_sq[k] = np.array(tensors[f"{k}.exp_avg_sq"], dtype=np.float32)
+        self.step_count = int(info["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix cache
+# ---------------------------------------------------------------------------------------------
+
+class PrefixCache:
+    """Hidden states at the input of the first tuned layer, per record, ragged, in the model's dtype.
+
+    ``memory``: backend arrays; ``disk``: one memory-mapped file (exact bytes); ``recompute``: nothing
+    kept, the prefix is run under no-grad at each step; ``full``: each step runs the whole model (the
+    baseline the released code implies); ``auto``: memory when it fits ``budget_gb``, else recompute.
+    """
+
+    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None):
+        self.model, self.layer, self.path = model, layer, path
+        self.lengths = [[len(s) for s in e.sequences] for e in encoded]
+        self.tokens = sum(sum(x) for x in self.lengths)
+        self.mode = mode
+        self.budget = budget_gb * 1024**3
+        self.rows: dict[int, list] = {}
+        self.mmap = None
+        self.offsets = np.concatenate([[0], np.cumsum([sum(x) for x in self.lengths])]).astype(np.int64)
+
+    @property
+    def stores(self) -> bool:
+        return self.mode in ("memory", "disk", "auto")
+
+    def _decide(self, sample) -> None:
+        host = self.model.hidden_to_host(sample[:1])
+        nbytes = self.tokens * host.shape[-1] * host.itemsize
+        if self.mode == "auto":
+            self.mode = "memory" if nbytes <= self.budget else "recompute"
+        if self.mode == "disk":
+            self.mmap = np.lib.format.open_memmap(str(self.path), mode="w+", dtype=host.dtype,
+                                                  shape=(self.tokens, host.shape[-1]))
+
+    def put(self, batch, hidden: list) -> None:
+        if not self.stores:
+            return
+        if self.mode == "auto" or (self.mode == "disk" and self.mmap is None):
+            self._decide(hidden[0])
+            if not self.stores:
+                return
+        for b, record in enumerate(batch.index):
+            seqs = [hidden[s] for s in np.flatnonzero(batch.seq_sample == b)]
+            if self.mmap is not None:
+                at = self.offsets[record]
+                for h in seqs:
+                    self.mmap[at:at + h.shape[0]] = self.model.hidden_to_host(h)
+                    at += h.shape[0]
+                self.rows[int(record)] = True
+            else:
+                self.rows[int(record)] = seqs
+
+    def get(self, batch) -> list:
+        """The batch's per-sequence hidden states: cached, or computed now (no grad)."""
+        if self.mode == "full":
+            return self.model.prefix_hidden(batch, 0)
+        if self.mode == "recompute" or not self.rows:
+            return self.model.prefix_hidden(batch, self.layer)
+        out = []
+        for record in batch.index:
+            if self.mmap is not None:
+                at = self.offsets[record]
+                for n in self.lengths[record]:
+                    out.append(self.model.hidden_from_host(self.mmap[at:at + n]))
+                    at += n
+            else:
+                out.extend(self.rows[int(record)])
+        return out
+
+    @property
+    def start_layer(self) -> int:
+        return 0 if self.mode == "full" else self.layer
+
+    def close(self) -> None:
+        self.rows.clear()
+        if self.mmap is not None:
+            del self.mmap
+            self.mmap = None
+            Path(self.path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare: the bank and the cache in one base-model pass
+# ---------------------------------------------------------------------------------------------
+
+def records_sha256(records: list[Record]) -> str:
+    """Identity of a data set's content (independent of file formatting)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.question, list(r.choices), r.answer], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_size: int = 32,
+            encoded=None, cache: PrefixCache | None = None, data_file=None, progress="auto") -> roma.Bank:
+    """Run the base model once: per sample, answered correctly? and its last-token routing.
+
+    ``layers``: the tuned layers (a tuple) or how many of the last MoE layers. Fills ``cache`` on the way.
+    """
+    layers = roma.tuned_layers(model.spec, layers)
+    if len(embeddings) != len(records):
+        raise UserError(f"the embeddings have {len(embeddings)} rows but the data has {len(records)} records")
+    encoded = encoded or encode_records(model.tokenizer, records)
+    correct = np.zeros(len(records), dtype=np.uint8)
+    routing = np.zeros((len(records), len(layers), model.spec.moe_at(layers[0]).num_experts), dtype=np.float32)
+    bar = Progress(len(records), "prepare", progress)
+    for batch in batches(encoded, np.arange(len(records)), batch_size):
+        hidden = model.prefix_hidden(batch, layers[0])
+        scores, r = model.suffix_scores(hidden, batch, layers[0], layers)
+        correct[batch.index] = predictions(scores) == batch.answers
+        routing[batch.index] = r
+        if cache is not None:
+            cache.put(batch, hidden)
+        bar.update(batch.size)
+    bar.close(f"prepare: {int(correct.sum())} of {len(records)} answered correctly by the base model")
+    meta = {"fingerprint": model.spec.fingerprint(layers), "layers": list(layers),
+            "data_file": None if data_file is None else str(data_file),
+            "data_sha256": records_sha256(records), "records": len(records),
+            "correct": int(correct.sum())}
+    if data_file is not None:
+        from .data import file_sha256
+
+        meta["data_file_sha256"] = file_sha256(data_file)
+    return roma.Bank(correct, routing, np.asarray(embeddings, dtype=np.float32), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder, checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+
+def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False, clear: bool = True) -> None:
+    """Refuse what would overwrite the user's files; clear our own with ``overwrite`` (and ``clear``)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("give --resume or --overwrite, not both")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"adapter path {out} is a file, not an adapter folder; it is never overwritten")
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
+    if keep_bank:   # the bank given for this run may live in the adapter folder (A/bank, the default)
+        entries = [e for e in entries if e.name != BANK_DIR]
+    foreign = [e.name for e in entries if e.name not in OURS]
+    if not foreign and (out / CONFIG_FILE).is_file():
+        try:
+            ours = isinstance(json.loads((out / CONFIG_FILE).read_text()).get("moe_local"), dict)
+        except (json.JSONDecodeError, AttributeError):
+            ours = False
+        if not ours:
+            foreign = [CONFIG_FILE]
+    if foreign:
+        raise UserError(f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
+                        "it is never overwritten, give a new folder")
+    if resume:
+        if latest_checkpoint(out) is None:
+            raise UserError(f"nothing to resume: {out} has no checkpoints (run without --resume)")
+        return
+    if entries and not overwrite:
+        raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
+                        "or --overwrite to replace it")
+    for e in entries if clear else []:
+        shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+def default_bank(out: Path, bank, overwrite: bool):
+    """(the bank to use, whether it is ``out/bank``): ``out/bank`` when no bank is given and one is there
+    (made by ``moe-local prepare --bank A/bank`` or by an interrupted run), unless ``overwrite``."""
+    bank_dir = Path(out) / BANK_DIR
+    if bank is None and not overwrite and (bank_dir / roma.BANK_META).is_file():
+        bank = bank_dir
+    keep = isinstance(bank, (str, Path)) and Path(bank).resolve() == bank_dir.resolve()
+    return bank, keep
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folder = Path(out) / CHECKPOINTS
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, opt: AdamW, info: dict, keep: int) -> None:
+    tensors, opt_info = opt.state()
+    folder = Path(out) / CHECKPOINTS / f"step-{opt.step_count:08d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    with AtomicFolder(folder) as tmp:
+        atomic_save_numpy_safetensors(tmp / "state.safetensors", tensors)
+        (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_info}, indent=2) + "\n")
+    old = sorted(p for p in folder.parent.glob("step-*") if p != folder)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+
+
+def _check_resume(info: dict, settings: TuneSettings, data_sha: str, fingerprint: dict, where: Path) -> None:
+    if info.get("data_sha256") != data_sha:
+        raise UserError(f"cannot resume {where}: it was tuned on other data")
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(f"cannot resume {where}: it was tuned on another model")
+    saved, now = info.get("hyperparameters", {}), settings.hyperparameters()
+    for key in now:
+        if saved.get(key) != now[key]:
+            raise UserError(f"cannot resume {where}: it was started with {key}={saved.get(key)!r}, "
+                            f"now {key}={now[key]!r} (use the same settings, or --overwrite)")
+
+
+def _metrics_upto(out: Path, step: int) -> list[dict]:
+    """Rows already logged up to ``step``; a torn last line of an interrupted run is dropped."""
+    path = out / METRICS_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", step + 1) <= step:
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, global_batch):
+    loss, ce, manifold = roma.roma_loss(scores, routing, onehot, targets, weights, lam, ce_weight, global_batch)
+    return loss, {"ce": ce, "manifold": manifold}
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng([seed, epoch])
+    state = rng.bit_generator.state
+    return rng.permutation(n), state
+
+
+def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSettings, out,
+         bank=None, data_file=None, resume: bool = False, overwrite: bool = False,
+         on_step=None, progress="auto") -> TuneResult:
+    """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
+
+    ``bank``: a :class:`roma.Bank`, a bank folder, or None (``out/bank``, made by :func:`prepare`
+    here unless a resumed run left one). ``on_step(step, row_or_None)`` is called after every step
+    (row = the metrics row on logged steps). The model's own gates are not changed.
+    """
+    settings.check()
+    spec = model.spec
+    layers = roma.tuned_layers(spec, settings.layers)
+    out = Path(out)
+    bank_dir = out / BANK_DIR
+    bank, keep_bank = default_bank(out, bank, overwrite)
+    check_output(out, resume, overwrite, keep_bank=keep_bank)
+    out.mkdir(parents=True, exist_ok=True)
+    data_sha = records_sha256(records)
+    fingerprint = spec.fingerprint(layers)
+    ckpt = latest_checkpoint(out) if resume else None
+    ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
+    if ckpt:
+        _check_resume(ckpt_info, settings, data_sha, fingerprint, out)
+
+    encoded = encode_records(model.tokenizer, records)
+    cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, out / CACHE_FILE)
+    prepare_s = cache_s = 0.0
+    if isinstance(bank, (str, Path)):
+        bank = roma.read_bank(bank)
+    if bank is None:
+        if embeddings is None:
+            raise UserError("tuning needs task embeddings (or a routing bank that holds them)")
+        t0 = time.perf_counter()
+        bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress)
+        prepare_s = time.perf_counter() - t0
+        roma.write_bank(bank_dir, bank)
+    else:
+        roma.check_bank(bank, spec, layers, data_sha, "given")
+        if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
+            raise UserError("the routing bank was made with other embeddings than those given; "
+                            "run `moe-local prepare` again")
+        if cache.stores:
+            t0 = time.perf_counter()
+            bar = Progress(len(records), "cache", progress)
+            for batch in batches(encoded, np.arange(len(records)), settings.batch_size):
+                cache.put(batch, model.prefix_hidden(batch, layers[0]))
+                if not cache.stores:   # auto mode found it over the budget: recompute instead
+                    break
+                bar.update(batch.size)
+            bar.close()
+            cache_s = time.perf_counter() - t0
+
+    nb = None
+    if settings.method == "roma" or bank.correct.any():
+        nb = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
+
+    opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
+    if ckpt:
+        opt.load(ckpt_tensors, ckpt_info["optimizer"])
+    metrics = _metrics_upto(out, opt.step_count) if ckpt else []
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
+
+    n = len(records)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    info_base = {"hyperparameters": settings.hyperparameters(), "data_sha256": data_sha,
+                 "fingerprint": fingerprint, "layers": list(layers), "method": settings.method}
+    lam_final = settings.effective_lam
+    bar = Progress(total, "tune", progress, initial=opt.step_count)
+    window = _Window()
+    model.reset_peak_memory()
+    t_train, cpu_train = time.perf_counter(), time.process_time()
+    trained_samples = 0
+    try:
+        with open(out / METRICS_FILE, "a") as metrics_file:
+            while opt.step_count < total:
+                epoch, at = divmod(opt.step_count, steps_per_epoch)
+                order, rng_state = _epoch_order(settings.seed, epoch, n)
+                for batch in batches(encoded, order[at * settings.batch_size:], settings.batch_size):
+                    step = opt.step_count + 1
+                    lam = roma.lam_at(step, lam_final, settings.lam_warmup)
+                    targets, weights = _targets(bank, nb, batch.index)
+                    loss_fn = functools.partial(_step_loss, lam=lam, ce_weight=settings.ce_weight,
+                                                global_batch=batch.size)
+                    hidden = cache.get(batch)
+                    loss, aux, grads = model.suffix_value_and_grad(
+                        hidden, batch, cache.start_layer, layers, loss_fn,
+                        {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
+                        router_weights={i: opt.params[_gate(i)] for i in layers})
+                    opt.step({_gate(i): g for i, g in grads.items()})
+                    trained_samples += batch.size
+                    acc = float((predictions(aux["scores"]) == batch.answers).mean())
+                    window.add(batch.size, loss * batch.size, aux["ce"].sum(), aux["manifold"].sum(), acc)
+                    row = None
+                    if step % settings.log_every == 0 or step == total:
+                        row = window.row(step, settings.lr, lam, nb is not None, model.peak_memory_gb())
+                        metrics.append(row)
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                        bar.log(_format_row(row, total))
+                    if step % settings.save_every == 0 or step % steps_per_epoch == 0:
+                        save_checkpoint(out, opt, {**info_base, "epoch": epoch, "rng": rng_state},
+                                        settings.keep_checkpoints)
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(step, row)
+                    if opt.step_count >= total:
+                        break
+    finally:
+        cache.close()
+    train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
+    bar.close()
+    weights = {_gate(i): opt.params[_gate(i)].copy() for i in layers}
+    hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
+             "betas": list(opt.betas), "eps": opt.eps}
+    write_adapter(out, weights, spec, layers, settings.method, hyper)
+    return TuneResult(weights=weights, layers=layers, metrics=metrics, bank=bank, steps=opt.step_count,
+                      prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
+                      samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
+                      peak_mem_gb=model.peak_memory_gb())
+
+
+def _gate(layer: int) -> str:
+    from .backends import gate_name
+
+    return gate_name(layer)
+
+
+def _gates(model, layers) -> dict:
+    """The model's current gates of ``layers``, float32, keyed by checkpoint name."""
+    weights = model.get_router_weights(layers)
+    return {_gate(i): np.asarray(weights[_gate(i)], dtype=np.float32) for i in layers}
+
+
+def _targets(bank: roma.Bank, nb, rows):
+    if nb is None:   # --method router and no successful sample: nothing to measure the manifold against
+        width = bank.routing.shape[1] * bank.routing.shape[2]
+        return np.zeros((len(rows), 1, width), np.float32), np.zeros((len(rows), 1), np.float32)
+    return roma.neighbour_targets(bank.routing, nb, rows)
+
+
+class _Window:
+    """Sums over the steps since the last logged row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.n = 0
+        self.loss = self.ce = self.manifold = self.correct = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, n, loss_sum, ce_sum, manifold_sum, acc):
+        self.n += n
+        self.loss += float(loss_sum)
+        self.ce += float(ce_sum)
+        self.manifold += float(manifold_sum)
+        self.correct += acc * n
+
+    def row(self, step, lr, lam, has_manifold, peak_gb) -> dict:
+        dt = time.perf_counter() - self.t0
+        row = {"step": step, "loss": self.loss / self.n, "ce": self.ce / self.n,
+               "manifold": self.manifold / self.n if has_manifold else None, "acc": self.correct / self.n,
+               "lr": lr, "lam": lam, "samples_per_s": self.n / dt if dt > 0 else 0.0, "peak_mem_gb": peak_gb}
+        self.reset()
+        return row
+
+
+def _format_row(row: dict, total: int) -> str:
+    manifold = "n/a" if row["manifold"] is None else f"{row['manifold']:.4f}"
+    return (f"step {row['step']}/{total}  loss {row['loss']:.4f}  ce {row['ce']:.4f}  manifold {manifold}  "
+            f"acc {row['acc']:.3f}  lr {row['lr']:.2e}  lam {row['lam']:.3f}  "
+            f"{row['samples_per_s']:.1f} samples/s  peak {row['peak_mem_gb']:.2f} GB")
+
+
+__all__ = ["AdamW", "PrefixCache", "TuneResult", "TuneSettings", "prepare", "tune", "METRIC_KEYS"]

@@ -1,0 +1,130 @@
+"""Evaluation: accuracy per task, the oracle and its wrong-label control, reports, the eval command."""
+
+import json
+
+import numpy as np
+
+import moe_local
+from moe_local import data, tune
+from moe_local.evaluate import evaluate, wrong_labels
+from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+
+ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
+
+
+def _records(rows):
+    return [data.parse_record(r, "t", i + 1) for i, r in enumerate(rows)]
+
+
+def test_accuracy_per_task_and_oracle(olmoe_dir):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(answerable(m, task_records(8, seed=4)))
+    result = evaluate(m, records, layers=2, batch_size=3, oracle=True, oracle_steps=4, oracle_lr=0.1,
+                      progress="off")
+    hits = result.predictions == np.array([r.answer for r in records])
+    assert hits[::2].all()                       # answerable() made these the model's own answers
+    assert result.accuracy.accuracy == hits.mean() and result.accuracy.n == 8
+    assert set(result.accuracy.per_task) == {"add", "larger"}
+    assert result.accuracy.per_task["add"] == (float(hits[::2].mean()), 4)
+    # steering the tuned routers' last-token logits toward the true label can only help here
+    assert result.oracle.accuracy >= result.accuracy.accuracy
+    assert 0.0 <= result.oracle_wrong.accuracy <= 1.0
+    # with no steps the oracle is the model itself
+    zero = evaluate(m, records, layers=2, oracle=True, oracle_steps=0, progress="off")
+    assert zero.oracle.accuracy == zero.accuracy.accuracy
+    assert zero.oracle_wrong.accuracy == (zero.predictions == wrong_labels(records, 0)).mean()
+
+
+def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(olmoe_dir):
+    from moe_local.evaluate import _Adam, _ce_loss
+
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(task_records(6, seed=7))
+    batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(6))
+    layers = (2, 3)
+    hidden = m.prefix_hidden(batch, 2)
+    adam = _Adam((6, 2, 8), 0.1)
+    first = None
+    for _ in range(20):
+        _, aux, grad = m.suffix_value_and_grad(hidden, batch, 2, layers, _ce_loss, {"onehot": batch.answer_onehot()},
+                                               offsets=adam.x, wrt="offsets")
+        first = aux if first is None else first
+        adam.step(grad)
+    scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=adam.x)
+    after = data.candidate_ce(scores, batch.answers)
+    assert (after < first["ce"]).all()
+    top2 = lambda r: np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
+    assert (top2(routing) != top2(first["routing"])).any()   # top-k re-selected under the offsets
+
+
+def test_wrong_labels_are_wrong_and_reproducible():
+    records = _records(task_records(50, seed=1))
+    wrong = wrong_labels(records, seed=0)
+    assert all(w != r.answer and 0 <= w < len(r.choices) for w, r in zip(wrong, records))
+    np.testing.assert_array_equal(wrong, wrong_labels(records, seed=0))
+
+
+def test_router_weights_are_applied_for_the_duration_only(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(answerable(m, task_records(8, seed=5)))
+    base = m.get_router_weights()
+    result = tune.tune(m, records, unit_rows(8), tune.TuneSettings(layers=2, lr=0.1, epochs=1, batch_size=4),
+                       tmp_path / "A", progress="off")
+    tuned = evaluate(m, records, layers=2, router_weights=result.weights, progress="off")
+    for name, w in m.get_router_weights().items():
+        np.testing.assert_array_equal(w, base[name])
+    loaded = moe_local.load(str(olmoe_dir), backend="torch", adapter_path=tmp_path / "A")
+    np.testing.assert_array_equal(evaluate(loaded, records, layers=2, progress="off").predictions, tuned.predictions)
+
+
+def test_eval_command_report(olmoe_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    path = write_jsonl(tmp_path / "val.jsonl", answerable(m, task_records(6, seed=6)))
+    report = tmp_path / "report.json"
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--oracle", "--oracle-steps", 3,
+                "--report", report, "--backend", "torch")
+    assert r[0] == 0, r[2]
+    assert "base: accuracy" in r[1] and "  add:" in r[1] and "oracle_wrong" in r[1]
+    rows = json.loads(report.read_text())
+    assert [row["method"] for row in rows] == ["base", "oracle", "oracle_wrong"]
+    for row in rows:
+        assert sorted(row) == ROW_KEYS
+        assert row["split"] == "val" and row["n"] == 6 and row["backend"] == "torch" and row["seed"] == 0
+        assert 0.0 <= row["accuracy"] <= 1.0
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report)
+    assert r[0] == 0, r[2]
+    assert len(json.loads(report.read_text())) == 4      # appended to the existing report
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", other)
+    assert r[0] == 2 and "not a moe-local report" in r[2]
+    assert other.read_text() == '{"mine": 1}'
+
+
+def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(answerable(m, task_records(4)))
+    tune.tune(m, records, unit_rows(4), tune.TuneSettings(layers=2, epochs=1, batch_size=4), tmp_path / "A",
+              progress="off")
+    path = write_jsonl(tmp_path / "val.jsonl", task_records(4))
+    r = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path, "--adapter-path", tmp_path / "A")
+    assert r[0] == 2 and "made for another model" in r[2] and "Traceback" not in r[2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(task_records(1)[0]) + "\n\n{oops\n")
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", bad)
+    assert r[0] == 2 and f"{bad}:3: not valid JSON" in r[2]
+    (tmp_path / "notes").mkdir()
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "notes")
+    assert r[0] == 2 and "is not a router adapter" in r[2]
+
+
+def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(answerable(m, task_records(4)))
+    tune.tune(m, records, unit_rows(4), tune.TuneSettings(method="router", layers=2, epochs=1, batch_size=4),
+              tmp_path / "A", progress="off")
+    path = write_jsonl(tmp_path / "test.jsonl", task_records(4))
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A",
+                "--report", tmp_path / "r.json")
+    assert r[0] == 0, r[2]
+    assert json.loads((tmp_path / "r.json").read_text())[0]["method"] == "router"

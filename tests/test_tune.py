@@ -1,0 +1,220 @@
+"""The tune loop: AdamW, checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import moe_local
+from moe_local import data, tune
+from moe_local.adapter import read_adapter
+from moe_local.errors import UserError
+from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+
+SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
+
+
+def _records(m, n, seed=0):
+    return [data.parse_record(r, "t", i + 1) for i, r in enumerate(answerable(m, task_records(n, seed)))]
+
+
+def _task_file(m, folder, n):
+    path = write_jsonl(folder / "train.jsonl", answerable(m, task_records(n)))
+    np.save(path.with_suffix(".npy"), unit_rows(n))
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "moe_local", *map(str, args)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+
+
+def test_adamw_matches_torch():
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 6)).astype(np.float32)
+    ours = tune.AdamW({"w": w0}, lr=1e-2, weight_decay=0.01)
+    p = torch.nn.Parameter(torch.tensor(w0))
+    ref = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.01, foreach=False)
+    for _ in range(5):
+        g = rng.standard_normal((4, 6)).astype(np.float32)
+        ours.step({"w": g})
+        p.grad = torch.tensor(g)
+        ref.step()
+    np.testing.assert_allclose(ours.params["w"], p.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours.exp_avg_sq["w"], ref.state[p]["exp_avg_sq"].numpy(), rtol=1e-6)
+
+
+def test_lambda_warmup():
+    from moe_local.roma import lam_at
+
+    assert [lam_at(s, 0.8, 4) for s in (1, 2, 4, 9)] == [0.2, 0.4, 0.8, 0.8]
+    assert lam_at(1, 0.8, 0) == 0.8
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_adapter(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 10), unit_rows(10)
+    settings = tune.TuneSettings(epochs=2, save_every=2, **SMALL)   # 3 steps per epoch, 6 in all
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
+
+    def stop_at_5(step, row):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_5, progress="off")
+    assert tune.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+    with pytest.raises(UserError, match="exists and is not empty"):
+        tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
+    resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
+    assert resumed.steps == whole.steps == 6
+    a, _ = read_adapter(tmp_path / "whole")
+    b, _ = read_adapter(tmp_path / "cut")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(tuple(r) == tune.METRIC_KEYS for r in rows)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
+    # a resumed run with other settings is refused, naming the setting
+    with pytest.raises(UserError, match="lr="):
+        tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2), tmp_path / "cut",
+                  resume=True, progress="off")
+
+
+def test_adapter_folder_contents(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    result = tune.tune(m, _records(m, 6), unit_rows(6), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A",
+                       progress="off")
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == \
+        ["adapter_config.json", "adapters.safetensors", "bank", "checkpoints", "metrics.jsonl"]
+    weights, config = read_adapter(tmp_path / "A")
+    assert sorted(weights) == ["model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight"]
+    assert all(w.dtype == np.float32 and w.shape == (8, 64) for w in weights.values())
+    assert config["fine_tune_type"] == "full"
+    ml = config["moe_local"]
+    assert ml["layers"] == [2, 3] and ml["method"] == "roma"
+    assert ml["fingerprint"] == m.spec.fingerprint([2, 3])
+    for key in ("k", "lam", "sigma", "lr", "epochs", "batch_size", "lam_warmup", "seed", "weight_decay"):
+        assert key in ml["hyperparameters"]
+    bank = (tmp_path / "A" / "bank")
+    assert sorted(p.name for p in bank.iterdir()) == ["bank.json", "bank.safetensors"]
+    meta = json.loads((bank / "bank.json").read_text())
+    assert meta["layers"] == [2, 3] and meta["fingerprint"] == m.spec.fingerprint([2, 3]) and meta["data_sha256"]
+    assert result.steps == 2 and len(result.metrics) == 2
+
+
+def test_output_path_refusals(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        tune.tune(m, records, emb, settings, tmp_path / "file", overwrite=True, progress="off")
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a moe-local adapter"):
+        tune.tune(m, records, emb, settings, tmp_path / "other", overwrite=True, progress="off")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))
+    with pytest.raises(UserError, match="not a moe-local adapter"):
+        tune.tune(m, records, emb, settings, tmp_path / "lora", overwrite=True, progress="off")
+    with pytest.raises(UserError, match="nothing to resume"):
+        tune.tune(m, records, emb, settings, tmp_path / "new", resume=True, progress="off")
+    tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    tune.tune(m, records, emb, settings, tmp_path / "A", overwrite=True, progress="off")
+
+
+def test_adapter_from_another_model_is_refused(olmoe_dir, qwen3_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    tune.tune(m, _records(m, 4), unit_rows(4), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off")
+    with pytest.raises(UserError, match="made for another model") as e:
+        moe_local.load(str(qwen3_dir), backend="torch", adapter_path=tmp_path / "A")
+    assert "\n" not in str(e.value)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a router adapter"):
+        moe_local.load(str(olmoe_dir), backend="torch", adapter_path=tmp_path / "notes")
+
+
+def test_mlx_lm_loader_gives_the_same_logits(tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    folder = checkpoints.make_qwen3_moe(tmp_path / "model", spelling="both")
+    m = moe_local.load(str(folder), backend="torch")
+    ids = np.array(m.tokenizer("What is 3 plus 4?\nAnswer:")["input_ids"])
+    base = m.logits(ids)
+    tune.tune(m, _records(m, 8), unit_rows(8), tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1}), tmp_path / "A",
+              progress="off")
+    ours = moe_local.load(str(folder), backend="torch", adapter_path=tmp_path / "A").logits(ids)
+    assert np.abs(ours - base).max() > 1e-3   # the adapter changes the model
+    model, _ = load_model(Path(folder))
+    load_adapters(model, str(tmp_path / "A"))
+    theirs = np.array(model(mx.array(ids)[None]).astype(mx.float32))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_cli_prepare_then_tune_with_config_file(olmoe_dir, tmp_path, capsys):
+    path = _task_file(moe_local.load(str(olmoe_dir), backend="torch"), tmp_path, 6)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layers: 2\nepochs: 1\nbatch_size: 3\nlr: 0.01\nlam_warmup: 0\nbackend: torch\n")
+    bank = tmp_path / "A" / "bank"          # where tune looks for a bank by default
+    r = run_cli("prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
+    assert r.returncode == 0, r.stderr
+    assert (bank / "bank.json").is_file()
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A",
+                 "-c", cfg, "--method", "router")
+    assert r[0] == 0, r[2]
+    assert "prepare:" not in r[1]           # the prepared bank was used, not made again
+    _, config = read_adapter(tmp_path / "A")
+    assert config["moe_local"]["method"] == "router" and config["moe_local"]["hyperparameters"]["batch_size"] == 3
+    assert "step 2/2" in r[1]               # plain metric lines when stdout is not a terminal
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "-c", cfg)
+    assert r[0] == 2 and "exists and is not empty" in r[2] and "Traceback" not in r[2]
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path",
+                 tmp_path / "A", "-c", cfg, "--method", "router", "--resume")
+    assert r[0] == 0, r[2]                  # already complete: rewrites the same adapter
+    r = run_main(capsys, "prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
+    assert r[0] == 2 and "--overwrite" in r[2]
+
+
+def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(4))
+    np.save(path.with_suffix(".npy"), unit_rows(5))
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    assert r[0] == 2 and "has 5 rows but the data has 4 records" in r[2]
+    path.with_suffix(".npy").unlink()
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    assert r[0] == 2 and "moe-local embed" in r[2]
+    assert not (tmp_path / "A").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, dtype):
+    m = moe_local.load(str(olmoe_dir), backend="torch", dtype=dtype)
+    records, emb = _records(m, 6), unit_rows(6)
+    out = {}
+    modes = ("memory", "disk", "recompute", "full") if dtype == "float32" else ("memory", "disk")
+    for mode in modes:
+        settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
+        out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
+        assert not (tmp_path / mode / tune.CACHE_FILE).exists()   # the memory-mapped file is removed
+    for name in out["memory"].weights:   # exact bytes round trip through the file
+        np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
+    # the prefix run in another batch layout, or the whole model: the same losses up to rounding
+    loss = [r["loss"] for r in out["memory"].metrics]
+    for mode in modes[2:]:
+        np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss, rtol=1e-5)
