@@ -14,6 +14,12 @@ torch peers, on the same weights: transformers' ``generate`` with its own MoE la
 experts implementation) and, to isolate our streaming wrapper, ``generate`` called directly on our
 model (our MoE blocks, no worker thread). On a CPU shared with other jobs, use ``--threads 1``:
 OpenMP threads that wait for each other on an oversubscribed machine swamp what is measured.
+
+MLX peers, on the same weights: mlx-lm's ``stream_generate`` on mlx-lm's own model (its SwitchGLU
+experts, the tokenizer and streaming detokenizer ``mlx_lm.load`` gives), and ``stream_generate`` on our
+model (our MoE blocks, mlx-lm's loop, no text) to separate the blocks from our Conversation around it
+(our path runs that same loop and detokenizes in moe_local/chat.py). MLX runs on the default device:
+a Mac's GPU, or the CPU where MLX is a CPU build (Linux).
 """
 
 from __future__ import annotations
@@ -166,7 +172,7 @@ def torch_section(args, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# MLX (hook: needs the MLX backend for our side)
+# MLX
 # ---------------------------------------------------------------------------------------------
 
 def mlx_section(args, root: Path) -> None:
@@ -176,10 +182,13 @@ def mlx_section(args, root: Path) -> None:
 
     def library_run(model, tokenizer, ids):
         tokenizer.eos_token_ids = set()
-        last = None
-        for last in stream_generate(model, tokenizer, mx.array(ids), max_tokens=args.new):
-            pass
-        return last.prompt_tps, last.generation_tps
+        start, times = time.perf_counter(), []
+        for _ in stream_generate(model, tokenizer, mx.array(ids), max_tokens=args.new):
+            times.append(time.perf_counter())
+        assert len(times) == args.new
+        # Timed here like the torch peers (its own prompt_tps / generation_tps start the decode clock
+        # after the first token is handed out, and count that token in the decode rate).
+        return rates(len(ids), args.new, start, times[0], times[-1])
 
     try:
         import moe_local
@@ -198,7 +207,7 @@ def mlx_section(args, root: Path) -> None:
     for name, folder in models(root):
         model, tokenizer = mlx_load(str(folder))
         ids = prompt(tokenizer, args.prompt)
-        runs = {"mlx-lm stream_generate": lambda: library_run(model, tokenizer, ids)}
+        runs = {"mlx-lm stream_generate (its MoE)": lambda: library_run(model, tokenizer, ids)}
         if Conversation is not None:
             m = moe_local.load(folder, backend="mlx")
 
@@ -206,13 +215,16 @@ def mlx_section(args, root: Path) -> None:
                 chat = Conversation(m, max_tokens=args.new)
                 for _ in chat.complete(ids, eos_ids=()):
                     pass
+                assert chat.stats.generation_tokens == args.new
                 return chat.stats.prompt_tps, chat.stats.generation_tps
 
+            runs["mlx-lm stream_generate, our blocks"] = lambda: library_run(m.model, tokenizer, ids)
             runs["moe-local (Conversation, streamed)"] = ours_run
         results = median_rates(runs, args.repeats)
-        base = results["mlx-lm stream_generate"][1]
+        base = results["mlx-lm stream_generate (its MoE)"][1]
         for path, (p, d) in results.items():
             print(f"| {name} | {path} | {p:.0f} | {d:.1f} | {d / base:.2f}x |")
+        sys.stdout.flush()
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
 """Helpers for the generation, chat and fuse tests: router adapters made from perturbed gates (written
 with moe_local.adapter.write_adapter, as the tuner writes them), a folder without a chat template, and
-transformers' own greedy generation as the reference."""
+the libraries' own greedy generation as the reference (transformers for torch, mlx-lm for MLX)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from moe_local.adapter import write_adapter
@@ -68,6 +70,51 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
                          eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
     new = out[0, len(ids):].tolist()
     return new[:-1] if new and new[-1] in eos else new
+
+
+def both_spellings(folder: Path, out: Path) -> Path:
+    """A copy with both config spellings: mlx-lm reads num_experts / rope_theta, which v5-only folders lack."""
+    import json
+
+    import checkpoints
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(checkpoints.spelled(config, "both")))
+    return out
+
+
+def mlx_lm_reference(folder, adapter=None):
+    """mlx-lm's own model (its own MoE layers) and tokenizer of the folder, the adapter loaded by mlx-lm."""
+    from mlx_lm import load
+
+    readable = Path(folder).parent / f"{Path(folder).name}-mlx-lm"
+    if not readable.exists():
+        both_spellings(folder, readable)
+    return load(str(readable), adapter_path=None if adapter is None else str(adapter))
+
+
+def mlx_lm_greedy(reference, ids, eos, max_tokens=24) -> list[int]:
+    """mlx-lm's greedy ``stream_generate`` (its default sampler) from scratch, end tokens ``eos``."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    model, tokenizer = reference
+    tokenizer.eos_token_ids = eos
+    new = [r.token for r in stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens)]
+    return new[:-1] if new and new[-1] in eos else new
+
+
+def library_greedy(backend, folder, family, ids, eos, max_tokens=24, adapter=None) -> list[int]:
+    """The backend's library's own greedy answer: transformers' ``generate`` or mlx-lm's ``stream_generate``."""
+    if backend == "mlx":
+        return mlx_lm_greedy(mlx_lm_reference(folder, adapter), ids, eos, max_tokens)
+    return hf_greedy(hf_reference(folder, family, adapter), ids, eos, max_tokens)
+
+
+# The backends to parametrize over: torch, and MLX where mlx-lm is installed.
+BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx_lm") is None,
+                                                                  reason="mlx-lm is not installed"))]
 
 
 def endless(model_dir: Path, out: Path) -> Path:

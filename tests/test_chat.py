@@ -1,4 +1,5 @@
-"""Conversations: the KV cache reused across turns, reset, interrupted turns, and ``moe-local chat`` on a pipe."""
+"""Conversations on both backends: the KV cache reused across turns, reset, interrupted turns, and
+``moe-local chat`` on a pipe."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 
 import moe_local
 from moe_local.chat import Conversation, eos_token_ids, prompt_ids
-from generation_helpers import endless, hf_greedy, hf_reference
+from generation_helpers import BACKENDS, endless, library_greedy
 
 FIRST, SECOND = "What is 3 plus 4?", "Which is larger, 7 or 9?"
 MAX = 12
@@ -27,8 +28,9 @@ def count_moe_tokens(m):
     return calls
 
 
-def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_saw(model_dir):
-    m = moe_local.load(model_dir, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_saw(backend, model_dir):
+    m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX)
     first = "".join(chat.ask(FIRST))
     first_ids, first_answer, first_finish = prompt_ids(m, FIRST), chat.answer_ids, chat.stats.finish_reason
@@ -43,23 +45,32 @@ def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_s
     assert whole.startswith(seen)
     new = m.tokenizer.encode(whole[len(seen):], add_special_tokens=False)
     context = first_ids + first_answer + new
-    # Prefilled: the new turn's tokens, plus turn 1's last token when generation stopped before feeding it.
-    assert chat.stats.prompt_tokens == len(new) + (first_finish == "length")
-    assert chat.stats.cached_tokens == len(context) - chat.stats.prompt_tokens
-    # ...as counted by the tokens that really went through an MoE block: the prefill, then one per step.
-    assert calls[0] == chat.stats.prompt_tokens
-    assert sum(calls) == (chat.stats.prompt_tokens + chat.stats.generation_tokens
-                          - (chat.stats.finish_reason == "length"))
-    # The answer is transformers' greedy answer over that context, computed from scratch.
-    expected = hf_greedy(hf_reference(model_dir, "qwen3"), context, eos_token_ids(m), MAX)
+    stats = chat.stats
+    if backend == "torch":
+        # Prefilled: the new turn's tokens, plus turn 1's last token when generation stopped before feeding it.
+        assert stats.prompt_tokens == len(new) + (first_finish == "length")
+        # ...as counted by the tokens that really went through an MoE block: the prefill, then one per step.
+        assert calls[0] == stats.prompt_tokens
+        assert sum(calls) == stats.prompt_tokens + stats.generation_tokens - (stats.finish_reason == "length")
+    else:
+        # mlx-lm's lookahead fed turn 1's last token (it computes the next token before handing one out):
+        # only the new turn's tokens are prefilled, all but the last in one call, then one per step, the
+        # last step feeding the answer's last token (or its end token) for a next token nobody reads.
+        assert stats.prompt_tokens == len(new)
+        assert calls[:2] == [stats.prompt_tokens - 1, 1] and set(calls[2:]) == {1}
+        assert sum(calls) == stats.prompt_tokens + stats.generation_tokens + (stats.finish_reason == "stop")
+    assert stats.cached_tokens == len(context) - stats.prompt_tokens
+    # The answer is the library's own greedy answer over that context, computed from scratch.
+    expected = library_greedy(backend, model_dir, "qwen3", context, eos_token_ids(m), MAX)
     assert chat.answer_ids == expected
     assert second == m.tokenizer.decode(expected, skip_special_tokens=True)
     m.generate(SECOND, max_tokens=MAX)
     assert m.last_answer_ids != expected   # the second answer depends on the first turn
 
 
-def test_reset_forgets_the_conversation(model_dir):
-    m = moe_local.load(model_dir, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_forgets_the_conversation(backend, model_dir):
+    m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX, system_prompt="Be brief.")
     "".join(chat.ask(FIRST))
     "".join(chat.ask(SECOND))
@@ -70,8 +81,9 @@ def test_reset_forgets_the_conversation(model_dir):
                                max_tokens=MAX)
 
 
-def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(model_dir):
-    m = moe_local.load(model_dir, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(backend, model_dir):
+    m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX)
     first = "".join(chat.ask(FIRST))
     pieces = chat.ask(SECOND)
@@ -84,8 +96,9 @@ def test_an_interrupted_turn_is_dropped_and_the_cache_stays_usable(model_dir):
     assert again == "".join(fresh.ask(SECOND))
 
 
-def test_a_conversation_past_the_context_is_a_user_error(model_dir):
-    m = moe_local.load(model_dir, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_conversation_past_the_context_is_a_user_error(backend, model_dir):
+    m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX)
     with pytest.raises(moe_local.UserError, match="context"):
         "".join(chat.ask("fox " * 300))
@@ -99,12 +112,13 @@ def run_cli(args, stdin=""):
 
 
 @pytest.mark.slow
-def test_chat_on_a_pipe_prints_only_the_answers(model_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chat_on_a_pipe_prints_only_the_answers(backend, model_dir):
     """Turn 2 depends on turn 1 through the cache; ``r`` resets; ``h`` and blank lines print nothing on stdout."""
-    result = run_cli(["chat", "--model", str(model_dir), "--max-tokens", str(MAX)],
+    result = run_cli(["chat", "--model", str(model_dir), "--max-tokens", str(MAX), "--backend", backend],
                      stdin=f"{FIRST}\n\n{SECOND}\nh\nr\n{SECOND}\nq\n{FIRST}\n")
     assert result.returncode == 0, result.stderr
-    m = moe_local.load(model_dir, backend="torch")
+    m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX)
     first, second = "".join(chat.ask(FIRST)), "".join(chat.ask(SECOND))
     alone = m.generate(SECOND, max_tokens=MAX)
@@ -114,10 +128,12 @@ def test_chat_on_a_pipe_prints_only_the_answers(model_dir):
 
 
 @pytest.mark.slow
-def test_generate_command_streams_the_answer_and_a_footer(model_dir):
-    result = run_cli(["generate", "--model", str(model_dir), "--prompt", FIRST, "--max-tokens", str(MAX)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_command_streams_the_answer_and_a_footer(backend, model_dir):
+    result = run_cli(["generate", "--model", str(model_dir), "--prompt", FIRST, "--max-tokens", str(MAX),
+                      "--backend", backend])
     assert result.returncode == 0, result.stderr
-    m = moe_local.load(model_dir, backend="torch")
+    m = moe_local.load(model_dir, backend=backend)
     assert result.stdout == m.generate(FIRST, max_tokens=MAX) + "\n"
     footer = result.stderr.strip().splitlines()[-1]
     assert "tokens/s" in footer and "prompt" in footer and "peak memory" in footer

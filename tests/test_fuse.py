@@ -9,7 +9,8 @@ import torch
 
 import checkpoints
 import moe_local
-from generation_helpers import hf_reference, make_adapter
+from generation_helpers import BACKENDS, hf_reference, make_adapter, mlx_lm_greedy
+from moe_local.chat import Conversation, prompt_ids
 from moe_local.checkpoint import tensor_index
 from moe_local.cli import main
 from moe_local.fuse import fuse
@@ -36,14 +37,16 @@ def mlx_lm_logits(folder, ids):
     return np.array(model(mx.array(ids)).astype(mx.float32)), model
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
-def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, qwen3_dir, olmoe_dir, tmp_path,
-                                                                        capsys):
+def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, backend, qwen3_dir, olmoe_dir,
+                                                                        tmp_path, capsys):
+    """Fused by either backend: the same ordinary folder, read by transformers, mlx-lm and both backends."""
     base = qwen3_dir if family == "qwen3" else olmoe_dir
     adapter = make_adapter(base, tmp_path / "adapter")
     out = tmp_path / "fused"
-    code, stdout, _ = run(["fuse", "--model", str(base), "--adapter-path", str(adapter), "--save-path", str(out)],
-                          capsys)
+    code, stdout, _ = run(["fuse", "--model", str(base), "--adapter-path", str(adapter), "--save-path", str(out),
+                           "--backend", backend], capsys)
     assert code == 0 and "fused model written to" in stdout
     with torch.no_grad():
         expected = hf_reference(base, family, adapter)(input_ids=torch.as_tensor(IDS)).logits.numpy()
@@ -52,6 +55,8 @@ def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, qw
     assert rel_err(moe_local.load(base, backend="torch", adapter_path=adapter).logits(IDS), expected) <= 1e-5
     assert rel_err(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-5
     assert rel_err(mlx_lm_logits(out, IDS)[0], expected) <= 1e-5
+    if backend == "mlx":
+        assert rel_err(moe_local.load(out, backend="mlx").logits(IDS), expected) <= 1e-5
     assert rel_err(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3   # the adapter matters
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == config["num_local_experts"] == 8
@@ -60,17 +65,20 @@ def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, qw
         assert (out / name).is_file()
 
 
-def test_fused_grove_folder_keeps_the_grove_format(grove_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_grove_folder_keeps_the_grove_format(backend, grove_dir, tmp_path):
     adapter = make_adapter(grove_dir, tmp_path / "adapter")
-    out = fuse(grove_dir, adapter, tmp_path / "fused", backend="torch")
+    out = fuse(grove_dir, adapter, tmp_path / "fused", backend=backend)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GroveMoeForCausalLM"] and config["model_type"] == "grove_moe"
     assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) \
         == (2, 0.05, 16)
     names = set(tensor_index(out))
     assert set(tensor_index(grove_dir)) == names        # chunk_experts.J.* and expert_bias included
-    expected = moe_local.load(grove_dir, backend="torch", adapter_path=adapter).logits(IDS)
-    np.testing.assert_array_equal(moe_local.load(out, backend="torch").logits(IDS), expected)
+    expected = moe_local.load(grove_dir, backend=backend, adapter_path=adapter).logits(IDS)
+    np.testing.assert_array_equal(moe_local.load(out, backend=backend).logits(IDS), expected)
+    if backend == "mlx":   # the torch backend reads what MLX wrote (there is no other Grove reader)
+        assert rel_err(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-4
 
 
 def test_fuse_refusals_are_one_line_and_leave_nothing(qwen3_dir, olmoe_dir, tmp_path, capsys):
@@ -129,15 +137,18 @@ def test_fusing_a_quantized_mlx_model_on_torch_names_the_mlx_backend(quantized, 
     assert not (tmp_path / "fused").exists()
 
 
-def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized, tmp_path):
-    """Runs once the MLX backend is in: the tuned gates float (no .scales, so mlx-lm keeps them float),
-    everything else as quantized as before, logits equal to the quantized base + adapter."""
+def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized, tmp_path, capsys):
+    """``moe-local fuse --backend mlx`` on a quantized base: the tuned gates float (no .scales, so mlx-lm
+    keeps them float), everything else as quantized as before, logits equal to the quantized base + adapter."""
     pytest.importorskip("moe_local.backends.mlx")
     import mlx.nn as nn
 
     base, q4 = quantized
     adapter = make_adapter(base, tmp_path / "adapter")
-    out = fuse(q4, adapter, tmp_path / "fused", backend="mlx")
+    out = tmp_path / "fused"
+    code, stdout, err = run(["fuse", "--model", str(q4), "--adapter-path", str(adapter), "--save-path", str(out),
+                             "--backend", "mlx"], capsys)
+    assert code == 0 and "fused model written to" in stdout, err
     index = tensor_index(out)
     tuned = json.loads((adapter / "adapter_config.json").read_text())["moe_local"]["layers"]
     for layer in tuned:
@@ -147,5 +158,14 @@ def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized,
         == {f"model.layers.{layer}.mlp.gate.scales" for layer in tuned}
     logits, model = mlx_lm_logits(out, IDS)
     assert all(type(model.model.layers[i].mlp.gate) is nn.Linear for i in tuned)
-    expected = moe_local.load(q4, backend="mlx", adapter_path=adapter).logits(IDS)
+    tuned_model = moe_local.load(q4, backend="mlx", adapter_path=adapter)
+    expected = tuned_model.logits(IDS)
     assert rel_err(logits, expected) <= 1e-4
+    # Served by mlx-lm, the fused folder answers what the quantized base + adapter answers here.
+    from mlx_lm import load as mlx_lm_load
+
+    ids = prompt_ids(tuned_model, "What is 3 plus 4?")
+    chat = Conversation(tuned_model, max_tokens=16)
+    "".join(chat.complete(ids, eos_ids=()))                 # no end token: exactly 16 tokens to compare
+    assert len(chat.answer_ids) == 16
+    assert chat.answer_ids == mlx_lm_greedy(mlx_lm_load(str(out)), ids, set(), 16)

@@ -1,10 +1,11 @@
-"""``generate`` / ``stream`` on the torch backend against transformers' own greedy ``generate``."""
+"""``generate`` / ``stream`` on both backends against the libraries' own greedy generation (transformers'
+``generate`` for torch, mlx-lm's ``stream_generate`` for MLX) on the same tiny models."""
 
 import numpy as np
 import pytest
 
 import moe_local
-from generation_helpers import endless, hf_greedy, hf_reference, make_adapter, without_chat_template
+from generation_helpers import BACKENDS, endless, library_greedy, make_adapter, without_chat_template
 from moe_local.chat import Conversation, Detokenizer, eos_token_ids, prompt_ids, split_stop
 from moe_local.errors import UserError
 
@@ -23,34 +24,37 @@ def models(qwen3_dir, olmoe_dir, grove_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
-def test_greedy_generate_equals_transformers(family, with_adapter, models):
+def test_greedy_generate_equals_the_library(backend, family, with_adapter, models):
+    """The library's own model (its MoE layers, the adapter set by it) and generation loop, same tokens."""
     folder, adapter = models[family]
     adapter = adapter if with_adapter else None
-    m = moe_local.load(folder, backend="torch", adapter_path=adapter)
+    m = moe_local.load(folder, backend=backend, adapter_path=adapter)
     text = m.generate(PROMPT, max_tokens=MAX)
     ids = prompt_ids(m, PROMPT)
-    expected = hf_greedy(hf_reference(folder, family, adapter), ids, eos_token_ids(m))
+    expected = library_greedy(backend, folder, family, ids, eos_token_ids(m), MAX, adapter)
     assert len(expected) == MAX
     assert m.last_answer_ids == expected
     assert text == m.tokenizer.decode(expected, skip_special_tokens=True)
     assert m.last_stats.generation_tokens == MAX and m.last_stats.finish_reason == "length"
     assert m.last_stats.prompt_tokens == len(ids)
     if with_adapter:   # the adapter changes what the model says (else the check above proves little)
-        base = moe_local.load(folder, backend="torch")
+        base = moe_local.load(folder, backend=backend)
         base.generate(PROMPT, max_tokens=MAX)
         assert base.last_answer_ids != expected
 
 
-def test_generation_stops_at_an_end_token_as_transformers_does(qwen3_dir, models):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_stops_at_an_end_token_as_the_library_does(backend, qwen3_dir, models):
     """The fixture itself may end early or not (its tokenizer is trained anew each session): equal either way.
     Then an end token chosen inside a known answer: the answer stops right before it."""
-    m = moe_local.load(qwen3_dir, backend="torch")
+    m = moe_local.load(qwen3_dir, backend=backend)
     m.generate(PROMPT, max_tokens=MAX)
-    assert m.last_answer_ids == hf_greedy(hf_reference(qwen3_dir, "qwen3"), prompt_ids(m, PROMPT),
-                                          eos_token_ids(m))
-    m = moe_local.load(models["qwen3"][0], backend="torch")
+    assert m.last_answer_ids == library_greedy(backend, qwen3_dir, "qwen3", prompt_ids(m, PROMPT),
+                                               eos_token_ids(m), MAX)
+    m = moe_local.load(models["qwen3"][0], backend=backend)
     m.generate(PROMPT, max_tokens=MAX)
     full = m.last_answer_ids
     end = full.index(full[5])
@@ -60,11 +64,12 @@ def test_generation_stops_at_an_end_token_as_transformers_does(qwen3_dir, models
     assert text == m.tokenizer.decode(full[:end], skip_special_tokens=True)
 
 
-def test_grove_generate_equals_greedy_over_full_logits(models):
-    """Grove has no transformers class: the cached generation must equal argmax over the backend's
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grove_generate_equals_greedy_over_full_logits(backend, models):
+    """Grove has no transformers or mlx-lm class: the cached generation must equal argmax over the backend's
     own logits recomputed from scratch each step (those logits are checked against the reference formula)."""
     folder, adapter = models["grove"]
-    m = moe_local.load(folder, backend="torch", adapter_path=adapter)
+    m = moe_local.load(folder, backend=backend, adapter_path=adapter)
     m.generate(PROMPT, max_tokens=12)
     ids, eos, expected = prompt_ids(m, PROMPT), eos_token_ids(m), []
     for _ in range(12):
@@ -76,20 +81,34 @@ def test_grove_generate_equals_greedy_over_full_logits(models):
     assert m.last_answer_ids == expected
 
 
-def test_stream_pieces_join_to_generate_and_raw_prompts_skip_the_template(models):
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_grove_generates_the_same_tokens_on_mlx_as_on_torch(backend, models):
+    folder, adapter = models["grove"]
+    answers = []
+    for name in ("torch", backend):
+        m = moe_local.load(folder, backend=name, adapter_path=adapter)
+        m.generate(PROMPT, max_tokens=MAX)
+        answers.append(m.last_answer_ids)
+    assert len(answers[0]) == MAX
+    assert answers[1] == answers[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_pieces_join_to_generate_and_raw_prompts_skip_the_template(backend, models):
     folder = models["qwen3"][0]
-    m = moe_local.load(folder, backend="torch")
+    m = moe_local.load(folder, backend=backend)
     pieces = list(m.stream(PROMPT, max_tokens=MAX))
     assert len(pieces) > 1
     assert "".join(pieces) == m.generate(PROMPT, max_tokens=MAX)
     m.generate(PROMPT, max_tokens=MAX, chat_template=False)
     raw = m.tokenizer.encode(PROMPT)
     assert m.last_stats.prompt_tokens == len(raw)
-    assert m.last_answer_ids == hf_greedy(hf_reference(folder, "qwen3"), raw, eos_token_ids(m))
+    assert m.last_answer_ids == library_greedy(backend, folder, "qwen3", raw, eos_token_ids(m), MAX)
 
 
-def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(models):
-    m = moe_local.load(models["qwen3"][0], backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(backend, models):
+    m = moe_local.load(models["qwen3"][0], backend=backend)
     a = m.generate(PROMPT, max_tokens=MAX, temp=1.5, seed=7)
     assert a == m.generate(PROMPT, max_tokens=MAX, temp=1.5, seed=7)
     greedy = m.generate(PROMPT, max_tokens=MAX)
@@ -97,9 +116,10 @@ def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(models):
     assert m.generate(PROMPT, max_tokens=MAX, temp=1.5, top_p=1e-6, seed=3) == greedy
 
 
-def test_no_chat_template_gives_the_plain_format_and_one_warning(qwen3_dir, tmp_path, capsys):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_chat_template_gives_the_plain_format_and_one_warning(backend, qwen3_dir, tmp_path, capsys):
     folder = without_chat_template(qwen3_dir, tmp_path / "plain")
-    m = moe_local.load(folder, backend="torch")
+    m = moe_local.load(folder, backend=backend)
     m.generate(PROMPT, max_tokens=4)
     m.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}], max_tokens=4)
     assert prompt_ids(m, PROMPT) == m.tokenizer.encode(f"User: {PROMPT}\nAssistant:")
@@ -124,8 +144,9 @@ def test_stop_text_is_held_back_until_it_is_known(text, emit, held, stopped):
     assert split_stop(text, ("\nUser:",)) == (emit, held, stopped)
 
 
-def test_bad_arguments_are_user_errors(qwen3_dir):
-    m = moe_local.load(qwen3_dir, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments_are_user_errors(backend, qwen3_dir):
+    m = moe_local.load(qwen3_dir, backend=backend)
     for kwargs, message in [({"max_tokens": 0}, "--max-tokens"), ({"temp": -1.0}, "--temp"),
                             ({"top_p": 0.0}, "--top-p")]:
         with pytest.raises(UserError, match=message):
@@ -134,27 +155,29 @@ def test_bad_arguments_are_user_errors(qwen3_dir):
         m.generate("fox " * 300)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["missing model", "foreign adapter", "max tokens 0", "prompt too long",
                                   "chat: message too long", "chat: top-p 0"])
-def test_bad_input_exits_2_with_one_line(case, qwen3_dir, olmoe_dir, tmp_path, capsys, monkeypatch):
+def test_bad_input_exits_2_with_one_line(case, backend, qwen3_dir, olmoe_dir, tmp_path, capsys, monkeypatch):
     import io
     import sys
 
     from moe_local.cli import main
 
-    model, extra, stdin = str(qwen3_dir), [], ""
+    model, extra, stdin = str(qwen3_dir), ["--backend", backend], ""
     if case == "missing model":
         model, message = str(tmp_path / "missing"), "model folder not found"
     elif case == "foreign adapter":
-        extra, message = ["--adapter-path", str(make_adapter(olmoe_dir, tmp_path / "a"))], "made for another model"
+        extra, message = extra + ["--adapter-path", str(make_adapter(olmoe_dir, tmp_path / "a"))], \
+            "made for another model"
     elif case == "max tokens 0":
-        extra, message = ["--max-tokens", "0"], "--max-tokens must be at least 1"
+        extra, message = extra + ["--max-tokens", "0"], "--max-tokens must be at least 1"
     elif case == "prompt too long":
-        extra, message = [], "the model's context is 256 tokens"
+        message = "the model's context is 256 tokens"
     elif case == "chat: message too long":
         stdin, message = "hello\n" + "fox " * 300 + "\n", "the model's context is 256 tokens"
     else:
-        extra, message = ["--top-p", "0"], "--top-p must be in (0, 1]"
+        extra, message = extra + ["--top-p", "0"], "--top-p must be in (0, 1]"
     if case.startswith("chat"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         argv = ["chat", "--model", model, "--max-tokens", "4", *extra]

@@ -23,6 +23,7 @@ from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
 
 from .. import LoadedModel, check_router_weights, gate_name
+from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
 from .moe import MOE_IMPLS
 
@@ -65,7 +66,7 @@ def left_padding(mask: np.ndarray) -> np.ndarray:
     return (mask == 0).sum(axis=-1)
 
 
-class MLXModel(LoadedModel):
+class MLXModel(MLXGeneration, LoadedModel):
     backend = "mlx"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
