@@ -293,8 +293,8 @@ class Conversation:
             self.stats = stats
 
     def _settle_cache(self, known: list[int]) -> None:
-        """Record which tokens the cache now holds; a backend that ran ahead of the tokens it handed out
-        (mlx-lm computes the next token before yielding the current one) is trimmed back to them."""
+        """Record which tokens the cache now holds; a backend whose cache holds more than the tokens it
+        handed out is trimmed back to them (neither transformers nor mlx-lm does so today)."""
         n = self.model.cache_length(self.cache)
         if n > len(known):
             self.model.trim_cache(self.cache, len(known))
