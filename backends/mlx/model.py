@@ -42,7 +42,9 @@ def _install_blocks(model, spec: ModelSpec, impl: str) -> None:
         layer.mlp = MoEBlock(moe, spec.hidden_size, impl)
 
 
-class Qwen3MoeModel(qwen3_moe.Model):
+class _WithProjectBlocks:
+    """Mixed in before an mlx-lm model class: its MoE layers get the project's blocks."""
+
     def __init__(self, args, spec: ModelSpec, impl: str):
         super().__init__(args)
         self.spec = spec
@@ -53,15 +55,12 @@ class Qwen3MoeModel(qwen3_moe.Model):
         return super().sanitize(weights)
 
 
-class OlmoeModel(olmoe.Model):
-    def __init__(self, args, spec: ModelSpec, impl: str):
-        super().__init__(args)
-        self.spec = spec
-        _install_blocks(self, spec, impl)
+class Qwen3MoeModel(_WithProjectBlocks, qwen3_moe.Model):
+    pass
 
-    def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if not _UNUSED.search(k)}
-        return super().sanitize(weights)
+
+class OlmoeModel(_WithProjectBlocks, olmoe.Model):
+    pass
 
 
 class GroveMoeModel(Qwen3MoeModel):
