@@ -19,6 +19,7 @@ from .errors import UserError
 
 # name -> "module:attribute" of the click command; one line per command.
 COMMANDS = {
+    "demo": "moe_local.commands.demo:demo",
     "chat": "moe_local.commands.chat:chat",
     "fuse": "moe_local.commands.fuse:fuse",
     "generate": "moe_local.commands.generate:generate",

@@ -53,7 +53,7 @@ def single_token_letters_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     text = [" A B C D E F"] * 50 + ["What is 3 plus 4?\nAnswer:"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:vocab_size - 30])
+                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size - 30])
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>")
     fast.save_pretrained(str(folder))
