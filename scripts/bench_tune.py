@@ -8,13 +8,18 @@ same routers on the same batches from the same routing bank (made once, beforeha
   full   each step runs the whole model forward with only the routers trainable (what the
          released RoMA code does; autograd records nothing below the first tuned gate).
 
-Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS)
-belongs to it alone. The bound on the speed-up counts layer passes: (16 fwd + 5 bwd) / (5 fwd +
-5 bwd), with a backward costing two forwards: 26/15 = 1.73. Only the routers are trained, so the
-backward computes no weight gradients for the experts and attention and costs nearer one forward,
-which moves the bound toward 21/10 = 2.1; both are printed.
+Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS;
+MLX: its allocator's peak over the training loop) belongs to it alone. The bound on the speed-up
+counts layer passes: (16 fwd + 5 bwd) / (5 fwd + 5 bwd), with a backward costing two forwards:
+26/15 = 1.73. Only the routers are trained, so the backward computes no weight gradients for the
+experts and attention and costs nearer one forward, which moves the bound toward 21/10 = 2.1; both
+are printed.
 
     python scripts/bench_tune.py [--device cuda --moe-impl grouped] [--samples 256]
+    python scripts/bench_tune.py --backend mlx [--device gpu]     # MLX (the bank made by MLX too)
+
+MLX on Linux is MLX's CPU build: its matmuls are several times slower than torch's here, so those
+numbers say nothing about a Mac; only the cache-vs-full ratio on one backend carries over.
 """
 
 from __future__ import annotations
@@ -97,8 +102,7 @@ def child(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = moe_local.load(str(work / "model"), backend="torch", device=args.device, moe_impl=args.moe_impl,
-                           dtype=args.dtype)
+    model = load(args, work / "model")
     records = make_records(args.samples, args.prompt_words)
     bank = roma.read_bank(work / "bank")
     if args.warmup:   # one short run first: kernels, allocator, thread pools
@@ -114,6 +118,13 @@ def child(args) -> None:
                       "samples_per_cpu_s": args.samples / result.train_cpu_s, "train_cpu_s": result.train_cpu_s,
                       "cache_s": result.cache_s, "wall_s": wall, "peak_mem_gb": result.peak_mem_gb,
                       "steps": result.steps}))
+
+
+def load(args, folder: Path):
+    import moe_local
+
+    device = args.device or ("cpu" if args.backend == "torch" else None)   # MLX: the GPU where there is one
+    return moe_local.load(str(folder), backend=args.backend, device=device, moe_impl=args.moe_impl, dtype=args.dtype)
 
 
 def _sub_bank(bank, records):
@@ -137,7 +148,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=40)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="torch", choices=("torch", "mlx"))
+    p.add_argument("--device", default=None, help="torch: cpu (default), cuda; mlx: cpu, gpu (default where Metal is)")
     p.add_argument("--moe-impl", default="grouped")
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -149,7 +161,6 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    import moe_local
     from moe_local import roma
     from moe_local.tune import prepare
 
@@ -160,8 +171,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build_model(work / "model", args)
-        model = moe_local.load(str(work / "model"), backend="torch", device=args.device, moe_impl=args.moe_impl,
-                               dtype=args.dtype)
+        model = load(args, work / "model")
         records = make_records(args.samples, args.prompt_words)
         emb = np.random.default_rng(0).standard_normal((len(records), 32)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -172,10 +182,11 @@ def main() -> None:
             bank.correct[::2] = 1   # a random model: give the neighbour search successful samples
         roma.write_bank(work / "bank", bank)
         tokens = sum(len(model.tokenizer(r.question)["input_ids"]) for r in records) / len(records)
+        device = model.device
         del model
         print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}; "
               f"tuning the last {args.tuned}; {args.samples} samples (~{tokens:.0f} question tokens), "
-              f"batch {args.batch_size}; device {args.device}, moe_impl {args.moe_impl}")
+              f"batch {args.batch_size}; backend {args.backend}, device {device}, moe_impl {args.moe_impl}")
         print(f"bank (base-model pass, both variants share it): {prepare_s:.2f} s; best of {args.repeats} runs below")
         runs = {"memory": [], "full": []}
         for _ in range(args.repeats):   # interleaved, so that load from other work hits both alike
@@ -191,7 +202,7 @@ def main() -> None:
     c, f = (max(rs, key=lambda r: r["samples_per_s"]) for rs in runs.values())
     c = dict(c, cache_s=min(r["cache_s"] for r in runs["memory"]))
     print(f"{'variant':<34}{'samples/s':>10}{'epoch s':>10}{'peak GB':>10}")
-    print(f"{'prefix cache (5 layers fwd+bwd)':<34}{c['samples_per_s']:>10.1f}{c['train_s']:>10.2f}"
+    print(f"{f'prefix cache ({args.tuned} layers fwd+bwd)':<34}{c['samples_per_s']:>10.1f}{c['train_s']:>10.2f}"
           f"{c['peak_mem_gb']:>10.3f}")
     print(f"{'full model fwd, routers trainable':<34}{f['samples_per_s']:>10.1f}{f['train_s']:>10.2f}"
           f"{f['peak_mem_gb']:>10.3f}")

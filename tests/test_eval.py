@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 import moe_local
 from moe_local import data, tune
 from moe_local.evaluate import evaluate, wrong_labels
+from generation_helpers import BACKENDS
 from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
 ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
@@ -16,8 +18,9 @@ def _records(rows):
     return [data.parse_record(r, "t", i + 1) for i, r in enumerate(rows)]
 
 
-def test_accuracy_per_task_and_oracle(olmoe_dir):
-    m = moe_local.load(str(olmoe_dir), backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
+    m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(answerable(m, task_records(8, seed=4)))
     result = evaluate(m, records, layers=2, batch_size=3, oracle=True, oracle_steps=4, oracle_lr=0.1,
                       progress="off")
@@ -35,10 +38,11 @@ def test_accuracy_per_task_and_oracle(olmoe_dir):
     assert zero.oracle_wrong.accuracy == (zero.predictions == wrong_labels(records, 0)).mean()
 
 
-def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(olmoe_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_dir):
     from moe_local.evaluate import _Adam, _ce_loss
 
-    m = moe_local.load(str(olmoe_dir), backend="torch")
+    m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(task_records(6, seed=7))
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(6))
     layers = (2, 3)
@@ -64,8 +68,9 @@ def test_wrong_labels_are_wrong_and_reproducible():
     np.testing.assert_array_equal(wrong, wrong_labels(records, seed=0))
 
 
-def test_router_weights_are_applied_for_the_duration_only(olmoe_dir, tmp_path):
-    m = moe_local.load(str(olmoe_dir), backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_router_weights_are_applied_for_the_duration_only(backend, olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(answerable(m, task_records(8, seed=5)))
     base = m.get_router_weights()
     result = tune.tune(m, records, unit_rows(8), tune.TuneSettings(layers=2, lr=0.1, epochs=1, batch_size=4),
@@ -73,30 +78,33 @@ def test_router_weights_are_applied_for_the_duration_only(olmoe_dir, tmp_path):
     tuned = evaluate(m, records, layers=2, router_weights=result.weights, progress="off")
     for name, w in m.get_router_weights().items():
         np.testing.assert_array_equal(w, base[name])
-    loaded = moe_local.load(str(olmoe_dir), backend="torch", adapter_path=tmp_path / "A")
+    loaded = moe_local.load(str(olmoe_dir), backend=backend, adapter_path=tmp_path / "A")
     np.testing.assert_array_equal(evaluate(loaded, records, layers=2, progress="off").predictions, tuned.predictions)
 
 
-def test_eval_command_report(olmoe_dir, tmp_path, capsys):
-    m = moe_local.load(str(olmoe_dir), backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend=backend)
     path = write_jsonl(tmp_path / "val.jsonl", answerable(m, task_records(6, seed=6)))
     report = tmp_path / "report.json"
     r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--oracle", "--oracle-steps", 3,
-                "--report", report, "--backend", "torch")
+                "--report", report, "--backend", backend)
     assert r[0] == 0, r[2]
     assert "base: accuracy" in r[1] and "  add:" in r[1] and "oracle_wrong" in r[1]
     rows = json.loads(report.read_text())
     assert [row["method"] for row in rows] == ["base", "oracle", "oracle_wrong"]
     for row in rows:
         assert sorted(row) == ROW_KEYS
-        assert row["split"] == "val" and row["n"] == 6 and row["backend"] == "torch" and row["seed"] == 0
+        assert row["split"] == "val" and row["n"] == 6 and row["backend"] == backend and row["seed"] == 0
         assert 0.0 <= row["accuracy"] <= 1.0
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report)
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report,
+                 "--backend", backend)
     assert r[0] == 0, r[2]
     assert len(json.loads(report.read_text())) == 4      # appended to the existing report
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", other)
+    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", other,
+                 "--backend", backend)
     assert r[0] == 2 and "not a moe-local report" in r[2]
     assert other.read_text() == '{"mine": 1}'
 

@@ -8,6 +8,7 @@ import moe_local
 from moe_local import data, roma, tune
 from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
+from generation_helpers import BACKENDS
 from tune_helpers import answerable, task_records, unit_rows
 
 
@@ -100,8 +101,8 @@ def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
 
 # -- the regulariser trains -------------------------------------------------------------------
 
-def _setup(folder, n=16, seed=0):
-    m = moe_local.load(str(folder), backend="torch")
+def _setup(folder, n=16, seed=0, backend="torch"):
+    m = moe_local.load(str(folder), backend=backend)
     records = [data.parse_record(r, "t", i + 1) for i, r in enumerate(answerable(m, task_records(n, seed)))]
     return m, records, unit_rows(n, seed=seed)
 
@@ -125,8 +126,9 @@ def _bank_with_successes(m, records, emb, layers):
     return bank
 
 
-def test_manifold_term_has_a_gradient_on_the_routers(olmoe_dir):
-    m, records, emb = _setup(olmoe_dir, n=8)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifold_term_has_a_gradient_on_the_routers(backend, olmoe_dir):
+    m, records, emb = _setup(olmoe_dir, n=8, backend=backend)
     layers = m.spec.last_moe_layers(2)
     bank = _bank_with_successes(m, records, emb, layers)
     nb = roma.neighbours(bank.embeddings, bank.correct, 3, 0.4)
@@ -148,8 +150,9 @@ def test_manifold_term_has_a_gradient_on_the_routers(olmoe_dir):
         assert np.isfinite(grads[layer]).all() and np.abs(grads[layer]).max() > 0
 
 
-def test_manifold_only_steps_reduce_the_manifold_term(olmoe_dir, tmp_path):
-    m, records, emb = _setup(olmoe_dir, n=16)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifold_only_steps_reduce_the_manifold_term(backend, olmoe_dir, tmp_path):
+    m, records, emb = _setup(olmoe_dir, n=16, backend=backend)
     layers = m.spec.last_moe_layers(2)
     bank = _bank_with_successes(m, records, emb, layers)
     settings = tune.TuneSettings(layers=2, lam=1.0, ce_weight=0.0, lr=1e-3, epochs=10, batch_size=16,
@@ -162,8 +165,9 @@ def test_manifold_only_steps_reduce_the_manifold_term(olmoe_dir, tmp_path):
     assert result.metrics[-1]["manifold"] < result.metrics[0]["manifold"]
 
 
-def test_lambda_zero_roma_equals_router(olmoe_dir, tmp_path):
-    m, records, emb = _setup(olmoe_dir, n=12)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_zero_roma_equals_router(backend, olmoe_dir, tmp_path):
+    m, records, emb = _setup(olmoe_dir, n=12, backend=backend)
     common = dict(layers=2, lr=1e-2, epochs=2, batch_size=8, lam_warmup=0)
     a = tune.tune(m, records, emb, tune.TuneSettings(method="roma", lam=0.0, **common), tmp_path / "a",
                   progress="off")

@@ -14,6 +14,7 @@ import moe_local
 from moe_local import data, tune
 from moe_local.adapter import read_adapter
 from moe_local.errors import UserError
+from generation_helpers import BACKENDS
 from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
@@ -60,8 +61,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_gives_the_same_adapter(olmoe_dir, tmp_path):
-    m = moe_local.load(str(olmoe_dir), backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend=backend)
     records, emb = _records(m, 10), unit_rows(10)
     settings = tune.TuneSettings(epochs=2, save_every=2, **SMALL)   # 3 steps per epoch, 6 in all
     whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
@@ -191,6 +193,31 @@ def test_cli_prepare_then_tune_with_config_file(olmoe_dir, tmp_path, capsys):
     assert r[0] == 2 and "--overwrite" in r[2]
 
 
+def test_cli_tune_and_eval_on_mlx(olmoe_dir, tmp_path, capsys):
+    pytest.importorskip("mlx_lm")
+    path = _task_file(moe_local.load(str(olmoe_dir), backend="mlx"), tmp_path, 6)
+    common = ["--model", olmoe_dir, "--backend", "mlx"]
+    r = run_main(capsys, "tune", *common, "--data", path, "--adapter-path", tmp_path / "A", "--layers", 2,
+                 "--epochs", 1, "--batch-size", 3, "--lr", 0.05, "--lam-warmup", 0)
+    assert r[0] == 0, r[2]
+    assert "prepare:" in r[1] and "step 2/2" in r[1] and "wrote" in r[1]
+    weights, config = read_adapter(tmp_path / "A")
+    assert config["moe_local"]["layers"] == [2, 3] and config["moe_local"]["method"] == "roma"
+    report = tmp_path / "report.json"
+    r = run_main(capsys, "eval", *common, "--data", path, "--adapter-path", tmp_path / "A", "--oracle",
+                 "--oracle-steps", 2, "--report", report)
+    assert r[0] == 0, r[2]
+    rows = json.loads(report.read_text())
+    assert [(row["method"], row["backend"]) for row in rows] == [("roma", "mlx"), ("oracle", "mlx"),
+                                                                 ("oracle_wrong", "mlx")]
+    r = run_main(capsys, "tune", *common, "--data", path, "--adapter-path", tmp_path / "A", "--layers", 2,
+                 "--epochs", 1, "--batch-size", 3, "--lr", 0.05, "--lam-warmup", 0, "--resume")
+    assert r[0] == 0, r[2]                  # already complete: rewrites the same adapter
+    again, _ = read_adapter(tmp_path / "A")
+    for name in weights:
+        np.testing.assert_array_equal(again[name], weights[name])
+
+
 def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "train.jsonl", task_records(4))
     np.save(path.with_suffix(".npy"), unit_rows(5))
@@ -202,9 +229,10 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     assert not (tmp_path / "A").exists()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, dtype):
-    m = moe_local.load(str(olmoe_dir), backend="torch", dtype=dtype)
+@pytest.mark.parametrize("backend, dtype", [("torch", "float32"), ("torch", "bfloat16"),
+                                            pytest.param("mlx", "float32", marks=BACKENDS[1].marks)])
+def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
+    m = moe_local.load(str(olmoe_dir), backend=backend, dtype=dtype)
     records, emb = _records(m, 6), unit_rows(6)
     out = {}
     modes = ("memory", "disk", "recompute", "full") if dtype == "float32" else ("memory", "disk")

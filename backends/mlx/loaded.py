@@ -26,6 +26,7 @@ from .. import LoadedModel, check_router_weights, gate_name
 from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
 from .moe import MOE_IMPLS
+from .tuning import MLXTuning
 
 DEVICES = ("cpu", "gpu")
 
@@ -66,7 +67,7 @@ def left_padding(mask: np.ndarray) -> np.ndarray:
     return (mask == 0).sum(axis=-1)
 
 
-class MLXModel(MLXGeneration, LoadedModel):
+class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
     backend = "mlx"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):

@@ -1,0 +1,169 @@
+"""The tune/eval operations of the MLX backend (DESIGN §9; the contract is in backends/__init__.py).
+
+The model is run in two halves around the first tuned layer: ``prefix_hidden`` (model dtype, ragged
+per sequence) and ``suffix_forward`` (differentiated by ``mx.value_and_grad``). Both drive mlx-lm's
+own decoder layers the way its ``Qwen3MoeModel`` / ``OlmoeModel`` do, left padding included: a row
+with padding gets mlx-lm's ``BatchKVCache`` per layer (RoPE offsets ``-padding``, a causal mask that
+hides the padding), as ``MLXModel.logits`` and mlx-lm's batched generation do. Only the gates of the
+tuned layers are swapped, for the duration of one call, for :class:`LiveGate`, which computes the
+router logits from the given float32 weights (plus the oracle's offsets) and records the fp32
+routing at each sample's last prompt token. MoE blocks stay in eval mode: our blocks call
+``gather_mm`` / ``gather_qmm`` directly, and their gradients need no training mode (checked by the
+tests against a full-model ``nn.value_and_grad`` and against the torch backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_attention_mask
+
+from moe_local.data import MISSING_SCORE, Batch
+
+
+class LiveGate(nn.Module):
+    """Stands in for a tuned layer's gate during one suffix call.
+
+    logits = x.float32 @ weightᵀ (or the layer's own gate when ``weight`` is None), plus ``offsets``
+    [rows, E] added at ``offset_rows``; the fp32 softmax at ``capture_rows`` goes to ``sink``. Rows
+    index the flattened [sequences · T] tokens the MoE block sees.
+    """
+
+    def __init__(self, base, weight, offset_rows, offsets, capture_rows, sink: list):
+        super().__init__()
+        # Plain attributes, not module parameters: nothing here is the model's.
+        object.__setattr__(self, "_state", (base, weight, offset_rows, offsets, capture_rows, sink))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        base, weight, offset_rows, offsets, capture_rows, sink = self._state
+        logits = base(x) if weight is None else x.astype(mx.float32) @ weight.T
+        if offsets is not None:
+            logits = logits.astype(mx.float32).at[offset_rows].add(offsets)
+        sink.append(mx.softmax(logits[capture_rows].astype(mx.float32), axis=-1, precise=True))
+        return logits
+
+
+class MLXTuning:
+    """Mixed into ``MLXModel``: needs ``self.model``, ``self.spec``, ``self.batch_caches``, ``self.dtype``."""
+
+    # -- shared pieces --------------------------------------------------------------------------
+    def _run_layers(self, hidden: mx.array, padding: np.ndarray, start: int, stop: int) -> mx.array:
+        """Decoder layers ``start .. stop-1`` on left-padded ``hidden`` [S, T, H], masks and RoPE as mlx-lm's."""
+        layers = self.model.model.layers[start:stop]
+        caches = self.batch_caches(padding.tolist()) if padding.any() else [None] * len(layers)
+        mask = create_attention_mask(hidden, caches[0])
+        for layer, cache in zip(layers, caches):
+            hidden = layer(hidden, mask, cache)
+        return hidden
+
+    def _lm_head(self, x: mx.array) -> mx.array:
+        if self.spec.tie_word_embeddings:
+            return self.model.model.embed_tokens.as_linear(x)
+        return self.model.lm_head(x)
+
+    @staticmethod
+    def _padding(batch: Batch) -> np.ndarray:
+        return batch.mask.shape[1] - batch.lengths
+
+    def _check_layers(self, layer: int, layers) -> None:
+        for i in layers:
+            if i < layer or self.spec.moe_at(i) is None:
+                raise ValueError(f"tuned layer {i} must be an MoE layer at or after the suffix start {layer}")
+
+    # -- the contract ---------------------------------------------------------------------------
+    def prefix_hidden(self, batch: Batch, layer: int) -> list:
+        S, T = batch.ids.shape
+        hidden = self.model.model.embed_tokens(mx.array(batch.ids.astype(np.int32)))
+        if layer > 0:
+            hidden = self._run_layers(hidden, self._padding(batch), 0, layer)
+        flat = hidden.reshape(S * T, -1)[mx.array(np.flatnonzero(batch.mask.reshape(-1)))]
+        out = mx.split(flat, np.cumsum(batch.lengths)[:-1].tolist()) if S > 1 else [flat]
+        mx.eval(out)
+        return out
+
+    def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+        self._check_layers(layer, layers)
+        S, T = batch.ids.shape
+        flat = mx.concatenate(list(hidden)) if len(hidden) > 1 else hidden[0]
+        # Each padded slot reads its real row; padding reads an extra zero row (as torch's zeros).
+        slot = np.full(S * T, flat.shape[0], dtype=np.int32)
+        slot[np.flatnonzero(batch.mask.reshape(-1))] = np.arange(flat.shape[0], dtype=np.int32)
+        padded = mx.concatenate([flat, mx.zeros((1, flat.shape[1]), flat.dtype)])[mx.array(slot)]
+        padded = padded.reshape(S, T, -1)
+        seq_rows = mx.array((np.arange(S) * T + batch.prompt_pos).astype(np.int32))
+        capture = mx.array((batch.sample_seq * T + batch.prompt_pos[batch.sample_seq]).astype(np.int32))
+        seq_sample = mx.array(batch.seq_sample.astype(np.int32))
+        sink: dict[int, list] = {i: [] for i in layers}
+        with contextlib.ExitStack() as stack:
+            for n, i in enumerate(layers):
+                weight = None if router_weights is None else router_weights[i]
+                off = None if offsets is None else offsets[:, n][seq_sample]
+                gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
+                stack.enter_context(self._swapped_gate(i, gate))
+            out = self._run_layers(padded, self._padding(batch), layer, self.spec.num_layers)
+        rows = out[mx.array(batch.head_seq.astype(np.int32)), mx.array(batch.head_pos.astype(np.int32))]
+        logits = self._lm_head(self.model.model.norm(rows)).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tok = logp[mx.array(batch.cand_row.astype(np.int32)), mx.array(batch.cand_tok.astype(np.int32))]
+        scores = (tok * mx.array(batch.cand_tokmask)).sum(-1)
+        scores = mx.where(mx.array(batch.cand_valid), scores, MISSING_SCORE)
+        routing = mx.stack([sink[i][0] for i in layers], axis=1)
+        return scores, routing
+
+    @contextlib.contextmanager
+    def _swapped_gate(self, layer: int, gate: nn.Module):
+        block = self.moe_block(layer)
+        original = block.gate
+        block.gate = gate
+        try:
+            yield
+        finally:
+            block.gate = original
+
+    def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+        weights = None if router_weights is None else _arrays(router_weights)
+        off = None if offsets is None else mx.array(np.asarray(offsets, dtype=np.float32))
+        scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
+        return np.array(scores), np.array(routing)
+
+    def suffix_value_and_grad(self, hidden, batch: Batch, layer: int, layers, loss_fn, inputs: dict,
+                              router_weights=None, offsets=None, wrt: str = "router_weights"):
+        if wrt not in ("router_weights", "offsets"):
+            raise ValueError(f"wrt must be 'router_weights' or 'offsets', got {wrt!r}")
+        weights = None if router_weights is None else _arrays(router_weights)
+        off = None if offsets is None else mx.array(np.asarray(offsets, dtype=np.float32))
+        args = {k: mx.array(np.asarray(v)) for k, v in inputs.items()}
+
+        def run(target):
+            w, o = (target, off) if wrt == "router_weights" else (weights, target)
+            scores, routing = self.suffix_forward(hidden, batch, layer, layers, w, o)
+            loss, aux = loss_fn(scores, routing, **args)
+            return loss, aux, scores, routing
+
+        target = weights if wrt == "router_weights" else off
+        (loss, aux, scores, routing), grads = mx.value_and_grad(run)(target)
+        mx.eval(loss, aux, scores, routing, grads)
+        aux = {k: np.array(v) for k, v in aux.items()}
+        aux["scores"], aux["routing"] = np.array(scores), np.array(routing)
+        grads = {i: np.array(grads[i]) for i in layers} if wrt == "router_weights" else np.array(grads)
+        return loss.item(), aux, grads
+
+    # -- host copies of cached hidden states (memory-mapped prefix cache) ------------------------
+    def hidden_to_host(self, hidden: mx.array) -> np.ndarray:
+        """Exact bytes as numpy (bfloat16 travels as its int16 bit pattern)."""
+        return np.array(hidden.view(mx.int16) if hidden.dtype == mx.bfloat16 else hidden)
+
+    def hidden_from_host(self, array: np.ndarray) -> mx.array:
+        out = mx.array(np.ascontiguousarray(array))
+        return out.view(mx.bfloat16) if self.dtype == mx.bfloat16 else out
+
+    # -- memory ---------------------------------------------------------------------------------
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+
+def _arrays(router_weights: dict) -> dict:
+    return {int(i): mx.array(np.asarray(w, dtype=np.float32)) for i, w in router_weights.items()}
