@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import traceback
 
 import numpy as np
 
@@ -170,8 +171,10 @@ def _settle(group: Group, error: BaseException) -> BaseException:
             error = shared
         except Exception:   # the exchange failed too (a peer is gone): report our own error
             return error
-    if not group.is_main:
-        return SystemExit(error.code)   # rank 0 prints it
+    if not group.is_main:   # rank 0 prints the error; this rank's own traceback on request, as the CLI does
+        if os.environ.get("MOE_LOCAL_DEBUG") and error.own is not None:
+            traceback.print_exception(error.own)
+        return SystemExit(error.code)
     if error.rank == group.rank and error.own is not None:
         return error.own
     if error.kind == "user":
