@@ -8,6 +8,10 @@ that end on that label (FINDINGS: much of an oracle gain on unsure samples is st
 oracle's accuracy it counts samples that were there before the steps (compare each with the base).
 Offsets are per sample and Adam is elementwise, so optimising a batch at once equals optimising
 each sample alone (the loss is a sum over samples).
+
+Under torchrun (``dist``, moe_local/distributed.py) each rank evaluates the records it owns and the
+per-record predictions are summed across ranks (zero where a rank does not own a record), so every
+count — overall, per task, oracle — is taken over the whole file, as one process takes it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 
 from . import roma
 from .data import Record, batches, encode_records, predictions
+from .distributed import LOCAL
+from .errors import UserError
 from .progress import Progress
 
 NO_TASK = "(none)"
@@ -121,12 +127,24 @@ def wrong_labels(records: list[Record], seed: int) -> np.ndarray:
     return (answers + rng.integers(1, n)) % n
 
 
+def check_finite(scores, routing, batch, records: list[Record], data_file=None) -> None:
+    """Stop at the first record whose candidate scores or routing are NaN or infinite, naming its line."""
+    bad = ~np.isfinite(scores).all(-1)
+    if routing is not None:
+        bad |= ~np.isfinite(routing.reshape(len(routing), -1)).all(-1)
+    if bad.any():
+        record = records[int(batch.index[np.argmax(bad)])]
+        raise UserError(f"{data_file or 'data'}:{record.line}: the model's scores for this record are NaN or "
+                        "infinite (are its weights corrupt?)")
+
+
 def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, router_weights: dict | None = None,
              oracle: bool = False, oracle_steps: int = 20, oracle_lr: float = 0.1, seed: int = 0,
-             progress="auto") -> EvalResult:
+             progress="auto", dist=LOCAL, data_file=None) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
     ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
+    ``dist``: the torchrun process group; every rank returns the result over all records.
     """
     if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
@@ -137,11 +155,13 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
     preds = np.zeros(len(records), np.int64)
     oracle_preds = np.zeros(len(records), np.int64)
     wrong_preds = np.zeros(len(records), np.int64)
-    bar = Progress(len(records), "eval" + (" + oracle" if oracle else ""), progress)
+    rows = dist.owned(len(records))
+    bar = Progress(len(rows), "eval" + (" + oracle" if oracle else ""), progress if dist.is_main else "off")
     with router_weights_applied(model, router_weights):
-        for batch in batches(encoded, np.arange(len(records)), batch_size):
+        for batch in batches(encoded, rows, batch_size):
             hidden = model.prefix_hidden(batch, layers[0])
             scores, _ = model.suffix_scores(hidden, batch, layers[0], layers)
+            check_finite(scores, None, batch, records, data_file)
             preds[batch.index] = predictions(scores)
             if oracle:
                 oracle_preds[batch.index] = oracle_predictions(model, hidden, batch, layers, batch.answers,
@@ -150,6 +170,7 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
                                                               oracle_steps, oracle_lr)
             bar.update(batch.size)
     bar.close()
+    preds, oracle_preds, wrong_preds = dist.sum([preds, oracle_preds, wrong_preds])
     result = EvalResult(Accuracy.of(preds == answers, records), preds, layers=layers)
     if oracle:
         result.oracle = Accuracy.of(oracle_preds == answers, records)

@@ -9,6 +9,10 @@ bit-for-bit. Python API for one-process pipelines (``moe-local demo``)::
 
     bank, cache = prepare(model, records, embeddings, layers)
     result = tune(model, records, embeddings, TuneSettings(...), out="adapter")
+
+Under torchrun, ``dist`` (a :class:`moe_local.distributed.Group`) makes the same run data parallel:
+each rank runs the records it owns, gradients and bank rows are summed across ranks, and only rank 0
+touches the output folder (moe_local/distributed.py says how the work is split).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -25,8 +30,10 @@ import numpy as np
 
 from . import roma
 from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_adapter
-from .data import Record, batches, encode_records, predictions
+from .data import Record, batches, encode_records, make_batch, predictions
+from .distributed import LOCAL
 from .errors import UserError
+from .evaluate import check_finite
 from .files import AtomicFolder, atomic_save_numpy_safetensors, atomic_write_text
 from .progress import Progress
 
@@ -159,9 +166,13 @@ class PrefixCache:
     baseline the released code implies); ``auto``: memory when it fits ``budget_gb``, else recompute.
     """
 
-    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None):
+    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None,
+                 owned=None):
         self.model, self.layer, self.path = model, layer, path
-        self.lengths = [[len(s) for s in e.sequences] for e in encoded]
+        # ``owned``: the records this process keeps (a rank's shard); the others take no room.
+        keep = None if owned is None else set(np.asarray(owned).tolist())
+        self.lengths = [[len(s) for s in e.sequences] if keep is None or i in keep else []
+                        for i, e in enumerate(encoded)]
         self.tokens = sum(sum(x) for x in self.lengths)
         self.mode = mode
         self.budget = budget_gb * 1024**3
@@ -245,10 +256,12 @@ def records_sha256(records: list[Record]) -> str:
 
 
 def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_size: int = 32,
-            encoded=None, cache: PrefixCache | None = None, data_file=None, progress="auto") -> roma.Bank:
+            encoded=None, cache: PrefixCache | None = None, data_file=None, progress="auto", dist=LOCAL) -> roma.Bank:
     """Run the base model once: per sample, answered correctly? and its last-token routing.
 
     ``layers``: the tuned layers (a tuple) or how many of the last MoE layers. Fills ``cache`` on the way.
+    ``dist``: under torchrun each rank runs its own records and the bank rows are summed across ranks
+    (rows a rank does not own are zero there), so every rank returns the whole bank.
     """
     layers = roma.tuned_layers(model.spec, layers)
     if len(embeddings) != len(records):
@@ -256,15 +269,18 @@ def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_
     encoded = encoded or encode_records(model.tokenizer, records)
     correct = np.zeros(len(records), dtype=np.uint8)
     routing = np.zeros((len(records), len(layers), model.spec.moe_at(layers[0]).num_experts), dtype=np.float32)
-    bar = Progress(len(records), "prepare", progress)
-    for batch in batches(encoded, np.arange(len(records)), batch_size):
+    rows = dist.owned(len(records))
+    bar = Progress(len(rows), "prepare", progress if dist.is_main else "off")
+    for batch in batches(encoded, rows, batch_size):
         hidden = model.prefix_hidden(batch, layers[0])
         scores, r = model.suffix_scores(hidden, batch, layers[0], layers)
+        check_finite(scores, r, batch, records, data_file)
         correct[batch.index] = predictions(scores) == batch.answers
         routing[batch.index] = r
         if cache is not None:
             cache.put(batch, hidden)
         bar.update(batch.size)
+    correct, routing = dist.sum([correct, routing])
     bar.close(f"prepare: {int(correct.sum())} of {len(records)} answered correctly by the base model")
     meta = {"fingerprint": model.spec.fingerprint(layers), "layers": list(layers),
             "data_file": None if data_file is None else str(data_file),
@@ -392,40 +408,57 @@ def _epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, dict]:
 
 def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSettings, out,
          bank=None, data_file=None, resume: bool = False, overwrite: bool = False,
-         on_step=None, progress="auto") -> TuneResult:
+         on_step=None, progress="auto", dist=LOCAL) -> TuneResult:
     """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
 
     ``bank``: a :class:`roma.Bank`, a bank folder, or None (``out/bank``, made by :func:`prepare`
     here unless a resumed run left one). ``on_step(step, row_or_None)`` is called after every step
-    (row = the metrics row on logged steps). The model's own gates are not changed.
+    (row = the metrics row on logged steps). The model's own gates are not changed. ``dist``: the
+    torchrun process group (moe_local/distributed.py); N processes take the steps one process takes.
     """
     settings.check()
     spec = model.spec
     layers = roma.tuned_layers(spec, settings.layers)
     out = Path(out)
     bank_dir = out / BANK_DIR
-    bank, keep_bank = default_bank(out, bank, overwrite)
-    check_output(out, resume, overwrite, keep_bank=keep_bank)
-    out.mkdir(parents=True, exist_ok=True)
     data_sha = records_sha256(records)
     fingerprint = spec.fingerprint(layers)
-    ckpt = latest_checkpoint(out) if resume else None
-    ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
-    if ckpt:
-        _check_resume(ckpt_info, settings, data_sha, fingerprint, out)
+    if not dist.is_main:
+        progress = "off"
+
+    def open_output():   # the output folder is rank 0's: it checks, clears and reads it for every rank
+        given, keep_bank = default_bank(out, bank, overwrite)
+        check_output(out, resume, overwrite, keep_bank=keep_bank)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(out) if resume else None
+        ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
+        if ckpt:
+            _check_resume(ckpt_info, settings, data_sha, fingerprint, out)
+        if isinstance(given, (str, Path)):
+            given = roma.read_bank(given)
+        logged = _metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        return given, ckpt_tensors, ckpt_info, logged
+
+    bank, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
+    ckpt = bool(ckpt_info)
 
     encoded = encode_records(model.tokenizer, records)
-    cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, out / CACHE_FILE)
+    # Each rank caches the records it owns, in a file of its own when on disk.
+    cache_path = out / (CACHE_FILE if dist.is_main else f".prefix-cache.rank{dist.rank}.bin")
+    if settings.prefix_cache == "disk" and not dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+    cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path,
+                        owned=None if dist.world == 1 else dist.owned(len(records)))
     prepare_s = cache_s = 0.0
-    if isinstance(bank, (str, Path)):
-        bank = roma.read_bank(bank)
     if bank is None:
         if embeddings is None:
             raise UserError("tuning needs task embeddings (or a routing bank that holds them)")
         t0 = time.perf_counter()
-        bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress)
+        bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress,
+                       dist)
         prepare_s = time.perf_counter() - t0
-        roma.write_bank(bank_dir, bank)
+        if dist.is_main:
+            roma.write_bank(bank_dir, bank)
     else:
         roma.check_bank(bank, spec, layers, data_sha, "given")
         if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
@@ -433,8 +466,9 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                             "run `moe-local prepare` again")
         if cache.stores:
             t0 = time.perf_counter()
-            bar = Progress(len(records), "cache", progress)
-            for batch in batches(encoded, np.arange(len(records)), settings.batch_size):
+            owned = dist.owned(len(records))
+            bar = Progress(len(owned), "cache", progress)
+            for batch in batches(encoded, owned, settings.batch_size):
                 cache.put(batch, model.prefix_hidden(batch, layers[0]))
                 if not cache.stores:   # auto mode found it over the budget: recompute instead
                     break
@@ -449,8 +483,9 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
     if ckpt:
         opt.load(ckpt_tensors, ckpt_info["optimizer"])
-    metrics = _metrics_upto(out, opt.step_count) if ckpt else []
-    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
+    metrics = logged
+    if dist.is_main:
+        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
 
     n = len(records)
     steps_per_epoch = math.ceil(n / settings.batch_size)
@@ -464,25 +499,41 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     t_train, cpu_train = time.perf_counter(), time.process_time()
     trained_samples = 0
     try:
-        with open(out / METRICS_FILE, "a") as metrics_file:
+        with open(out / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
             while opt.step_count < total:
                 epoch, at = divmod(opt.step_count, steps_per_epoch)
                 order, rng_state = _epoch_order(settings.seed, epoch, n)
-                for batch in batches(encoded, order[at * settings.batch_size:], settings.batch_size):
+                for index in _global_batches(order[at * settings.batch_size:], settings.batch_size):
                     step = opt.step_count + 1
+                    size = len(index)
                     lam = roma.lam_at(step, lam_final, settings.lam_warmup)
-                    targets, weights = _targets(bank, nb, batch.index)
-                    loss_fn = functools.partial(_step_loss, lam=lam, ce_weight=settings.ce_weight,
-                                                global_batch=batch.size)
-                    hidden = cache.get(batch)
-                    loss, aux, grads = model.suffix_value_and_grad(
-                        hidden, batch, cache.start_layer, layers, loss_fn,
-                        {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
-                        router_weights={i: opt.params[_gate(i)] for i in layers})
-                    opt.step({_gate(i): g for i, g in grads.items()})
-                    trained_samples += batch.size
-                    acc = float((predictions(aux["scores"]) == batch.answers).mean())
-                    window.add(batch.size, loss * batch.size, aux["ce"].sum(), aux["manifold"].sum(), acc)
+                    # This rank's records of the global batch (all of them in one process). The loss is a sum
+                    # over samples divided by the global batch size, so the sum of the ranks' gradients is the
+                    # one-process gradient whatever the shard sizes: a last batch that does not divide evenly
+                    # (or leaves a rank nothing) needs no reweighting. The metric sums add up the same way.
+                    mine = dist.shard(index)
+                    grads = {i: np.zeros_like(opt.params[_gate(i)]) for i in layers}
+                    sums = np.zeros(4)   # loss·size, Σ CE, Σ manifold, correct answers: this rank's part
+                    if len(mine):
+                        batch = make_batch([encoded[i] for i in mine], mine)
+                        targets, weights = _targets(bank, nb, batch.index)
+                        loss_fn = functools.partial(_step_loss, lam=lam, ce_weight=settings.ce_weight,
+                                                    global_batch=size)
+                        hidden = cache.get(batch)
+                        loss, aux, grads = model.suffix_value_and_grad(
+                            hidden, batch, cache.start_layer, layers, loss_fn,
+                            {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
+                            router_weights={i: opt.params[_gate(i)] for i in layers})
+                        check_finite(aux["scores"], aux["routing"], batch, records, data_file)
+                        if not math.isfinite(loss):
+                            raise UserError(f"the loss is {loss} at step {step}: the routing bank or the model "
+                                            "holds NaN or infinite values")
+                        sums = np.array([loss * size, aux["ce"].sum(), aux["manifold"].sum(),
+                                         (predictions(aux["scores"]) == batch.answers).sum()], dtype=np.float64)
+                    *summed, sums = dist.sum([grads[i] for i in layers] + [sums])
+                    opt.step({_gate(i): g for i, g in zip(layers, summed)})
+                    trained_samples += size
+                    window.add(size, sums[0], sums[1], sums[2], sums[3] / size)
                     row = None
                     if step % settings.log_every == 0 or step == total:
                         row = window.row(step, settings.lr, lam, nb is not None, model.peak_memory_gb())
@@ -490,7 +541,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
                         bar.log(_format_row(row, total))
-                    if step % settings.save_every == 0 or step % steps_per_epoch == 0:
+                    if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
                         save_checkpoint(out, opt, {**info_base, "epoch": epoch, "rng": rng_state},
                                         settings.keep_checkpoints)
                     bar.update(1)
@@ -505,11 +556,18 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     weights = {_gate(i): opt.params[_gate(i)].copy() for i in layers}
     hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
              "betas": list(opt.betas), "eps": opt.eps}
-    write_adapter(out, weights, spec, layers, settings.method, hyper)
+    if dist.is_main:
+        write_adapter(out, weights, spec, layers, settings.method, hyper)
     return TuneResult(weights=weights, layers=layers, metrics=metrics, bank=bank, steps=opt.step_count,
                       prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
                       samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
                       peak_mem_gb=model.peak_memory_gb())
+
+
+def _global_batches(order: np.ndarray, batch_size: int):
+    """The record indices of each step's global batch (the last one may be smaller)."""
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
 
 
 def _gate(layer: int) -> str:

@@ -34,7 +34,7 @@ def append_report(path: Path, rows: list[dict]) -> None:
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation task file (JSONL).")
 @click.option("--layers", type=int, default=5, show_default=True,
               help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
 @click.option("--oracle", is_flag=True, help="Also report oracle routing accuracy and its wrong-label control.")
 @click.option("--oracle-steps", type=int, default=20, show_default=True, help="Adam steps per sample.")
 @click.option("--oracle-lr", type=float, default=0.1, show_default=True, help="Adam learning rate of the offsets.")
@@ -47,24 +47,27 @@ def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle
     import moe_local
     from moe_local.adapter import read_adapter
     from moe_local.data import read_records
+    from moe_local.distributed import session
     from moe_local.evaluate import evaluate, format_result
 
-    if batch_size < 1 or oracle_steps < 0 or not oracle_lr > 0:
-        raise UserError("--batch-size must be at least 1, --oracle-steps at least 0 and --oracle-lr positive")
-    records = read_records(data)
-    method = "base"
-    if adapter_path is not None:
-        _, config = read_adapter(adapter_path)
-        method = config["moe_local"].get("method", "adapter")
-        layers = tuple(config["moe_local"]["layers"])
-    loaded = moe_local.load(model, backend=backend, device=device, adapter_path=adapter_path)
-    result = evaluate(loaded, records, layers, batch_size, oracle=oracle, oracle_steps=oracle_steps,
-                      oracle_lr=oracle_lr, seed=seed)
-    for line in format_result(result, method):
-        click.echo(line)
-    if report is not None:
-        append_report(Path(report), result.rows(model, Path(data).stem, method, seed, loaded.backend))
-        click.echo(f"wrote {report}")
+    with session(device, backend) as (dist, device):   # under torchrun each rank scores its share of the file
+        if batch_size < 1 or oracle_steps < 0 or not oracle_lr > 0:
+            raise UserError("--batch-size must be at least 1, --oracle-steps at least 0 and --oracle-lr positive")
+        records = read_records(data)
+        method = "base"
+        if adapter_path is not None:
+            _, config = read_adapter(adapter_path)
+            method = config["moe_local"].get("method", "adapter")
+            layers = tuple(config["moe_local"]["layers"])
+        loaded = moe_local.load(model, backend=backend, device=device, adapter_path=adapter_path)
+        result = evaluate(loaded, records, layers, batch_size, oracle=oracle, oracle_steps=oracle_steps,
+                          oracle_lr=oracle_lr, seed=seed, dist=dist, data_file=data)
+        if dist.is_main:
+            for line in format_result(result, method):
+                click.echo(line)
+            if report is not None:
+                append_report(Path(report), result.rows(model, Path(data).stem, method, seed, loaded.backend))
+                click.echo(f"wrote {report}")
 
 
 eval_.name = "eval"

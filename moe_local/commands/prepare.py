@@ -36,27 +36,34 @@ def load_data(data, embeddings, need_embeddings: bool = True):
 @data_options
 @click.option("--layers", type=int, default=5, show_default=True, help="Tune the last N MoE layers.")
 @click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
 def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
     import moe_local
     from moe_local import roma
+    from moe_local.distributed import session
     from moe_local.tune import prepare as run_prepare
 
     bank = Path(bank)
-    if bank.exists() and not bank.is_dir():
-        raise UserError(f"bank path {bank} is a file; give a folder")
-    if bank.is_dir() and any(bank.iterdir()):
-        if not (bank / roma.BANK_META).is_file():
-            raise UserError(f"bank folder {bank} holds files that are not a routing bank; give a new folder")
-        if not overwrite:
-            raise UserError(f"bank folder {bank} exists; pass --overwrite to replace it")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    records, emb = load_data(data, embeddings)
-    loaded = moe_local.load(model, backend=backend, device=device)
-    result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data)
-    roma.write_bank(bank, result)
-    click.echo(f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
-               f"layers {result.layers}")
+
+    def check_bank_path():   # the output is rank 0's
+        if bank.exists() and not bank.is_dir():
+            raise UserError(f"bank path {bank} is a file; give a folder")
+        if bank.is_dir() and any(bank.iterdir()):
+            if not (bank / roma.BANK_META).is_file():
+                raise UserError(f"bank folder {bank} holds files that are not a routing bank; give a new folder")
+            if not overwrite:
+                raise UserError(f"bank folder {bank} exists; pass --overwrite to replace it")
+
+    with session(device, backend) as (dist, device):   # under torchrun each rank runs its share of the records
+        dist.on_main(check_bank_path)
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        records, emb = load_data(data, embeddings)
+        loaded = moe_local.load(model, backend=backend, device=device)
+        result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)
+        if dist.is_main:
+            roma.write_bank(bank, result)
+            click.echo(f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
+                       f"layers {result.layers}")

@@ -32,7 +32,8 @@ D = TuneSettings()
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="AdamW learning rate.")
 @click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True, help="AdamW weight decay.")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Samples per step.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True,
+              help="Samples per step (the global batch under torchrun).")
 @click.option("--lam-warmup", type=int, default=D.lam_warmup, show_default=True,
               help="Steps over which λ rises linearly from 0 (0: none).")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Shuffling seed.")
@@ -47,17 +48,29 @@ D = TuneSettings()
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in ADAPTER_PATH.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder made by moe-local.")
 def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, overwrite, **hyper):
-    """Fine-tune only the routers of the last MoE layers on a reference task set."""
+    """Fine-tune only the routers of the last MoE layers on a reference task set.
+
+    Data parallel under torchrun: torchrun --nproc-per-node N -m moe_local tune ... --backend torch
+    (--batch-size is the global batch)."""
     import moe_local
+    from moe_local.distributed import session
     from moe_local.tune import check_output, default_bank, tune as run_tune
 
-    settings = TuneSettings(**hyper)
-    settings.check()
-    bank, keep_bank = default_bank(Path(adapter_path), bank, overwrite)
-    check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank, clear=False)   # fail fast
-    records, emb = load_data(data, embeddings, need_embeddings=bank is None)
-    loaded = moe_local.load(model, backend=backend, device=device)
-    result = run_tune(loaded, records, emb, settings, adapter_path, bank=bank, data_file=data, resume=resume,
-                      overwrite=overwrite)
-    click.echo(f"wrote {adapter_path}: {settings.method}, layers {list(result.layers)}, {result.steps} steps, "
-               f"{result.samples_per_s:.1f} samples/s, peak {result.peak_mem_gb:.2f} GB")
+    with session(device, backend) as (dist, device):
+        settings = TuneSettings(**hyper)
+        settings.check()
+
+        def fail_fast():   # rank 0 owns the output folder
+            given, keep_bank = default_bank(Path(adapter_path), bank, overwrite)
+            check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank, clear=False)
+            return given
+
+        bank = dist.on_main(fail_fast)
+        records, emb = load_data(data, embeddings, need_embeddings=bank is None)
+        loaded = moe_local.load(model, backend=backend, device=device)
+        result = run_tune(loaded, records, emb, settings, adapter_path, bank=bank, data_file=data, resume=resume,
+                          overwrite=overwrite, dist=dist)
+        if dist.is_main:
+            ranks = f", {dist.world} processes" if dist.world > 1 else ""
+            click.echo(f"wrote {adapter_path}: {settings.method}, layers {list(result.layers)}, {result.steps} steps"
+                       f"{ranks}, {result.samples_per_s:.1f} samples/s, peak {result.peak_mem_gb:.2f} GB")
