@@ -6,6 +6,7 @@ this module imports neither torch nor mlx; a backend's module is imported when i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import platform
@@ -136,6 +137,23 @@ class LoadedModel:
     # ``layers`` is the tuple of tuned MoE layers, all at or after the suffix start ``layer``.
     # "Backend array" = torch.Tensor / mx.array; tune.py never looks inside one.
 
+    def check_suffix_layers(self, layer: int, layers) -> None:
+        for i in layers:
+            if i < layer or self.spec.moe_at(i) is None:
+                raise ValueError(f"tuned layer {i} must be an MoE layer at or after the suffix start {layer}")
+
+    @contextlib.contextmanager
+    def swapped_gate(self, layer: int, gate):
+        """Layer ``layer``'s MoE block runs with ``gate`` as its router for the duration (the backends'
+        ``moe_block(layer)`` returns the block)."""
+        block = self.moe_block(layer)
+        original = block.gate
+        block.gate = gate
+        try:
+            yield
+        finally:
+            block.gate = original
+
     def prefix_hidden(self, batch, layer: int) -> list:
         """Hidden states at the input of decoder layer ``layer`` (0 = the token embeddings), no grad.
 
@@ -198,6 +216,33 @@ class LoadedModel:
         return self.peak_memory() / 1024**3
 
 
+def checked_batch(ids, attention_mask, vocab_size: int):
+    """(ids int64 [B, L], mask int64 [B, L] or None): 1-D ids are one sequence; the mask must be left
+    padding (each row zeros, then ones), as DESIGN §9 says; anything else is a one-line error."""
+    import numpy as np
+
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise UserError(f"ids must be [batch, seq] or [seq] with seq >= 1, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise UserError(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    if attention_mask is None:
+        return ids.astype(np.int64), None
+    mask = np.asarray(attention_mask)
+    if mask.size != ids.size:
+        raise UserError(f"attention_mask has shape {mask.shape}, ids {ids.shape}")
+    mask = mask.reshape(ids.shape)
+    if not np.isin(mask, (0, 1)).all():
+        raise UserError("attention_mask must hold only 0 and 1")
+    if (np.diff(mask.astype(np.int64), axis=-1) < 0).any():
+        raise UserError("attention_mask must be left padding (each row: zeros, then ones)")
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
 def gate_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.weight"
 
@@ -225,5 +270,5 @@ def check_router_weights(spec, weights: dict) -> dict[int, object]:
     return out
 
 
-__all__ = ["BACKENDS", "LoadedModel", "auto_backend", "backend_module", "check_router_weights",
+__all__ = ["BACKENDS", "LoadedModel", "auto_backend", "backend_module", "check_router_weights", "checked_batch",
            "gate_name", "layer_of_gate", "load_model", "load_spec", "resolve_backend"]

@@ -8,6 +8,7 @@ themselves is the backends' job (they know their array type); writing takes any 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -100,6 +101,36 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
         for name, meta in read_header(path).items():
             index[name] = (path, meta["dtype"], meta["shape"])
     return index
+
+
+# Checkpoint tensors inference does not use: GroveMoE's load-balancing bias and stale RoPE tables.
+UNUSED_TENSORS = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$|\.rotary_emb\.inv_freq$")
+# Of those, the ones the format has (GroveMoE's), carried unchanged into folders this package writes.
+CARRIED_TENSORS = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")
+
+
+def carried_tensor_names(folder: Path) -> dict[Path, list[str]]:
+    """The tensors to carry into a written folder, grouped by the file that holds them."""
+    by_file: dict[Path, list[str]] = {}
+    for name, (path, _, _) in tensor_index(folder).items():
+        if CARRIED_TENSORS.match(name):
+            by_file.setdefault(path, []).append(name)
+    return by_file
+
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of all weights as stored (quantized weights packed, with their scales and biases)."""
+    total = 0
+    for _, dtype, shape in tensor_index(folder).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * DTYPE_BYTES.get(dtype, 4)
+    return total
 
 
 def is_quantized(names: Iterable[str]) -> bool:
@@ -198,6 +229,21 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
+def carry_remote_code(config: dict, src: Path | None, dst: Path) -> None:
+    """Keep ``auto_map`` only with the code files it names (GroveMoE's own ecosystem loads through
+    them); this package never runs them. Without those files the entry would point nowhere: drop it."""
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return
+    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
+    files = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs}
+    if src is not None and all((Path(src) / f).is_file() for f in files):
+        for f in files:
+            shutil.copy2(Path(src) / f, Path(dst) / f)
+    else:
+        del config["auto_map"]
+
+
 def write_model(out: Path, spec: ModelSpec, tensors: Mapping, tokenizer_src: Path | None = None,
                 dtype: str | None = None, extra_config: Mapping | None = None,
                 max_shard_bytes: int = SHARD_BYTES) -> Path:
@@ -208,6 +254,7 @@ def write_model(out: Path, spec: ModelSpec, tensors: Mapping, tokenizer_src: Pat
     config.update(extra_config or {})
     with AtomicFolder(out) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
+        carry_remote_code(config, tokenizer_src, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 
@@ -51,6 +52,8 @@ def cli():
 
 def main(argv=None) -> None:
     debug = bool(os.environ.get("MOE_LOCAL_DEBUG"))
+    if hasattr(signal, "SIGPIPE"):   # `moe-local … | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = cli.main(args=argv, prog_name="moe-local", standalone_mode=False)
     except click.ClickException as e:
@@ -65,8 +68,6 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("moe-local: interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
-        code = 0
     except Exception as e:  # anything unexpected: one line, traceback on request
         if debug:
             traceback.print_exc()

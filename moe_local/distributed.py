@@ -204,12 +204,10 @@ def select_cuda(device: str | None) -> None:
         return
     import torch
 
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this torch sees no CUDA GPU")
-    index = torch.device(device).index
+    from .backends.torch.loaded import check_device
+
+    index = check_device(device).index
     if index is not None:
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         torch.cuda.set_device(index)
 
 

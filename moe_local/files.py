@@ -20,6 +20,17 @@ def refuse_existing(out: Path, what: str = "output folder") -> None:
         raise UserError(f"{what} {out} exists and is not empty; give a new folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; give them the mode a plain open/mkdir would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _temp_beside(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
     os.close(fd)
@@ -31,7 +42,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _as_if_created(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -64,5 +79,6 @@ class AtomicFolder:
             return False
         if self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
+        _as_if_created(self.tmp, directory=True)
         os.replace(self.tmp, self.out)
         return False

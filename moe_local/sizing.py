@@ -25,10 +25,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(spec, dtype: str | None = None, chat_context: int = 4096, tune_batch: int = 32,
-                    tune_seq: int = 256, tune_layers: int = 5) -> MemoryEstimate:
+                    tune_seq: int = 256, tune_layers: int = 5, weights: int | None = None) -> MemoryEstimate:
+    """``weights``: the checkpoint's own weight bytes when known (quantized folders), else counted."""
     b = BYTES[dtype or spec.dtype]
     counts = spec.parameter_counts()
-    weights = counts["total"] * b
+    weights = counts["total"] * b if weights is None else weights
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * b
     kv_cache = kv_per_token * chat_context
     chat = weights + kv_cache + spec.vocab_size * 4 * 2   # plus fp32 logits of the last step

@@ -18,6 +18,13 @@ GROVE_ARCHITECTURE = "GroveMoeForCausalLM"
 GROVE_DEFAULT_EXPERTS_PER_GROUP = 2
 GROVE_DEFAULT_SCALE = 0.05
 
+# What transformers' config classes assume when config.json leaves a key out (Grove = Qwen3-MoE's).
+LIBRARY_DEFAULTS = {
+    "qwen3_moe": {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
+    "olmoe": {"rope_theta": 10_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+}
+LIBRARY_DEFAULTS["grove_moe"] = LIBRARY_DEFAULTS["qwen3_moe"]
+
 ROUTER_SOFTMAX = "softmax-topk"        # softmax over all experts, top-k of the probabilities
 ROUTER_SIGMOID_SELECT = "sigmoid-select"  # Grove: top-k of sigmoid(logits), softmax weights renormalised
 
@@ -231,7 +238,7 @@ def rope_theta_of(config: Mapping, where="config.json") -> float:
         raise UserError(f"{where}: inconsistent 'rope_theta'={theta} and rope_parameters.rope_theta={from_params}")
     theta = theta if theta is not None else from_params
     if theta is None:
-        return 1_000_000.0 if family_of(config, where) != "olmoe" else 10_000.0
+        return LIBRARY_DEFAULTS[family_of(config, where)]["rope_theta"]
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise UserError(f"{where}: 'rope_theta' must be a positive number, got {theta!r}")
     return float(theta)
@@ -303,14 +310,16 @@ def spec_from_config(config: Mapping, tensor_shapes: Mapping[str, tuple] | None 
 
     moe = tuple(MoESpec(layer=i, num_experts=num_experts, top_k=top_k, expert_size=expert_size,
                         norm_topk_prob=norm_topk, router=router, grove=grove) for i in moe_layer_ids)
+    defaults = LIBRARY_DEFAULTS[family]
     if not moe:
         raise UserError(f"{where}: no layer is an MoE layer (check 'decoder_sparse_step' and 'mlp_only_layers')")
     return ModelSpec(
         family=family, num_layers=layers, hidden_size=hidden, vocab_size=vocab, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, dense_size=dense_size, moe=moe,
-        rope_theta=rope_theta_of(config, where), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta_of(config, where),
+        rms_norm_eps=float(config.get("rms_norm_eps", defaults["rms_norm_eps"])),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        max_position_embeddings=int(config.get("max_position_embeddings", defaults["max_position_embeddings"])),
         attention_bias=bool(config.get("attention_bias", False)),
         dtype=dtype_of(config), config=dict(config))
 

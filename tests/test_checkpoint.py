@@ -173,3 +173,22 @@ def test_yaml_config_sets_defaults_and_flags_win(grove_dir, qwen3_dir, tmp_path)
     (tmp_path / "c.yaml").write_text(f"model: {grove_dir}\n")
     assert "grove_moe" in run_cli("info", "-c", tmp_path / "c.yaml").stdout
     assert "qwen3_moe" in run_cli("info", "-c", tmp_path / "c.yaml", "--model", qwen3_dir).stdout
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmoe"])
+def test_keys_left_out_of_config_take_transformers_defaults(family, tmp_path):
+    """rope_theta, rms_norm_eps and max_position_embeddings missing: the model transformers builds."""
+    from transformers import AutoModelForCausalLM
+
+    make = checkpoints.make_olmoe if family == "olmoe" else checkpoints.make_qwen3_moe
+    folder = make(tmp_path / family, seed=2, tokenizer=False)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters", "rms_norm_eps", "max_position_embeddings"):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = np.arange(1, 30)[None] % 128
+    ref = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        expected = ref(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(moe_local.load(folder, backend="torch").logits(ids), expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())

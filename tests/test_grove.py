@@ -6,6 +6,7 @@ The transcription below is written from PAPERS §2 (GroveMoE's released forward)
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -164,3 +165,17 @@ def test_upcycled_grove_with_zero_adjugate_down_equals_plain_model(tmp_path):
     ids = np.arange(20)[None] % 128
     np.testing.assert_allclose(moe_local.load(grove, backend="torch").logits(ids),
                                moe_local.load(plain, backend="torch").logits(ids), rtol=0, atol=1e-5)
+
+
+def test_written_folder_keeps_auto_map_only_with_its_code(grove_dir, tmp_path):
+    """GroveMoE's auto_map names modeling_grove_moe.py: carried when the folder has it, else dropped."""
+    m = moe_local.load(grove_dir, backend="torch")
+    bare = json.loads((m.save(tmp_path / "bare") / "config.json").read_text())
+    assert "auto_map" not in bare
+    with_code = tmp_path / "with-code"
+    shutil.copytree(grove_dir, with_code)
+    (with_code / "modeling_grove_moe.py").write_text("# GroveMoE's remote code (never run by moe-local)\n")
+    out = moe_local.load(with_code, backend="torch").save(tmp_path / "kept")
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] \
+        == "modeling_grove_moe.GroveMoeForCausalLM"
+    assert (out / "modeling_grove_moe.py").is_file()

@@ -125,3 +125,16 @@ def test_quantized_grove_folder_loads(tmp_path):
     ids = IDS["long"]
     assert rel(loaded.logits(ids), np.array(model(mx.array(ids)))) <= 1e-5
     assert mlx_config(loaded.spec)["model_type"] == "qwen3_moe"
+
+
+def test_info_counts_a_quantized_folder_as_stored(quantized):
+    from moe_local.checkpoint import load_spec, weight_bytes
+    from moe_local.commands.info import describe
+
+    _, folder = quantized
+    lines = "\n".join(describe(load_spec(folder), folder))
+    assert "weights quantized (MLX)" in lines
+    float_bytes = load_spec(folder).parameter_counts()["total"] * 4
+    assert weight_bytes(folder) < 0.5 * float_bytes
+    stored = weight_bytes(folder) / 1024**2
+    assert f"weights {stored:.1f} MiB" in lines

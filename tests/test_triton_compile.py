@@ -50,7 +50,12 @@ def compile_for_h100(kernel, args, kwargs):
     """Compile one recorded launch as Triton's JIT would on an H100: the same specialisation of the
     arguments (16-byte-aligned pointers, integers divisible by 16), target sm_90."""
     import triton
-    from triton._C.libtriton import native_specialize_impl
+
+    # Triton's internals (pinned by constraints.txt): skip, not fail, on a Triton that moved them.
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    if not hasattr(libtriton, "native_specialize_impl"):
+        pytest.skip(f"triton {triton.__version__} has no native_specialize_impl (written for 3.9)")
+    native_specialize_impl = libtriton.native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource

@@ -22,7 +22,7 @@ from mlx_lm.models.cache import BatchKVCache
 from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
 
-from .. import LoadedModel, check_router_weights, gate_name
+from .. import LoadedModel, check_router_weights, checked_batch, gate_name
 from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
 from .moe import MOE_IMPLS
@@ -58,14 +58,6 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
     return MLXModel(model, spec, Path(folder), moe_impl, device)
 
 
-def left_padding(mask: np.ndarray) -> np.ndarray:
-    """Padding per row of a left-padding mask (zeros then ones); anything else is a user error."""
-    if not np.isin(mask, (0, 1)).all():
-        raise UserError("attention_mask must hold only 0 and 1")
-    if (np.diff(mask.astype(np.int64), axis=-1) < 0).any():
-        raise UserError("attention_mask must be left padding (each row: zeros, then ones)")
-    return (mask == 0).sum(axis=-1)
-
 
 class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
     backend = "mlx"
@@ -86,21 +78,10 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
 
     def as_batch(self, ids, attention_mask=None):
         """(ids [B, L] int32 mx array, BatchKVCache list or None) after checking ids and mask."""
-        ids = np.asarray(ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise UserError(f"ids must be [batch, seq] or [seq] with seq >= 1, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise UserError(f"ids must be integers, got {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
-            raise UserError(f"token ids must lie in [0, {self.spec.vocab_size}), got {ids.min()}..{ids.max()}")
+        ids, mask = checked_batch(ids, attention_mask, self.spec.vocab_size)
         caches = None
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.size != ids.size:
-                raise UserError(f"attention_mask has shape {mask.shape}, ids {ids.shape}")
-            padding = left_padding(mask.reshape(ids.shape))
+        if mask is not None:
+            padding = (mask == 0).sum(axis=-1)
             if padding.any():
                 caches = self.batch_caches(padding.tolist())
         return mx.array(ids.astype(np.int32)), caches

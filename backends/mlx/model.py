@@ -12,7 +12,6 @@ mlx-lm's gate predicates) applies unchanged.
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from pathlib import Path
 
@@ -22,14 +21,13 @@ from mlx.utils import tree_map
 from mlx_lm.models import olmoe, qwen3_moe
 from mlx_lm.utils import load_model
 
+from moe_local.checkpoint import UNUSED_TENSORS
 from moe_local.errors import UserError
 from moe_local.spec import ModelSpec, config_for_writing
 
 from .moe import MoEBlock
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# Checkpoint tensors inference does not use: GroveMoE's load-balancing bias, stale RoPE tables.
-_UNUSED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$|\.rotary_emb\.inv_freq$")
 _PARTS = ("gate_proj", "up_proj", "down_proj")
 _SUFFIXES = ("weight", "scales", "biases")
 
@@ -51,7 +49,7 @@ class _WithProjectBlocks:
         _install_blocks(self, spec, impl)
 
     def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if not _UNUSED.search(k)}
+        weights = {k: v for k, v in weights.items() if not UNUSED_TENSORS.search(k)}
         return super().sanitize(weights)
 
 

@@ -47,27 +47,14 @@ SORT_MIN_ROWS = 64
 #                counted on the host (one read per layer) so that only existing rows are computed.
 #   merged weights (each expert concatenated with its group's adjugate, λ folded into the
 #                down projection, one gather for both) is measured by scripts/bench_moe_mlx.py only.
-# Choice: per-group from ADJUGATE_PER_GROUP_MIN_ROWS (token, slot) rows on, per-slot below. Measured
-# on MLX's CPU build at the GroveMoE shape (E=128, k=8, H=2048, I=768, 64 adjugates of 128), time
-# over the same-shape plain MoE (medians of 3; on this shared 2-core machine a rerun moves a ratio
-# by up to ±15%, so read the columns against the FLOP ratios rather than against each other):
-#                    FLOP ratio  per-slot  per-group  merged
-#   random, T=1      1.17 / 1.17   1.13      1.06      0.94
-#   random, T=16     1.17 / 1.16   1.15      1.19      1.12
-#   random, T=128    1.17 / 1.16   1.18      1.13      1.12
-#   co-act., T=1     1.17 / 1.08   1.18      1.07      1.17
-#   co-act., T=16    1.17 / 1.08   1.13      1.08      1.26
-#   co-act., T=128   1.17 / 1.08   0.98      0.92      1.22
-# and at T=512 (random routing; whole-layer medians of 2 were noise-bound) the adjugate work alone:
-# 4.49 s per-slot, 4.41 s per-group, of which counting the pairs and gathering rows took 0.03 s.
-# ("co-act.": a token's 8 experts fill 4 groups, what Grove's routing favours; FLOP ratio per-slot
-# / per-group.) The CPU is compute-bound, so time follows FLOPs: per-group is never worse beyond
-# noise and wins when groups co-activate. Merged buys nothing for a second copy of every expert: not shipped.
-# Below 64 rows (decode) the block still runs per-slot: per-group's host read per layer cost nothing
-# measurable on the CPU (mlx-lm stream_generate, tiny Grove: 30.2 vs 28.4 tokens/s per-group vs
-# per-slot), but on a GPU it would serialise mlx-lm's asynchronous decode once per layer, which no
-# Mac here could measure; a decode-sized batch loses at most its duplicate adjugate rows (about 8% of
-# the layer's FLOPs at GroveMoE's shape). Time `bench_moe_mlx.py --tokens 1` on a Mac to revisit.
+# Choice (measured by scripts/bench_moe_mlx.py on MLX's CPU build at the GroveMoE shape; the table
+# is in README.md): from ADJUGATE_PER_GROUP_MIN_ROWS (token, slot) rows on, per-group — the CPU is
+# compute-bound, time follows FLOPs, and per-group is never worse beyond noise and wins when a
+# token's experts share groups (what Grove's routing favours). Merged weights bought nothing for a
+# second copy of every expert: not shipped. Below that (decode) per-slot: per-group's host read per
+# layer cost nothing on the CPU, but on a GPU it would serialise mlx-lm's asynchronous decode once per
+# layer, which no Mac here could measure; decode loses at most its duplicate adjugate rows (about 8%
+# of the layer's FLOPs at GroveMoE's shape). Time `bench_moe_mlx.py --tokens 1` on a Mac to revisit.
 # Inside mx.compile (mlx-lm compiles its training step) host reads are forbidden: per-slot there.
 ADJUGATE_STRATEGIES = ("auto", "per-slot", "per-group")
 ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS

@@ -17,12 +17,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moe_local.checkpoint import tensor_index, write_model
+from moe_local.checkpoint import carried_tensor_names, write_model
 
 from .model import DTYPES
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$")
-_CARRIED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")   # GroveMoE's, unused but kept
 
 
 def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
@@ -48,12 +47,8 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
 
 def carried_tensors(folder: Path) -> dict[str, mx.array]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
-    by_file: dict[Path, list[str]] = {}
-    for name, (path, _, _) in tensor_index(folder).items():
-        if _CARRIED.match(name):
-            by_file.setdefault(path, []).append(name)
     out = {}
-    for path, names in by_file.items():
+    for path, names in carried_tensor_names(folder).items():
         arrays = mx.load(str(path))
         out.update({name: arrays[name] for name in names})
     return out

@@ -68,11 +68,6 @@ class MLXTuning:
     def _padding(batch: Batch) -> np.ndarray:
         return batch.mask.shape[1] - batch.lengths
 
-    def _check_layers(self, layer: int, layers) -> None:
-        for i in layers:
-            if i < layer or self.spec.moe_at(i) is None:
-                raise ValueError(f"tuned layer {i} must be an MoE layer at or after the suffix start {layer}")
-
     # -- the contract ---------------------------------------------------------------------------
     def prefix_hidden(self, batch: Batch, layer: int) -> list:
         S, T = batch.ids.shape
@@ -85,7 +80,7 @@ class MLXTuning:
         return out
 
     def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
-        self._check_layers(layer, layers)
+        self.check_suffix_layers(layer, layers)
         S, T = batch.ids.shape
         flat = mx.concatenate(list(hidden)) if len(hidden) > 1 else hidden[0]
         # Each padded slot reads its real row; padding reads an extra zero row (as torch's zeros).
@@ -102,7 +97,7 @@ class MLXTuning:
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n][seq_sample]
                 gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
-                stack.enter_context(self._swapped_gate(i, gate))
+                stack.enter_context(self.swapped_gate(i, gate))
             out = self._run_layers(padded, self._padding(batch), layer, self.spec.num_layers)
         rows = out[mx.array(batch.head_seq.astype(np.int32)), mx.array(batch.head_pos.astype(np.int32))]
         logits = self._lm_head(self.model.model.norm(rows)).astype(mx.float32)
@@ -112,16 +107,6 @@ class MLXTuning:
         scores = mx.where(mx.array(batch.cand_valid), scores, MISSING_SCORE)
         routing = mx.stack([sink[i][0] for i in layers], axis=1)
         return scores, routing
-
-    @contextlib.contextmanager
-    def _swapped_gate(self, layer: int, gate: nn.Module):
-        block = self.moe_block(layer)
-        original = block.gate
-        block.gate = gate
-        try:
-            yield
-        finally:
-            block.gate = original
 
     def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
         weights = None if router_weights is None else _arrays(router_weights)

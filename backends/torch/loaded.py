@@ -11,7 +11,7 @@ import torch
 from moe_local.checkpoint import load_spec
 from moe_local.errors import UserError
 
-from .. import LoadedModel, check_router_weights, gate_name
+from .. import LoadedModel, check_router_weights, checked_batch, gate_name
 from .generation import TorchGeneration
 from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm
 from .moe import MOE_IMPLS
@@ -22,13 +22,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device, or a one-line error when it is unknown or not there."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown torch device '{device}'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this torch sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return dev
+
+
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "TorchModel":
     spec = load_spec(folder)
     device = device or default_device()
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown torch device '{device}'") from None
+    check_device(device)
     has_triton = importlib.util.find_spec("triton") is not None
     if moe_impl is None:
         moe_impl = "triton" if str(device).startswith("cuda") and has_triton else "grouped"
@@ -66,15 +77,9 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel):
         return self.model.model.layers[layer].mlp
 
     def as_batch(self, ids, attention_mask=None):
-        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2:
-            raise UserError(f"ids must be [batch, seq] or [seq], got shape {tuple(ids.shape)}")
-        if attention_mask is None:
-            mask = torch.ones_like(ids)
-        else:
-            mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long, device=self.device).reshape(ids.shape)
+        ids, mask = checked_batch(ids, attention_mask, self.spec.vocab_size)
+        ids = torch.as_tensor(ids, device=self.device)
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, device=self.device)
         return ids, mask
 
     @torch.no_grad()

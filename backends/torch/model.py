@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moe_local.checkpoint import is_quantized, tensor_index
+from moe_local.checkpoint import UNUSED_TENSORS, carried_tensor_names, is_quantized, tensor_index
 from moe_local.errors import UserError
 from moe_local.spec import ModelSpec, config_for_writing
 
@@ -26,10 +26,7 @@ from .moe import MoEBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.(?:experts|chunk_experts))\.(\d+)\.(gate|up|down)_proj\.weight$")
-# Checkpoint tensors that inference does not use: GroveMoE's load-balancing bias, stale RoPE tables.
-_UNUSED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$|\.rotary_emb\.inv_freq$")
-# Of those, the ones the format has (GroveMoE's), carried unchanged into folders this package writes.
-_CARRIED = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")
+
 
 
 class GroveMoeForCausalLM(Qwen3MoeForCausalLM):
@@ -70,7 +67,7 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                if _UNUSED.search(name):
+                if UNUSED_TENSORS.search(name):
                     continue
                 m = _PER_EXPERT.match(name)
                 if m:
@@ -149,10 +146,9 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
 def carried_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for name, (path, _, _) in tensor_index(folder).items():
-        if _CARRIED.match(name):
-            with safe_open(str(path), framework="pt") as f:
-                out[name] = f.get_tensor(name)
+    for path, names in carried_tensor_names(folder).items():
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in names})
     return out
 
 

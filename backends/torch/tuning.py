@@ -80,11 +80,6 @@ class TorchTuning:
     def _mask(self, batch: Batch) -> torch.Tensor:
         return torch.as_tensor(batch.mask, device=self.device)
 
-    def _check_layers(self, layer: int, layers) -> None:
-        for i in layers:
-            if i < layer or self.spec.moe_at(i) is None:
-                raise ValueError(f"tuned layer {i} must be an MoE layer at or after the suffix start {layer}")
-
     # -- the contract ---------------------------------------------------------------------------
     @torch.no_grad()
     def prefix_hidden(self, batch: Batch, layer: int) -> list[torch.Tensor]:
@@ -97,7 +92,7 @@ class TorchTuning:
         return list(torch.split(flat, batch.lengths.tolist()))
 
     def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
-        self._check_layers(layer, layers)
+        self.check_suffix_layers(layer, layers)
         S, T = batch.ids.shape
         mask = self._mask(batch)
         flat = torch.cat(list(hidden)) if len(hidden) > 1 else hidden[0]
@@ -111,7 +106,7 @@ class TorchTuning:
             for n, i in enumerate(layers):
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n].index_select(0, seq_sample)
-                stack.enter_context(self._swapped_gate(i, LiveGate(self.moe_block(i).gate, weight, seq_rows, off,
+                stack.enter_context(self.swapped_gate(i, LiveGate(self.moe_block(i).gate, weight, seq_rows, off,
                                                                    capture, sink[i])))
             out = self._run_layers(padded, mask, layer, self.spec.num_layers)
         rows = out[torch.as_tensor(batch.head_seq, device=self.device),
@@ -122,16 +117,6 @@ class TorchTuning:
         scores = scores.masked_fill(~torch.as_tensor(batch.cand_valid, device=self.device), MISSING_SCORE)
         routing = torch.stack([sink[i][0] for i in layers], dim=1)
         return scores, routing
-
-    @contextlib.contextmanager
-    def _swapped_gate(self, layer: int, gate: nn.Module):
-        block = self.moe_block(layer)
-        original = block.gate
-        block.gate = gate
-        try:
-            yield
-        finally:
-            block.gate = original
 
     @torch.no_grad()
     def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moe_local.backends import auto_backend
-from moe_local.checkpoint import load_spec, resolve_model
+from moe_local.checkpoint import is_quantized, load_spec, resolve_model, tensor_index, weight_bytes
 from moe_local.sizing import estimate_memory
 from moe_local.spec import ROUTER_SIGMOID_SELECT
 
@@ -38,7 +38,9 @@ def _ranges(ids) -> str:
 def describe(spec, folder) -> list[str]:
     m = spec.moe[0]
     counts = spec.parameter_counts()
-    mem = estimate_memory(spec)
+    quantized = is_quantized(tensor_index(folder))
+    # A quantized folder's weights are what it stores; a float one runs at its dtype.
+    mem = estimate_memory(spec, weights=weight_bytes(folder) if quantized else None)
     if m.router == ROUTER_SIGMOID_SELECT:
         router = "top-k of sigmoid(logits) selects, softmax weights renormalised (GroveMoE)"
     else:
@@ -61,7 +63,7 @@ def describe(spec, folder) -> list[str]:
                      f"of size {m.grove.adjugate_size} each, scale {m.grove.scale:g}")
     lines += [
         f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
-        f"dtype:        {spec.dtype}",
+        f"dtype:        {spec.dtype}" + (", weights quantized (MLX)" if quantized else ""),
         f"backend:      {auto_backend()} (what --backend auto picks here)",
         f"memory chat:  {_gb(mem.chat)} (weights {_gb(mem.weights)} + KV cache {_gb(mem.kv_cache)} "
         f"for {mem.chat_context} tokens)",
