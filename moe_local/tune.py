@@ -3,9 +3,10 @@
     prepare: one base-model pass -> routing bank (correct, routing, embeddings) + prefix cache
     tune:    epochs of router-only AdamW steps on CE + λ(t)·manifold, r_i live -> adapter folder
 
-Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients), so
-both backends take the same steps, checkpoints are backend-neutral, and ``--resume`` continues
-bit-for-bit. Python API for one-process pipelines (``moe-local demo``)::
+Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients;
+moe_local/optim.py steps them), so both backends take the same steps, checkpoints are backend-neutral,
+and ``--resume`` continues bit-for-bit. The prefix cache is moe_local/prefix_cache.py; the output
+folder, its checkpoints and what may be replaced are moe_local/tune_folder.py. Python API for one-process pipelines (``moe-local demo``)::
 
     bank, cache = prepare(model, records, embeddings, layers)
     result = tune(model, records, embeddings, TuneSettings(...), out="adapter")
@@ -21,7 +22,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,22 +29,20 @@ from pathlib import Path
 import numpy as np
 
 from . import roma
-from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_adapter
+from .adapter import METRICS_FILE, write_adapter
 from .data import Record, batches, encode_records, make_batch, predictions
 from .distributed import LOCAL
 from .errors import UserError
 from .evaluate import check_finite
-from .files import AtomicFolder, atomic_save_numpy_safetensors, atomic_write_text
+from .files import atomic_write_text
+from .optim import AdamW
+from .prefix_cache import CACHE_MODES, PrefixCache
 from .progress import Progress
+from .tune_folder import (BANK_DIR, CACHE_FILE, check_output, check_resume, default_bank, latest_checkpoint,
+                          load_checkpoint, metrics_upto, save_checkpoint)
 
-CHECKPOINTS = "checkpoints"
-BANK_DIR = "bank"
-CACHE_FILE = ".prefix-cache.bin"
 METRIC_KEYS = ("step", "loss", "ce", "manifold", "acc", "lr", "lam", "samples_per_s", "peak_mem_gb")
-# Entries of an adapter folder this package writes; anything else there is the user's and is never touched.
-OURS = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINTS, BANK_DIR)
 METHODS = ("roma", "router")
-CACHE_MODES = ("auto", "memory", "disk", "recompute", "full")
 
 
 @dataclass
@@ -109,138 +107,6 @@ class TuneResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW (torch.optim.AdamW's update, in float32 numpy)
-# ---------------------------------------------------------------------------------------------
-
-class AdamW:
-    """Decoupled weight decay, bias-corrected moments: the update torch.optim.AdamW makes."""
-
-    def __init__(self, params: dict, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
-        self.exp_avg = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.exp_avg_sq = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.step_count = 0
-
-    def step(self, grads: dict) -> None:
-        self.step_count += 1
-        b1, b2 = self.betas
-        bc1 = 1.0 - b1 ** self.step_count
-        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
-        for k, p in self.params.items():
-            g = np.asarray(grads[k], dtype=np.float32)
-            if self.weight_decay:
-                p *= np.float32(1.0 - self.lr * self.weight_decay)
-            m, v = self.exp_avg[k], self.exp_avg_sq[k]
-            m += (g - m) * np.float32(1.0 - b1)
-            v *= np.float32(b2)
-            v += np.float32(1.0 - b2) * g * g
-            denom = np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(self.eps)
-            p -= np.float32(self.lr / bc1) * (m / denom)
-
-    def state(self) -> tuple[dict, dict]:
-        tensors = {}
-        for k in self.params:
-            tensors[k] = self.params[k]
-            tensors[f"{k}.exp_avg"] = self.exp_avg[k]
-            tensors[f"{k}.exp_avg_sq"] = self.exp_avg_sq[k]
-        return tensors, {"step": self.step_count}
-
-    def load(self, tensors: dict, info: dict) -> None:
-        for k in self.params:
-            self.params[k] = np.array(tensors[k], dtype=np.float32)
-            self.exp_avg[k] = np.array(tensors[f"{k}.exp_avg"], dtype=np.float32)
-            self.exp_avg_sq[k] = np.array(tensors[f"{k}.exp_avg_sq"], dtype=np.float32)
-        self.step_count = int(info["step"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefix cache
-# ---------------------------------------------------------------------------------------------
-
-class PrefixCache:
-    """Hidden states at the input of the first tuned layer, per record, ragged, in the model's dtype.
-
-    ``memory``: backend arrays; ``disk``: one memory-mapped file (exact bytes); ``recompute``: nothing
-    kept, the prefix is run under no-grad at each step; ``full``: each step runs the whole model (the
-    baseline the released code implies); ``auto``: memory when it fits ``budget_gb``, else recompute.
-    """
-
-    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None,
-                 owned=None):
-        self.model, self.layer, self.path = model, layer, path
-        # ``owned``: the records this process keeps (a rank's shard); the others take no room.
-        keep = None if owned is None else set(np.asarray(owned).tolist())
-        self.lengths = [[len(s) for s in e.sequences] if keep is None or i in keep else []
-                        for i, e in enumerate(encoded)]
-        self.tokens = sum(sum(x) for x in self.lengths)
-        self.mode = mode
-        self.budget = budget_gb * 1024**3
-        self.rows: dict[int, list] = {}
-        self.mmap = None
-        self.offsets = np.concatenate([[0], np.cumsum([sum(x) for x in self.lengths])]).astype(np.int64)
-
-    @property
-    def stores(self) -> bool:
-        return self.mode in ("memory", "disk", "auto")
-
-    def _decide(self, sample) -> None:
-        host = self.model.hidden_to_host(sample[:1])
-        nbytes = self.tokens * host.shape[-1] * host.itemsize
-        if self.mode == "auto":
-            self.mode = "memory" if nbytes <= self.budget else "recompute"
-        if self.mode == "disk":
-            self.mmap = np.lib.format.open_memmap(str(self.path), mode="w+", dtype=host.dtype,
-                                                  shape=(self.tokens, host.shape[-1]))
-
-    def put(self, batch, hidden: list) -> None:
-        if not self.stores:
-            return
-        if self.mode == "auto" or (self.mode == "disk" and self.mmap is None):
-            self._decide(hidden[0])
-            if not self.stores:
-                return
-        for b, record in enumerate(batch.index):
-            seqs = [hidden[s] for s in np.flatnonzero(batch.seq_sample == b)]
-            if self.mmap is not None:
-                at = self.offsets[record]
-                for h in seqs:
-                    self.mmap[at:at + h.shape[0]] = self.model.hidden_to_host(h)
-                    at += h.shape[0]
-                self.rows[int(record)] = True
-            else:
-                self.rows[int(record)] = seqs
-
-    def get(self, batch) -> list:
-        """The batch's per-sequence hidden states: cached, or computed now (no grad)."""
-        if self.mode == "full":
-            return self.model.prefix_hidden(batch, 0)
-        if self.mode == "recompute" or not self.rows:
-            return self.model.prefix_hidden(batch, self.layer)
-        out = []
-        for record in batch.index:
-            if self.mmap is not None:
-                at = self.offsets[record]
-                for n in self.lengths[record]:
-                    out.append(self.model.hidden_from_host(self.mmap[at:at + n]))
-                    at += n
-            else:
-                out.extend(self.rows[int(record)])
-        return out
-
-    @property
-    def start_layer(self) -> int:
-        return 0 if self.mode == "full" else self.layer
-
-    def close(self) -> None:
-        self.rows.clear()
-        if self.mmap is not None:
-            del self.mmap
-            self.mmap = None
-            Path(self.path).unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Prepare: the bank and the cache in one base-model pass
 # ---------------------------------------------------------------------------------------------
 
@@ -292,105 +158,6 @@ def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_
         meta["data_file_sha256"] = file_sha256(data_file)
     return roma.Bank(correct, routing, np.asarray(embeddings, dtype=np.float32), meta)
 
-
-# ---------------------------------------------------------------------------------------------
-# Output folder, checkpoints, resume
-# ---------------------------------------------------------------------------------------------
-
-def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False, clear: bool = True) -> None:
-    """Refuse what would overwrite the user's files; clear our own with ``overwrite`` (and ``clear``)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise UserError("give --resume or --overwrite, not both")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"adapter path {out} is a file, not an adapter folder; it is never overwritten")
-    entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
-    if keep_bank:   # the bank given for this run may live in the adapter folder (A/bank, the default)
-        entries = [e for e in entries if e.name != BANK_DIR]
-    foreign = [e.name for e in entries if e.name not in OURS]
-    if not foreign and (out / CONFIG_FILE).is_file():
-        try:
-            ours = isinstance(json.loads((out / CONFIG_FILE).read_text()).get("moe_local"), dict)
-        except (json.JSONDecodeError, AttributeError):
-            ours = False
-        if not ours:
-            foreign = [CONFIG_FILE]
-    if foreign:
-        raise UserError(f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
-                        "it is never overwritten, give a new folder")
-    if resume:
-        if latest_checkpoint(out) is None:
-            raise UserError(f"nothing to resume: {out} has no checkpoints (run without --resume)")
-        return
-    if entries and not overwrite:
-        raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    for e in entries if clear else []:
-        shutil.rmtree(e) if e.is_dir() else e.unlink()
-
-
-def default_bank(out: Path, bank, overwrite: bool):
-    """(the bank to use, whether it is ``out/bank``): ``out/bank`` when no bank is given and one is there
-    (made by ``moe-local prepare --bank A/bank`` or by an interrupted run), unless ``overwrite``."""
-    bank_dir = Path(out) / BANK_DIR
-    if bank is None and not overwrite and (bank_dir / roma.BANK_META).is_file():
-        bank = bank_dir
-    keep = isinstance(bank, (str, Path)) and Path(bank).resolve() == bank_dir.resolve()
-    return bank, keep
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    folder = Path(out) / CHECKPOINTS
-    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
-
-
-def save_checkpoint(out: Path, opt: AdamW, info: dict, keep: int) -> None:
-    tensors, opt_info = opt.state()
-    folder = Path(out) / CHECKPOINTS / f"step-{opt.step_count:08d}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    with AtomicFolder(folder) as tmp:
-        atomic_save_numpy_safetensors(tmp / "state.safetensors", tensors)
-        (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_info}, indent=2) + "\n")
-    old = sorted(p for p in folder.parent.glob("step-*") if p != folder)
-    for p in old[:max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
-
-
-def _check_resume(info: dict, settings: TuneSettings, data_sha: str, fingerprint: dict, where: Path) -> None:
-    if info.get("data_sha256") != data_sha:
-        raise UserError(f"cannot resume {where}: it was tuned on other data")
-    if info.get("fingerprint") != fingerprint:
-        raise UserError(f"cannot resume {where}: it was tuned on another model")
-    saved, now = info.get("hyperparameters", {}), settings.hyperparameters()
-    for key in now:
-        if saved.get(key) != now[key]:
-            raise UserError(f"cannot resume {where}: it was started with {key}={saved.get(key)!r}, "
-                            f"now {key}={now[key]!r} (use the same settings, or --overwrite)")
-
-
-def _metrics_upto(out: Path, step: int) -> list[dict]:
-    """Rows already logged up to ``step``; a torn last line of an interrupted run is dropped."""
-    path = out / METRICS_FILE
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", step + 1) <= step:
-                rows.append(row)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +200,10 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
         ckpt = latest_checkpoint(out) if resume else None
         ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
         if ckpt:
-            _check_resume(ckpt_info, settings, data_sha, fingerprint, out)
+            check_resume(ckpt_info, settings.hyperparameters(), data_sha, fingerprint, out)
         if isinstance(given, (str, Path)):
             given = roma.read_bank(given)
-        logged = _metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        logged = metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
         return given, ckpt_tensors, ckpt_info, logged
 
     bank, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)

@@ -1,4 +1,4 @@
-"""The tune loop: AdamW, checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
+"""The tune loop: checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
 
 import json
 import subprocess
@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import checkpoints
 import moe_local
-from moe_local import data, tune
+from moe_local import data, tune, tune_folder
 from moe_local.adapter import read_adapter
 from moe_local.errors import UserError
 from generation_helpers import BACKENDS
@@ -33,21 +32,6 @@ def _task_file(m, folder, n):
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "moe_local", *map(str, args)], capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
-
-
-def test_adamw_matches_torch():
-    rng = np.random.default_rng(0)
-    w0 = rng.standard_normal((4, 6)).astype(np.float32)
-    ours = tune.AdamW({"w": w0}, lr=1e-2, weight_decay=0.01)
-    p = torch.nn.Parameter(torch.tensor(w0))
-    ref = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.01, foreach=False)
-    for _ in range(5):
-        g = rng.standard_normal((4, 6)).astype(np.float32)
-        ours.step({"w": g})
-        p.grad = torch.tensor(g)
-        ref.step()
-    np.testing.assert_allclose(ours.params["w"], p.detach().numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ours.exp_avg_sq["w"], ref.state[p]["exp_avg_sq"].numpy(), rtol=1e-6)
 
 
 def test_lambda_warmup():
@@ -74,7 +58,7 @@ def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tm
 
     with pytest.raises(Interrupt):
         tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_5, progress="off")
-    assert tune.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+    assert tune_folder.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
     with pytest.raises(UserError, match="exists and is not empty"):
         tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
     resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
@@ -239,7 +223,7 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     for mode in modes:
         settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
         out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
-        assert not (tmp_path / mode / tune.CACHE_FILE).exists()   # the memory-mapped file is removed
+        assert not (tmp_path / mode / tune_folder.CACHE_FILE).exists()   # the memory-mapped file is removed
     for name in out["memory"].weights:   # exact bytes round trip through the file
         np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
     # the prefix run in another batch layout, or the whole model: the same losses up to rounding
