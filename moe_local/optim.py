@@ -57,3 +57,8 @@ class AdamW:
             self.exp_avg_sq[k] = np.array(tensors[f"{k}.exp_avg_sq"], dtype=np.float32)
         self.step_count = int(info["step"])
 
+
+
+def adam(params: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> AdamW:
+    """torch.optim.Adam's update (no weight decay)."""
+    return AdamW(params, lr, weight_decay=0.0, betas=betas, eps=eps)

@@ -40,21 +40,22 @@ def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_dir):
-    from moe_local.evaluate import _Adam, _ce_loss
+    from moe_local.evaluate import _ce_loss
+    from moe_local.optim import adam
 
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(task_records(6, seed=7))
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(6))
     layers = (2, 3)
     hidden = m.prefix_hidden(batch, 2)
-    adam = _Adam((6, 2, 8), 0.1)
+    opt = adam({"x": np.zeros((6, 2, 8), np.float32)}, 0.1)
     first = None
     for _ in range(20):
         _, aux, grad = m.suffix_value_and_grad(hidden, batch, 2, layers, _ce_loss, {"onehot": batch.answer_onehot()},
-                                               offsets=adam.x, wrt="offsets")
+                                               offsets=opt.params["x"], wrt="offsets")
         first = aux if first is None else first
-        adam.step(grad)
-    scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=adam.x)
+        opt.step({"x": grad})
+    scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=opt.params["x"])
     after = data.candidate_ce(scores, batch.answers)
     assert (after < first["ce"]).all()
     top2 = lambda r: np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
