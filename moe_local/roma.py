@@ -164,15 +164,24 @@ class Bank:
         return list(self.meta["layers"])
 
 
+def check_bank_folder(folder, overwrite: bool = True) -> Path:
+    """Refuse a bank path that is a file or a folder of other files; an old bank is replaced only with ``overwrite``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"bank path {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / BANK_META).is_file():
+            raise UserError(f"bank folder {folder} holds files that are not a routing bank; give a new folder")
+        if not overwrite:
+            raise UserError(f"bank folder {folder} exists; pass --overwrite to replace it")
+    return folder
+
+
 def write_bank(folder, bank: Bank) -> Path:
     """Write ``bank.safetensors`` and ``bank.json`` into a new folder atomically (replacing an old bank)."""
     from .files import atomic_save_numpy_safetensors
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"bank path {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / BANK_META).is_file():
-        raise UserError(f"bank folder {folder} holds files that are not a routing bank; give a new folder")
+    folder = check_bank_folder(folder)
     tensors = {"correct": np.ascontiguousarray(bank.correct, dtype=np.uint8),
                "routing": np.ascontiguousarray(bank.routing, dtype=np.float32),
                "embeddings": np.ascontiguousarray(bank.embeddings, dtype=np.float32)}

@@ -97,6 +97,11 @@ def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     with pytest.raises(UserError, match="not a routing bank"):
         roma.write_bank(tmp_path / "mine", bank)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(UserError, match="pass --overwrite"):     # what `moe-local prepare` checks first
+        roma.check_bank_folder(tmp_path / "bank", overwrite=False)
+    roma.check_bank_folder(tmp_path / "bank", overwrite=True)
+    with pytest.raises(UserError, match="is a file"):
+        roma.check_bank_folder(tmp_path / "mine" / "notes.txt")
 
 
 # -- the regulariser trains -------------------------------------------------------------------
