@@ -226,10 +226,6 @@ class Batch:
     def size(self) -> int:
         return len(self.answers)
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self.lengths)
-
     def answer_onehot(self, answers=None) -> np.ndarray:
         answers = self.answers if answers is None else np.asarray(answers)
         onehot = np.zeros(self.cand_valid.shape, dtype=np.float32)
@@ -285,16 +281,8 @@ def batches(encoded: list[Encoded], order, batch_size: int, pad_id: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores -> loss and predictions (numpy; the differentiable twin is roma.candidate_ce)
+# Scores -> predictions (the differentiable CE over candidates is roma.candidate_ce)
 # ---------------------------------------------------------------------------------------------
-
-def candidate_ce(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
-    """Per-sample CE = -log softmax(scores)[answer], scores [B, C] with MISSING_SCORE for absent choices."""
-    scores = np.asarray(scores, dtype=np.float64)
-    m = scores.max(-1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(scores - m).sum(-1))
-    return logz - scores[np.arange(len(scores)), answers]
-
 
 def predictions(scores: np.ndarray) -> np.ndarray:
     """argmax over candidates; ties go to the first (lowest letter)."""

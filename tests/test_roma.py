@@ -63,6 +63,14 @@ def test_no_successful_sample_is_a_one_line_error():
     assert "\n" not in str(e.value)
 
 
+def test_candidate_ce_matches_torch():
+    scores = torch.tensor([[-1.0, -2.0, -0.5, data.MISSING_SCORE], [-3.0, -1.0, -2.0, -4.0]])
+    answers = torch.tensor([2, 0])
+    ref = torch.nn.functional.cross_entropy(scores, answers, reduction="none")
+    onehot = torch.nn.functional.one_hot(answers, 4).float()
+    torch.testing.assert_close(roma.candidate_ce(scores, onehot), ref, rtol=1e-6, atol=1e-7)
+
+
 def test_manifold_term_formula():
     rng = np.random.default_rng(0)
     r = torch.tensor(rng.random((2, 3, 4)), dtype=torch.float32)
