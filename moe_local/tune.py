@@ -38,8 +38,8 @@ from .files import atomic_write_text
 from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .progress import Progress
-from .tune_folder import (BANK_DIR, CACHE_FILE, check_output, check_resume, default_bank, latest_checkpoint,
-                          load_checkpoint, metrics_upto, save_checkpoint)
+from .tune_folder import (BANK_DIR, CACHE_FILE, RunFolder, check_output, check_resume, default_bank,
+                          latest_checkpoint, load_checkpoint, metrics_upto, rank_cache_path, save_checkpoint)
 
 METRIC_KEYS = ("step", "loss", "ce", "manifold", "acc", "lr", "lam", "samples_per_s", "peak_mem_gb")
 METHODS = ("roma", "router")
@@ -182,21 +182,19 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     here unless a resumed run left one). ``on_step(step, row_or_None)`` is called after every step
     (row = the metrics row on logged steps). The model's own gates are not changed. ``dist``: the
     torchrun process group (moe_local/distributed.py); N processes take the steps one process takes.
+    ``overwrite`` replaces an adapter only once the new run has succeeded (tune_folder.RunFolder).
     """
     settings.check()
-    spec = model.spec
-    layers = roma.tuned_layers(spec, settings.layers)
+    layers = roma.tuned_layers(model.spec, settings.layers)
     out = Path(out)
-    bank_dir = out / BANK_DIR
     data_sha = records_sha256(records)
-    fingerprint = spec.fingerprint(layers)
-    if not dist.is_main:
-        progress = "off"
+    fingerprint = model.spec.fingerprint(layers)
+    folder = None
 
-    def open_output():   # the output folder is rank 0's: it checks, clears and reads it for every rank
+    def open_output():   # the output folder is rank 0's: it checks and reads it for every rank
+        nonlocal folder
         given, keep_bank = default_bank(out, bank, overwrite)
-        check_output(out, resume, overwrite, keep_bank=keep_bank)
-        out.mkdir(parents=True, exist_ok=True)
+        mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
         ckpt = latest_checkpoint(out) if resume else None
         ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
         if ckpt:
@@ -204,16 +202,35 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
         if isinstance(given, (str, Path)):
             given = roma.read_bank(given)
         logged = metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        folder = RunFolder(out, mode, keep_bank)   # made once every check has passed
         return given, ckpt_tensors, ckpt_info, logged
 
-    bank, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
-    ckpt = bool(ckpt_info)
-
-    encoded = encode_records(model.tokenizer, records)
+    given, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
     # Each rank caches the records it owns, in a file of its own when on disk.
-    cache_path = out / (CACHE_FILE if dist.is_main else f".prefix-cache.rank{dist.rank}.bin")
+    cache_path = folder.work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
     if settings.prefix_cache == "disk" and not dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+        cache_path.parent.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+    try:
+        result = _train(model, records, embeddings, settings, layers, given, (ckpt_tensors, ckpt_info), logged,
+                        folder.work if dist.is_main else None, cache_path, (data_sha, fingerprint), data_file,
+                        on_step, progress if dist.is_main else "off", dist)
+        if folder is not None:
+            folder.finish()
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+    return result
+
+
+def _train(model, records, embeddings, settings, layers, bank, checkpoint, logged, work, cache_path, identity,
+           data_file, on_step, progress, dist) -> TuneResult:
+    """The bank (made here or checked), the prefix cache, the epochs and the adapter, written in ``work``
+    (rank 0's; None on the other ranks)."""
+    spec = model.spec
+    data_sha, fingerprint = identity
+    ckpt_tensors, ckpt_info = checkpoint
+    encoded = encode_records(model.tokenizer, records)
     cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path,
                         owned=None if dist.world == 1 else dist.owned(len(records)))
     prepare_s = cache_s = 0.0
@@ -225,7 +242,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                        dist)
         prepare_s = time.perf_counter() - t0
         if dist.is_main:
-            roma.write_bank(bank_dir, bank)
+            roma.write_bank(work / BANK_DIR, bank)
     else:
         roma.check_bank(bank, spec, layers, data_sha, "given")
         if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
@@ -248,11 +265,11 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
         nb = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
 
     opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
-    if ckpt:
+    if ckpt_info:
         opt.load(ckpt_tensors, ckpt_info["optimizer"])
     metrics = logged
     if dist.is_main:
-        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
+        atomic_write_text(work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
 
     n = len(records)
     steps_per_epoch = math.ceil(n / settings.batch_size)
@@ -266,7 +283,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     t_train, cpu_train = time.perf_counter(), time.process_time()
     trained_samples = 0
     try:
-        with open(out / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
+        with open(work / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
             while opt.step_count < total:
                 epoch, at = divmod(opt.step_count, steps_per_epoch)
                 order, rng_state = _epoch_order(settings.seed, epoch, n)
@@ -309,7 +326,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                         metrics_file.flush()
                         bar.log(_format_row(row, total))
                     if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
-                        save_checkpoint(out, opt, {**info_base, "epoch": epoch, "rng": rng_state},
+                        save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state},
                                         settings.keep_checkpoints)
                     bar.update(1)
                     if on_step is not None:
@@ -324,7 +341,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
              "betas": list(opt.betas), "eps": opt.eps}
     if dist.is_main:
-        write_adapter(out, weights, spec, layers, settings.method, hyper)
+        write_adapter(work, weights, spec, layers, settings.method, hyper)
     return TuneResult(weights=weights, layers=layers, metrics=metrics, bank=bank, steps=opt.step_count,
                       prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
                       samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,

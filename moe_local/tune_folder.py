@@ -1,9 +1,20 @@
-"""The tune's output folder: what may be replaced, checkpoints, and what ``--resume`` continues from."""
+"""The tune's output folder: what may be replaced, where a run writes, checkpoints, and ``--resume``.
+
+Only what this package provably wrote is ever replaced: ``adapter_config.json`` with a ``moe_local``
+section, ``checkpoints/step-N/`` folders of ``state.json``/``state.safetensors``, a ``bank/`` of
+``bank.json``/``bank.safetensors``, ``metrics.jsonl`` rows and ``adapters.safetensors`` — and only in a
+folder one of the first three marks as an adapter. Anything else makes the folder the user's: refused,
+never touched. ``--overwrite`` runs in a temporary folder beside the old adapter and takes its place
+only when the run has succeeded, so a failed run leaves the old adapter as it was.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from . import roma
@@ -14,40 +25,154 @@ from .files import AtomicFolder, atomic_save_numpy_safetensors
 CHECKPOINTS = "checkpoints"
 BANK_DIR = "bank"
 CACHE_FILE = ".prefix-cache.bin"
-# Entries of an adapter folder this package writes; anything else there is the user's and is never touched.
-OURS = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINTS, BANK_DIR)
+STEP_DIR = re.compile(r"step-\d+")
+CHECKPOINT_FILES = ("state.json", "state.safetensors")
+BANK_FILES = (roma.BANK_META, roma.BANK_TENSORS)
 
 
-def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False, clear: bool = True) -> None:
-    """Refuse what would overwrite the user's files; clear our own with ``overwrite`` (and ``clear``)."""
+def _leftover(name: str) -> bool:
+    """A temporary name of our atomic writes (files.py: ``.NAME.partial-*``) or a prefix cache file."""
+    return name.startswith(".") and (".partial-" in name or name.startswith(CACHE_FILE[:-4]))
+
+
+def _holds_only(folder: Path, names) -> bool:
+    return all((e.name in names and e.is_file() and not e.is_symlink()) or _leftover(e.name)
+               for e in folder.iterdir())
+
+
+def _rows_of_ours(path: Path, key: str) -> bool:
+    """Whether a file is JSON (``key`` = None: one object with a ``moe_local`` section) or JSON lines of
+    objects with ``key`` (a torn last line, as an interrupted run leaves, allowed)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            return False
+        if not isinstance(row, dict) or key not in row:
+            return False
+    return True
+
+
+def _our_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("moe_local"), dict)
+
+
+def _kind(entry: Path) -> str | None:
+    """What a visible entry of an adapter folder provably is: ``"mark"`` (ours, and it marks the folder as
+    an adapter), ``"ours"`` (ours when the folder is marked) or None (the user's)."""
+    name = entry.name
+    if entry.is_symlink():
+        return None
+    if name == CONFIG_FILE:
+        return "mark" if entry.is_file() and _our_config(entry) else None
+    if name == WEIGHTS_FILE:
+        return "ours" if entry.is_file() else None
+    if name == METRICS_FILE:
+        return "ours" if entry.is_file() and _rows_of_ours(entry, "step") else None
+    if name == BANK_DIR:
+        ok = entry.is_dir() and (entry / roma.BANK_META).is_file() and _holds_only(entry, BANK_FILES)
+        return "mark" if ok else None
+    if name == CHECKPOINTS and entry.is_dir():
+        steps = [e for e in entry.iterdir() if not _leftover(e.name)]
+        if not all(STEP_DIR.fullmatch(e.name) and e.is_dir() and not e.is_symlink()
+                   and _holds_only(e, CHECKPOINT_FILES) for e in steps):
+            return None
+        return "mark" if any((e / "state.json").is_file() for e in steps) else "ours"
+    return None
+
+
+def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False) -> str:
+    """How a run may use the adapter folder ``out``; refuses what would touch the user's files.
+
+    Returns ``"new"`` (absent or empty: the run writes there), ``"resume"`` (continue its checkpoints
+    there) or ``"replace"`` (``overwrite`` of an adapter: see :class:`RunFolder`). ``keep_bank``: the bank
+    this run reads is ``out/bank`` (the default), which stays.
+    """
     out = Path(out)
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
     if out.exists() and not out.is_dir():
         raise UserError(f"adapter path {out} is a file, not an adapter folder; it is never overwritten")
-    entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
-    if keep_bank:   # the bank given for this run may live in the adapter folder (A/bank, the default)
-        entries = [e for e in entries if e.name != BANK_DIR]
-    foreign = [e.name for e in entries if e.name not in OURS]
-    if not foreign and (out / CONFIG_FILE).is_file():
-        try:
-            ours = isinstance(json.loads((out / CONFIG_FILE).read_text()).get("moe_local"), dict)
-        except (json.JSONDecodeError, AttributeError):
-            ours = False
-        if not ours:
-            foreign = [CONFIG_FILE]
+    entries = sorted(e for e in out.iterdir() if not e.name.startswith(".")) if out.is_dir() else []
+    kinds = {e.name: "mark" if keep_bank and e.name == BANK_DIR else _kind(e) for e in entries}
+    foreign = [name for name, kind in kinds.items() if kind is None]
+    if not foreign and entries and "mark" not in kinds.values():
+        foreign = [entries[0].name]
     if foreign:
         raise UserError(f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
                         "it is never overwritten, give a new folder")
     if resume:
         if latest_checkpoint(out) is None:
             raise UserError(f"nothing to resume: {out} has no checkpoints (run without --resume)")
-        return
-    if entries and not overwrite:
+        return "resume"
+    if not [name for name in kinds if not (keep_bank and name == BANK_DIR)]:
+        return "new"
+    if not overwrite:
         raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
                         "or --overwrite to replace it")
-    for e in entries if clear else []:
-        shutil.rmtree(e) if e.is_dir() else e.unlink()
+    return "replace"
+
+
+class RunFolder:
+    """Where a run writes, made once the checks have passed (on rank 0 only).
+
+    ``new`` and ``resume`` write in ``out`` itself. ``replace`` writes in a temporary folder beside it;
+    :meth:`finish` moves the old folder's kept bank and the user's hidden files into it and swaps it in
+    (two renames on one file system), so a run that fails or is killed leaves the old adapter as it was.
+    A failed ``new`` run keeps what the next run can use — its checkpoints (``--resume``), its bank (the
+    next run takes ``out/bank``) — and removes the rest, and the folders it made if they end up empty.
+    """
+
+    def __init__(self, out: Path, mode: str, keep_bank: bool = False):
+        self.out, self.mode, self.keep_bank = Path(out), mode, keep_bank
+        self.made: list[Path] = []
+        if mode == "replace":
+            target = self.out.resolve()
+            self.work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+            return
+        self.work = self.out
+        self.made = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def finish(self) -> None:
+        if self.mode != "replace":
+            return
+        target = self.out.resolve()
+        for entry in target.iterdir():
+            carry = (self.keep_bank and entry.name == BANK_DIR) or \
+                (entry.name.startswith(".") and not _leftover(entry.name))
+            if carry and not (self.work / entry.name).exists():
+                os.replace(entry, self.work / entry.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old)   # a folder may take the name of an empty one
+        os.replace(self.work, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        if self.mode == "replace":
+            shutil.rmtree(self.work, ignore_errors=True)
+        elif self.mode == "new" and latest_checkpoint(self.out) is None:
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
+            for folder in self.made:   # deepest first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def rank_cache_path(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` > 0 keeps its prefix cache on disk: beside the output folder, which is rank 0's."""
+    side = Path(out).resolve()
+    return side.parent / f".{side.name}.prefix-cache.rank{rank}.bin"
 
 
 def default_bank(out: Path, bank, overwrite: bool):

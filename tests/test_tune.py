@@ -118,8 +118,93 @@ def test_output_path_refusals(olmoe_dir, tmp_path):
         tune.tune(m, records, emb, settings, tmp_path / "lora", overwrite=True, progress="off")
     with pytest.raises(UserError, match="nothing to resume"):
         tune.tune(m, records, emb, settings, tmp_path / "new", resume=True, progress="off")
-    tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
-    tune.tune(m, records, emb, settings, tmp_path / "A", overwrite=True, progress="off")
+
+
+OUR_CONFIG = json.dumps({"fine_tune_type": "full", "moe_local": {}})
+# Folders whose entries are named like an adapter's but are not provably this package's work.
+LOOK_ALIKES = [
+    {"checkpoints/my-model.bin": "weights", "metrics.jsonl": ""},
+    {"metrics.jsonl": '{"step": 1}\n'},                          # nothing marks the folder as an adapter
+    {"adapters.safetensors": "weights"},
+    {"bank/bank.json": "{}", "bank/notes.txt": "mine"},
+    {"adapter_config.json": OUR_CONFIG, "checkpoints/step-00000002/notes.txt": "mine"},
+    {"adapter_config.json": OUR_CONFIG, "metrics.jsonl": "my own log\nof runs\n"},
+]
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    for i, files in enumerate(LOOK_ALIKES):
+        folder = tmp_path / f"user{i}"
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+        before = _files(folder)
+        with pytest.raises(UserError, match="not a moe-local adapter"):
+            tune.tune(m, records, emb, settings, folder, overwrite=True, progress="off")
+        assert _files(folder) == before, files
+    path = _task_file(m, tmp_path / "user0", 4)   # the review's case, through the command line
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "user0",
+                 "--overwrite", "--layers", 2)
+    assert r[0] == 2 and "not a moe-local adapter (checkpoints)" in r[2]
+    assert (tmp_path / "user0" / "checkpoints" / "my-model.bin").read_text() == "weights"
+    assert (tmp_path / "user0" / "metrics.jsonl").exists()
+
+
+def test_overwrite_replaces_the_adapter_only_once_the_new_run_succeeds(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 6), unit_rows(6)   # 2 steps per epoch
+    out = tmp_path / "A"
+    first = tune.tune(m, records, emb, tune.TuneSettings(epochs=1, **SMALL), out, progress="off")
+    (out / ".keep").write_text("mine")            # a hidden file of the user's stays with the folder
+    before = _files(out)
+    again = tune.TuneSettings(epochs=2, **{**SMALL, "lr": 0.05})
+
+    def stop(step, row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        tune.tune(m, records, emb, again, out, overwrite=True, on_step=stop, progress="off")
+    assert _files(out) == before                  # the failed replacement left the old adapter whole
+    assert [p.name for p in tmp_path.iterdir()] == ["A"]   # and nothing beside it
+    second = tune.tune(m, records, emb, again, out, overwrite=True, progress="off")
+    weights, config = read_adapter(out)
+    assert config["moe_local"]["hyperparameters"]["lr"] == 0.05
+    for name in weights:
+        np.testing.assert_array_equal(weights[name], second.weights[name])
+        assert not np.array_equal(weights[name], first.weights[name])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (out / ".keep").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["A"]
+    # a bank given from the folder being replaced moves into the new one
+    bank_json = (out / "bank" / "bank.json").read_text()
+    tune.tune(m, records, emb, again, out, bank=out / "bank", overwrite=True, progress="off")
+    assert (out / "bank" / "bank.json").read_text() == bank_json
+
+
+def test_a_failed_run_leaves_only_what_the_next_run_can_use(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 6), unit_rows(6)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    with pytest.raises(UserError, match="6 records"):
+        tune.tune(m, records, unit_rows(5), settings, tmp_path / "runs" / "A", progress="off")
+    assert not (tmp_path / "runs").exists()       # the folders it made are gone
+
+    def stop(step, row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):                # stopped before its first checkpoint
+        tune.tune(m, records, emb, settings, tmp_path / "A", on_step=stop, progress="off")
+    assert [p.name for p in (tmp_path / "A").iterdir()] == ["bank"]
+    result = tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    assert result.prepare_s == 0                  # the next run took the bank it left
 
 
 def test_adapter_from_another_model_is_refused(olmoe_dir, qwen3_dir, tmp_path):
