@@ -167,8 +167,12 @@ def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, glo
     return loss, {"ce": ce, "manifold": manifold}
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, dict]:
+def _epoch_order(seed: int, epoch: int, n: int, state: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(the epoch's record order, the generator state it is drawn from). The state is derived from the
+    seed and epoch; ``state``, a checkpoint's, draws the interrupted epoch's order again on ``--resume``."""
     rng = np.random.default_rng([seed, epoch])
+    if state is not None:
+        rng.bit_generator.state = state
     state = rng.bit_generator.state
     return rng.permutation(n), state
 
@@ -279,6 +283,8 @@ def _train(model, records, embeddings, settings, layers, bank, checkpoint, logge
     lam_final = settings.effective_lam
     bar = Progress(total, "tune", progress, initial=opt.step_count)
     window = _Window()
+    if ckpt_info.get("window"):   # the steps since the last logged row, before the interruption
+        window.load(ckpt_info["window"])
     model.reset_peak_memory()
     t_train, cpu_train = time.perf_counter(), time.process_time()
     trained_samples = 0
@@ -286,7 +292,8 @@ def _train(model, records, embeddings, settings, layers, bank, checkpoint, logge
         with open(work / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
             while opt.step_count < total:
                 epoch, at = divmod(opt.step_count, steps_per_epoch)
-                order, rng_state = _epoch_order(settings.seed, epoch, n)
+                saved = ckpt_info.get("rng") if ckpt_info.get("epoch") == epoch and at else None
+                order, rng_state = _epoch_order(settings.seed, epoch, n, saved)
                 for index in _global_batches(order[at * settings.batch_size:], settings.batch_size):
                     step = opt.step_count + 1
                     size = len(index)
@@ -326,7 +333,8 @@ def _train(model, records, embeddings, settings, layers, bank, checkpoint, logge
                         metrics_file.flush()
                         bar.log(_format_row(row, total))
                     if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
-                        save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state},
+                        save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state,
+                                                    "window": window.state()},
                                         settings.keep_checkpoints)
                     bar.update(1)
                     if on_step is not None:
@@ -383,6 +391,17 @@ class _Window:
         self.n = 0
         self.loss = self.ce = self.manifold = self.correct = 0.0
         self.t0 = time.perf_counter()
+
+    def state(self) -> dict:
+        """For a checkpoint (floats round-trip exactly through JSON), with the time spent so far."""
+        return {"n": self.n, "loss": self.loss, "ce": self.ce, "manifold": self.manifold, "correct": self.correct,
+                "seconds": time.perf_counter() - self.t0}
+
+    def load(self, state: dict) -> None:
+        self.n = int(state["n"])
+        self.loss, self.ce, self.manifold, self.correct = (float(state[k]) for k in ("loss", "ce", "manifold",
+                                                                                     "correct"))
+        self.t0 = time.perf_counter() - float(state["seconds"])
 
     def add(self, n, loss_sum, ce_sum, manifold_sum, acc):
         self.n += n

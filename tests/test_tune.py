@@ -45,20 +45,34 @@ class Interrupt(Exception):
     pass
 
 
+def _interrupt_at(stop):
+    def on_step(step, row):
+        if step == stop:
+            raise Interrupt
+    return on_step
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# (save_every, log_every, the step after which the run is stopped, its latest checkpoint); 6 steps in all.
+# A checkpoint between two logged steps must carry the metric sums of the steps since the last row.
+RESUMES = [(2, 1, 5, 4), (3, 2, 4, 3)]
+
+
+@pytest.mark.parametrize("save_every, log_every, stop, latest", RESUMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tmp_path):
+def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, log_every, stop, latest, olmoe_dir,
+                                                          tmp_path):
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records, emb = _records(m, 10), unit_rows(10)
-    settings = tune.TuneSettings(epochs=2, save_every=2, **SMALL)   # 3 steps per epoch, 6 in all
-    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
-
-    def stop_at_5(step, row):
-        if step == 5:
-            raise Interrupt
+    settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": save_every, "log_every": log_every})
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")   # 3 steps per epoch
 
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_5, progress="off")
-    assert tune_folder.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(stop), progress="off")
+    assert tune_folder.latest_checkpoint(tmp_path / "cut").name == f"step-{latest:08d}"
     with pytest.raises(UserError, match="exists and is not empty"):
         tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
     resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
@@ -67,14 +81,31 @@ def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tm
     b, _ = read_adapter(tmp_path / "cut")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    rows = _rows(tmp_path / "cut")
+    assert [r["step"] for r in rows] == list(range(log_every, 7, log_every))
     assert all(tuple(r) == tune.METRIC_KEYS for r in rows)
-    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
+    for key in ("loss", "ce", "manifold", "acc"):
+        assert [r[key] for r in rows] == [r[key] for r in whole.metrics] == [r[key] for r in _rows(tmp_path / "whole")]
     # a resumed run with other settings is refused, naming the setting
     with pytest.raises(UserError, match="lr="):
         tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2), tmp_path / "cut",
                   resume=True, progress="off")
+
+
+def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 10), unit_rows(10)
+    settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": 2})
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
+    with pytest.raises(Interrupt):
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(5), progress="off")
+    state = tune_folder.latest_checkpoint(tmp_path / "cut") / "state.json"
+    info = json.loads(state.read_text())
+    assert info["epoch"] == 1             # stopped inside the second epoch, one step into it
+    info["rng"] = np.random.default_rng([99, 1]).bit_generator.state
+    state.write_text(json.dumps(info))
+    resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
+    assert any(not np.array_equal(resumed.weights[k], whole.weights[k]) for k in whole.weights)
 
 
 def test_adapter_folder_contents(olmoe_dir, tmp_path):
