@@ -125,6 +125,10 @@ def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "notes")
     assert r[0] == 2 and "is not a router adapter" in r[2]
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    r = run_main(capsys, "eval", "--model", tmp_path / "no-model", "--data", bad, "--oracle", "--report", other)
+    assert r[0] == 2 and "not a moe-local report" in r[2]   # refused before the model, the data, any pass
 
 
 def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):
