@@ -129,6 +129,9 @@ def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
     other.write_text('{"mine": 1}')
     r = run_main(capsys, "eval", "--model", tmp_path / "no-model", "--data", bad, "--oracle", "--report", other)
     assert r[0] == 2 and "not a moe-local report" in r[2]   # refused before the model, the data, any pass
+    for flag, value in (("--batch-size", 0), ("--oracle-steps", -1), ("--oracle-lr", 0), ("--layers", 0)):
+        r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, flag, value)
+        assert r[0] == 2 and f"Invalid value for '{flag}'" in r[2], (flag, r[2])
 
 
 def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):

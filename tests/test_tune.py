@@ -327,6 +327,10 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
     assert r[0] == 2 and "moe-local embed" in r[2]
     assert not (tmp_path / "A").exists()
+    for flag in ("--batch-size", "--layers"):
+        r = run_main(capsys, "prepare", "--model", olmoe_dir, "--data", path, "--bank", tmp_path / "B", flag, 0)
+        assert r[0] == 2 and f"Invalid value for '{flag}'" in r[2], (flag, r[2])
+    assert not (tmp_path / "B").exists()
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", "float32"), ("torch", "bfloat16"),

@@ -37,12 +37,15 @@ def append_report(path: Path, rows: list[dict]) -> None:
 @device_option
 @adapter_option
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation task file (JSONL).")
-@click.option("--layers", type=int, default=5, show_default=True,
+@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
               help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per forward pass (per process).")
 @click.option("--oracle", is_flag=True, help="Also report oracle routing accuracy and its wrong-label control.")
-@click.option("--oracle-steps", type=int, default=20, show_default=True, help="Adam steps per sample.")
-@click.option("--oracle-lr", type=float, default=0.1, show_default=True, help="Adam learning rate of the offsets.")
+@click.option("--oracle-steps", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Adam steps per sample.")
+@click.option("--oracle-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Adam learning rate of the offsets.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="JSON report file (rows are appended to an existing report).")
 @seed_option
@@ -59,8 +62,6 @@ def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle
         def check_report():   # the report is rank 0's: refused before any work, not after the evaluation
             read_report(Path(report))
 
-        if batch_size < 1 or oracle_steps < 0 or not oracle_lr > 0:
-            raise UserError("--batch-size must be at least 1, --oracle-steps at least 0 and --oracle-lr positive")
         if report is not None:
             dist.on_main(check_report)
         records = read_records(data)

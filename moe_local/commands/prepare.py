@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from moe_local.errors import UserError
-
 from .options import ConfigCommand, backend_option, device_option, model_option
 
 
@@ -34,9 +32,11 @@ def load_data(data, embeddings, need_embeddings: bool = True):
 @backend_option
 @device_option
 @data_options
-@click.option("--layers", type=int, default=5, show_default=True, help="Tune the last N MoE layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Tune the last N MoE layers.")
 @click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per forward pass (per process).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
 def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
@@ -48,8 +48,6 @@ def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, 
     bank = Path(bank)
     with session(device, backend) as (dist, device):   # under torchrun each rank runs its share of the records
         dist.on_main(lambda: roma.check_bank_folder(bank, overwrite))   # the output is rank 0's
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         records, emb = load_data(data, embeddings)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)
