@@ -6,10 +6,11 @@
 Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients;
 moe_local/optim.py steps them), so both backends take the same steps, checkpoints are backend-neutral,
 and ``--resume`` continues bit-for-bit. The prefix cache is moe_local/prefix_cache.py; the output
-folder, its checkpoints and what may be replaced are moe_local/tune_folder.py. Python API for one-process pipelines (``moe-local demo``)::
+folder, its checkpoints and what may be replaced are moe_local/tune_folder.py. Python API for
+one-process pipelines (``moe-local demo``)::
 
-    bank, cache = prepare(model, records, embeddings, layers)
-    result = tune(model, records, embeddings, TuneSettings(...), out="adapter")
+    bank = prepare(model, records, embeddings, layers)
+    result = tune(model, records, embeddings, TuneSettings(...), out="adapter", bank=bank)
 
 Under torchrun, ``dist`` (a :class:`moe_local.distributed.Group`) makes the same run data parallel:
 each rank runs the records it owns, gradients and bank rows are summed across ranks, and only rank 0
