@@ -131,7 +131,7 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
     """
     if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
-    layers = roma.tuned_layers(model.spec, layers)
+    layers = roma.tuned_layers(model.spec, layers, oracle=True)
     encoded = encode_records(model.tokenizer, records)
     answers = np.array([r.answer for r in records])
     wrong = wrong_labels(records, seed)

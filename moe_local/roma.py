@@ -29,9 +29,20 @@ BANK_META = "bank.json"
 TIE_DECIMALS = 10
 
 
-def tuned_layers(spec, layers) -> tuple:
-    """The tuned layers: an explicit sequence, or how many of the last MoE layers (RoMA: 5)."""
+def tuned_layers(spec, layers, oracle: bool = False) -> tuple:
+    """The tuned layers: an explicit sequence, or how many of the last MoE layers (RoMA: 5).
+
+    ``oracle``: the layers are where the evaluation's oracle steers the routers, and errors say so.
+    """
     if isinstance(layers, int):
+        have = len(spec.moe)
+        if layers < 1:
+            what = "--layers" if oracle else "the number of tuned layers"
+            raise UserError(f"{what} must be at least 1, got {layers}")
+        if layers > have:
+            doing = "the oracle cannot steer" if oracle else "cannot tune"
+            raise UserError(f"the model has {have} MoE layers; {doing} the last {layers} "
+                            f"(give --layers {have} or fewer)")
         layers = spec.last_moe_layers(layers)
     layers = tuple(int(i) for i in layers)
     spec.fingerprint(layers)   # each must be an MoE layer

@@ -7,6 +7,7 @@ import pytest
 
 import moe_local
 from moe_local import data, tune
+from moe_local.errors import UserError
 from moe_local.evaluate import evaluate, wrong_labels
 from generation_helpers import BACKENDS
 from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
@@ -60,6 +61,15 @@ def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_
     assert (after < first["ce"]).all()
     top2 = lambda r: np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
     assert (top2(routing) != top2(first["routing"])).any()   # top-k re-selected under the offsets
+
+
+def test_oracle_layers_beyond_the_model_name_the_oracle(olmoe_dir):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(task_records(2))
+    with pytest.raises(UserError, match=r"has 4 MoE layers; the oracle cannot steer the last 9 \(give --layers 4"):
+        evaluate(m, records, layers=9, oracle=True, progress="off")
+    with pytest.raises(UserError, match="--layers must be at least 1, got 0"):
+        evaluate(m, records, layers=0, progress="off")
 
 
 def test_wrong_labels_are_wrong_and_reproducible():
