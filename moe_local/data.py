@@ -64,11 +64,12 @@ def parse_record(obj, path, line) -> Record:
         _fail(path, line, f"'choices' has {len(choices)} entries; {MIN_CHOICES} to {MAX_CHOICES} are allowed")
     n = len(choices)
     valid = f"0-{n - 1} or A-{LETTERS[n - 1]}"
-    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
-        _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid})")
-    if isinstance(answer, str):
-        letter = answer.strip().upper()
-        if len(letter) != 1 or letter not in LETTERS[:n]:
+    letter = answer.strip().upper() if isinstance(answer, str) else None
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)) \
+            or (letter is not None and not (len(letter) == 1 and "A" <= letter <= "Z")):
+        _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid}), got {answer!r}")
+    if letter is not None:
+        if letter not in LETTERS[:n]:
             _fail(path, line, f"answer {answer!r} is out of range for {n} choices ({valid})")
         answer = LETTERS.index(letter)
     elif not 0 <= answer < n:

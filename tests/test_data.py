@@ -35,6 +35,9 @@ def test_rules_blank_lines_letters_and_subject(tmp_path):
     ('{"question": "Q", "choices": ' + json.dumps(list("abcdefghijk")) + ', "answer": 0}', "has 11 entries"),
     ('{"question": "Q", "choices": ["a", 2], "answer": 0}', "list of strings"),
     ('{"question": "Q", "choices": ["a", "b"], "answer": true}', "0-based integer or a letter"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": "1"}', "'answer' must be a 0-based integer or a letter "
+                                                                 "(0-1 or A-B), got '1'"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": "AB"}', "must be a 0-based integer or a letter"),
     ('["not", "an", "object"]', "expected a JSON object"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
