@@ -8,7 +8,7 @@ import pytest
 import moe_local
 from moe_local import data, tune
 from moe_local.errors import UserError
-from moe_local.evaluate import evaluate, wrong_labels
+from moe_local.evaluate import evaluate, oracle_predictions, wrong_labels
 from generation_helpers import BACKENDS
 from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
@@ -32,7 +32,14 @@ def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
     assert result.accuracy.per_task["add"] == (float(hits[::2].mean()), 4)
     # steering the tuned routers' last-token logits toward the true label can only help here
     assert result.oracle.accuracy >= result.accuracy.accuracy
-    assert 0.0 <= result.oracle_wrong.accuracy <= 1.0
+    # the control: the same steps aimed at each record's random wrong label, counted against that label
+    wrong = wrong_labels(records, 0)
+    steered = np.zeros(8, np.int64)
+    for batch in data.batches(data.encode_records(m.tokenizer, records), np.arange(8), 3):
+        hidden = m.prefix_hidden(batch, result.layers[0])
+        steered[batch.index] = oracle_predictions(m, hidden, batch, result.layers, wrong[batch.index], 4, 0.1)
+    assert result.oracle_wrong.accuracy == (steered == wrong).mean()
+    assert result.oracle_wrong.per_task["add"] == (float((steered == wrong)[::2].mean()), 4)
     # with no steps the oracle is the model itself
     zero = evaluate(m, records, layers=2, oracle=True, oracle_steps=0, progress="off")
     assert zero.oracle.accuracy == zero.accuracy.accuracy

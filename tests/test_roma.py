@@ -86,7 +86,7 @@ def test_manifold_term_formula():
 def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     spec = load_spec(olmoe_dir)
     layers = spec.last_moe_layers(2)
-    bank = roma.Bank(np.array([1, 0, 1], np.uint8), np.random.rand(3, 2, 8).astype(np.float32),
+    bank = roma.Bank(np.array([1, 0, 1], np.uint8), np.random.default_rng(0).random((3, 2, 8), np.float32),
                      unit_rows(3), {"fingerprint": spec.fingerprint(layers), "layers": list(layers),
                                     "data_sha256": "abc"})
     roma.write_bank(tmp_path / "bank", bank)
