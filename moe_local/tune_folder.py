@@ -10,6 +10,7 @@ only when the run has succeeded, so a failed run leaves the old adapter as it wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,7 +130,8 @@ class RunFolder:
 
     ``new`` and ``resume`` write in ``out`` itself. ``replace`` writes in a temporary folder beside it;
     :meth:`finish` moves the old folder's kept bank and the user's hidden files into it and swaps it in
-    (two renames on one file system), so a run that fails or is killed leaves the old adapter as it was.
+    (two renames on one file system), so a run that fails leaves the old adapter as it was (one that is
+    killed leaves it too, with its own ``.NAME.partial-*`` folder beside it).
     A failed ``new`` run keeps what the next run can use — its checkpoints (``--resume``), its bank (the
     next run takes ``out/bank``) — and removes the rest, and the folders it made if they end up empty.
     """
@@ -149,24 +151,38 @@ class RunFolder:
         if self.mode != "replace":
             return
         target = self.out.resolve()
-        for entry in target.iterdir():
-            carry = (self.keep_bank and entry.name == BANK_DIR) or \
-                (entry.name.startswith(".") and not _leftover(entry.name))
-            if carry and not (self.work / entry.name).exists():
-                os.replace(entry, self.work / entry.name)
+        carried = [e.name for e in target.iterdir()
+                   if ((self.keep_bank and e.name == BANK_DIR) or (e.name.startswith(".") and not _leftover(e.name)))
+                   and not (self.work / e.name).exists()]
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old)   # a folder may take the name of an empty one
-        os.replace(self.work, target)
+        moved = []
+        try:
+            for name in carried:
+                os.replace(target / name, self.work / name)
+                moved.append(name)
+            os.replace(target, old)   # a folder may take the name of an empty one
+            try:
+                os.replace(self.work, target)
+            except OSError:
+                os.replace(old, target)
+                raise
+        except OSError:   # the old adapter is whole again; the new run is dropped by abandon()
+            for name in moved:
+                os.replace(self.work / name, target / name)
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
 
     def abandon(self) -> None:
-        if self.mode == "replace":
-            shutil.rmtree(self.work, ignore_errors=True)
-        elif self.mode == "new" and latest_checkpoint(self.out) is None:
-            (self.out / METRICS_FILE).unlink(missing_ok=True)
-            for folder in self.made:   # deepest first
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+        """After a failure; never raises, so the run's own error is the one reported."""
+        with contextlib.suppress(OSError):
+            if self.mode == "replace":
+                shutil.rmtree(self.work, ignore_errors=True)
+            elif self.mode == "new" and latest_checkpoint(self.out) is None:
+                (self.out / METRICS_FILE).unlink(missing_ok=True)
+                for folder in self.made:   # deepest first
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
 
 
 def rank_cache_path(out: Path, rank: int) -> Path:
