@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoint import ASSETS, BUILTIN_MODELS
 from .data import batches, encode_records, read_records
-from .embeddings import load_embeddings
+from .embeddings import default_embeddings_path, load_embeddings
 from .errors import UserError
 from .files import AtomicFolder, atomic_write_text
 from .progress import Progress
@@ -64,7 +64,7 @@ def load_split(name: str):
     if not path.is_file():
         raise UserError(f"the demo suite's split '{name}' is not installed ({path})")
     records = read_records(path)
-    return records, load_embeddings(path.with_suffix(".npy"), len(records))
+    return records, load_embeddings(default_embeddings_path(path), len(records))
 
 
 def expert_usage(model, records, layers, router_weights=None, batch_size: int = 32) -> np.ndarray:
