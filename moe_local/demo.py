@@ -161,10 +161,11 @@ def write_plot(path: Path, rows: list[dict], usage: dict) -> bool:
                       for s in splits]
             ax.bar(np.arange(len(splits)) + j * width, values, width, label=method)
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15)               # headroom for the legend above the bars
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: accuracy by method and split")
-        ax.legend(fontsize=8, ncol=len(methods))
+        ax.legend(fontsize=8, ncol=len(methods), loc="upper center")
         ax = axes[i][1]
         u = usage[name]
         experts = len(u["base"][0])
