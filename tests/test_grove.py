@@ -68,9 +68,10 @@ def test_block_matches_transcription(impl, tokens, top_k):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("tokens", [1, 13])
+@pytest.mark.parametrize("tokens", [1, 13, 70])
 def test_grouped_mm_path_equals_per_expert_path(dtype, tol, tokens):
-    """Without a gradient the CPU block runs torch._grouped_mm; with one, a matmul pair per expert."""
+    """Without a gradient the CPU block runs torch._grouped_mm (experts up to 64 tokens, adjugates always);
+    with one, a matmul pair per expert and per adjugate."""
     block = make_block(num_experts=16, top_k=2, seed=3).to(dtype)       # 16 experts, few tokens: some idle
     x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
