@@ -64,11 +64,12 @@ def parse_record(obj, path, line) -> Record:
         _fail(path, line, f"'choices' has {len(choices)} entries; {MIN_CHOICES} to {MAX_CHOICES} are allowed")
     n = len(choices)
     valid = f"0-{n - 1} or A-{LETTERS[n - 1]}"
-    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
-        _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid})")
-    if isinstance(answer, str):
-        letter = answer.strip().upper()
-        if len(letter) != 1 or letter not in LETTERS[:n]:
+    letter = answer.strip().upper() if isinstance(answer, str) else None
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)) \
+            or (letter is not None and not (len(letter) == 1 and "A" <= letter <= "Z")):
+        _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid}), got {answer!r}")
+    if letter is not None:
+        if letter not in LETTERS[:n]:
             _fail(path, line, f"answer {answer!r} is out of range for {n} choices ({valid})")
         answer = LETTERS.index(letter)
     elif not 0 <= answer < n:
@@ -226,10 +227,6 @@ class Batch:
     def size(self) -> int:
         return len(self.answers)
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self.lengths)
-
     def answer_onehot(self, answers=None) -> np.ndarray:
         answers = self.answers if answers is None else np.asarray(answers)
         onehot = np.zeros(self.cand_valid.shape, dtype=np.float32)
@@ -285,16 +282,8 @@ def batches(encoded: list[Encoded], order, batch_size: int, pad_id: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores -> loss and predictions (numpy; the differentiable twin is roma.candidate_ce)
+# Scores -> predictions (the differentiable CE over candidates is roma.candidate_ce)
 # ---------------------------------------------------------------------------------------------
-
-def candidate_ce(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
-    """Per-sample CE = -log softmax(scores)[answer], scores [B, C] with MISSING_SCORE for absent choices."""
-    scores = np.asarray(scores, dtype=np.float64)
-    m = scores.max(-1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(scores - m).sum(-1))
-    return logz - scores[np.arange(len(scores)), answers]
-
 
 def predictions(scores: np.ndarray) -> np.ndarray:
     """argmax over candidates; ties go to the first (lowest letter)."""

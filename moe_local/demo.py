@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoint import ASSETS, BUILTIN_MODELS
 from .data import batches, encode_records, read_records
-from .embeddings import load_embeddings
+from .embeddings import default_embeddings_path, load_embeddings
 from .errors import UserError
 from .files import AtomicFolder, atomic_write_text
 from .progress import Progress
@@ -64,7 +64,7 @@ def load_split(name: str):
     if not path.is_file():
         raise UserError(f"the demo suite's split '{name}' is not installed ({path})")
     records = read_records(path)
-    return records, load_embeddings(path.with_suffix(".npy"), len(records))
+    return records, load_embeddings(default_embeddings_path(path), len(records))
 
 
 def expert_usage(model, records, layers, router_weights=None, batch_size: int = 32) -> np.ndarray:
@@ -161,10 +161,11 @@ def write_plot(path: Path, rows: list[dict], usage: dict) -> bool:
                       for s in splits]
             ax.bar(np.arange(len(splits)) + j * width, values, width, label=method)
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15)               # headroom for the legend above the bars
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: accuracy by method and split")
-        ax.legend(fontsize=8, ncol=len(methods))
+        ax.legend(fontsize=8, ncol=len(methods), loc="upper center")
         ax = axes[i][1]
         u = usage[name]
         experts = len(u["base"][0])

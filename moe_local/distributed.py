@@ -158,28 +158,29 @@ def _describe(error: BaseException) -> tuple[str, str, str]:
     return kind, type(error).__name__, lines[0] if lines else ""
 
 
-def _settle(group: Group, error: BaseException) -> BaseException:
-    """What this rank raises once ``error`` ended its part of the run (see the module docstring)."""
+def _settle(group: Group, error: BaseException) -> tuple[BaseException, bool]:
+    """What this rank raises once ``error`` ended its part of the run (see the module docstring), and
+    whether the ranks agreed on it (all of them alive)."""
     import torch.distributed as dist
 
     if not isinstance(error, RankFailed):
         if isinstance(error, dist.DistError):   # the group itself broke (a peer died): nothing to agree on
-            return error
+            return error, False
         try:
             group.check(error)
         except RankFailed as shared:
             error = shared
         except Exception:   # the exchange failed too (a peer is gone): report our own error
-            return error
+            return error, False
     if not group.is_main:   # rank 0 prints the error; this rank's own traceback on request, as the CLI does
         if os.environ.get("MOE_LOCAL_DEBUG") and error.own is not None:
             traceback.print_exception(error.own)
-        return SystemExit(error.code)
+        return SystemExit(error.code), True
     if error.rank == group.rank and error.own is not None:
-        return error.own
+        return error.own, True
     if error.kind == "user":
-        return UserError(error.message)
-    return RankError(f"on rank {error.rank}: {error.type_name}: {error.message}")
+        return UserError(error.message), True
+    return RankError(f"on rank {error.rank}: {error.type_name}: {error.message}"), True
 
 
 def rank_device(device: str | None, local_rank: int) -> str:
@@ -239,15 +240,34 @@ def session(device: str | None = None, backend: str = "auto"):
     # can pass NCCL's default 10 minutes. A rank that dies is caught by torchrun, not by this timeout.
     dist.init_process_group(kind, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
     group = Group(rank, world, device, kind)
+    agreed = False   # every rank is alive and past its last collective
     try:
         yield group, device
         group.check()
+        agreed = True
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: B902 - every other error is settled across the ranks
-        raise _settle(group, e) from None
+        settled, agreed = _settle(group, e)
+        raise settled from None
     finally:
+        if agreed:
+            _wait_for_peers(kind)
         dist.destroy_process_group()
+
+
+def _wait_for_peers(kind: str) -> None:
+    """Ranks close their connections together: a rank that closes while a peer's gloo threads still read
+    from it can make that peer abort at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    try:
+        if kind == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:   # a peer is gone: nothing left to wait for
+        pass
 
 
 __all__ = ["LOCAL", "Group", "Local", "RankError", "RankFailed", "launched", "rank_device", "select_cuda", "session"]

@@ -25,6 +25,7 @@ from . import roma
 from .data import Record, batches, encode_records, predictions
 from .distributed import LOCAL
 from .errors import UserError
+from .optim import adam
 from .progress import Progress
 
 NO_TASK = "(none)"
@@ -88,34 +89,16 @@ def _ce_loss(scores, routing, onehot):
     return ce.sum(), {"ce": ce}
 
 
-class _Adam:
-    """torch.optim.Adam's update on one float32 array (no weight decay)."""
-
-    def __init__(self, shape, lr, betas=(0.9, 0.999), eps=1e-8):
-        self.x = np.zeros(shape, np.float32)
-        self.m = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
-        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
-
-    def step(self, g):
-        self.t += 1
-        b1, b2 = self.betas
-        self.m += (g - self.m) * np.float32(1 - b1)
-        self.v = self.v * np.float32(b2) + np.float32(1 - b2) * g * g
-        denom = np.sqrt(self.v) / np.float32(np.sqrt(1 - b2 ** self.t)) + np.float32(self.eps)
-        self.x -= np.float32(self.lr / (1 - b1 ** self.t)) * (self.m / denom)
-
-
 def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: float) -> np.ndarray:
     """Predictions after ``steps`` Adam steps on per-sample router-logit offsets toward ``targets``."""
     experts = model.spec.moe_at(layers[0]).num_experts
-    adam = _Adam((batch.size, len(layers), experts), lr)
+    opt = adam({"offsets": np.zeros((batch.size, len(layers), experts), np.float32)}, lr)
     onehot = batch.answer_onehot(targets)
     for _ in range(steps):
         _, _, grad = model.suffix_value_and_grad(hidden, batch, layers[0], layers, _ce_loss, {"onehot": onehot},
-                                                 offsets=adam.x, wrt="offsets")
-        adam.step(grad)
-    scores, _ = model.suffix_scores(hidden, batch, layers[0], layers, offsets=adam.x)
+                                                 offsets=opt.params["offsets"], wrt="offsets")
+        opt.step({"offsets": grad})
+    scores, _ = model.suffix_scores(hidden, batch, layers[0], layers, offsets=opt.params["offsets"])
     return predictions(scores)
 
 
@@ -148,7 +131,7 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
     """
     if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
-    layers = roma.tuned_layers(model.spec, layers)
+    layers = roma.tuned_layers(model.spec, layers, oracle=True)
     encoded = encode_records(model.tokenizer, records)
     answers = np.array([r.answer for r in records])
     wrong = wrong_labels(records, seed)

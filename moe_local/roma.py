@@ -29,9 +29,20 @@ BANK_META = "bank.json"
 TIE_DECIMALS = 10
 
 
-def tuned_layers(spec, layers) -> tuple:
-    """The tuned layers: an explicit sequence, or how many of the last MoE layers (RoMA: 5)."""
+def tuned_layers(spec, layers, oracle: bool = False) -> tuple:
+    """The tuned layers: an explicit sequence, or how many of the last MoE layers (RoMA: 5).
+
+    ``oracle``: the layers are where the evaluation's oracle steers the routers, and errors say so.
+    """
     if isinstance(layers, int):
+        have = len(spec.moe)
+        if layers < 1:
+            what = "--layers" if oracle else "the number of tuned layers"
+            raise UserError(f"{what} must be at least 1, got {layers}")
+        if layers > have:
+            doing = "the oracle cannot steer" if oracle else "cannot tune"
+            raise UserError(f"the model has {have} MoE layers; {doing} the last {layers} "
+                            f"(give --layers {have} or fewer)")
         layers = spec.last_moe_layers(layers)
     layers = tuple(int(i) for i in layers)
     spec.fingerprint(layers)   # each must be an MoE layer
@@ -164,15 +175,24 @@ class Bank:
         return list(self.meta["layers"])
 
 
+def check_bank_folder(folder, overwrite: bool = True) -> Path:
+    """Refuse a bank path that is a file or a folder of other files; an old bank is replaced only with ``overwrite``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"bank path {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / BANK_META).is_file():
+            raise UserError(f"bank folder {folder} holds files that are not a routing bank; give a new folder")
+        if not overwrite:
+            raise UserError(f"bank folder {folder} exists; pass --overwrite to replace it")
+    return folder
+
+
 def write_bank(folder, bank: Bank) -> Path:
     """Write ``bank.safetensors`` and ``bank.json`` into a new folder atomically (replacing an old bank)."""
     from .files import atomic_save_numpy_safetensors
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"bank path {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / BANK_META).is_file():
-        raise UserError(f"bank folder {folder} holds files that are not a routing bank; give a new folder")
+    folder = check_bank_folder(folder)
     tensors = {"correct": np.ascontiguousarray(bank.correct, dtype=np.uint8),
                "routing": np.ascontiguousarray(bank.routing, dtype=np.float32),
                "embeddings": np.ascontiguousarray(bank.embeddings, dtype=np.float32)}

@@ -3,12 +3,14 @@
     prepare: one base-model pass -> routing bank (correct, routing, embeddings) + prefix cache
     tune:    epochs of router-only AdamW steps on CE + λ(t)·manifold, r_i live -> adapter folder
 
-Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients), so
-both backends take the same steps, checkpoints are backend-neutral, and ``--resume`` continues
-bit-for-bit. Python API for one-process pipelines (``moe-local demo``)::
+Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients;
+moe_local/optim.py steps them), so both backends take the same steps, checkpoints are backend-neutral,
+and ``--resume`` continues bit-for-bit. The prefix cache is moe_local/prefix_cache.py; the output
+folder, its checkpoints and what may be replaced are moe_local/tune_folder.py. Python API for
+one-process pipelines (``moe-local demo``)::
 
-    bank, cache = prepare(model, records, embeddings, layers)
-    result = tune(model, records, embeddings, TuneSettings(...), out="adapter")
+    bank = prepare(model, records, embeddings, layers)
+    result = tune(model, records, embeddings, TuneSettings(...), out="adapter", bank=bank)
 
 Under torchrun, ``dist`` (a :class:`moe_local.distributed.Group`) makes the same run data parallel:
 each rank runs the records it owns, gradients and bank rows are summed across ranks, and only rank 0
@@ -21,7 +23,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,22 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from . import roma
-from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, write_adapter
+from .adapter import METRICS_FILE, write_adapter
 from .data import Record, batches, encode_records, make_batch, predictions
 from .distributed import LOCAL
 from .errors import UserError
 from .evaluate import check_finite
-from .files import AtomicFolder, atomic_save_numpy_safetensors, atomic_write_text
+from .files import atomic_write_text
+from .optim import AdamW
+from .prefix_cache import CACHE_MODES, PrefixCache
 from .progress import Progress
+from .tune_folder import (BANK_DIR, CACHE_FILE, RunFolder, check_output, check_resume, default_bank,
+                          latest_checkpoint, load_checkpoint, metrics_upto, rank_cache_path, save_checkpoint)
 
-CHECKPOINTS = "checkpoints"
-BANK_DIR = "bank"
-CACHE_FILE = ".prefix-cache.bin"
 METRIC_KEYS = ("step", "loss", "ce", "manifold", "acc", "lr", "lam", "samples_per_s", "peak_mem_gb")
-# Entries of an adapter folder this package writes; anything else there is the user's and is never touched.
-OURS = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINTS, BANK_DIR)
 METHODS = ("roma", "router")
-CACHE_MODES = ("auto", "memory", "disk", "recompute", "full")
 
 
 @dataclass
@@ -109,138 +108,6 @@ class TuneResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW (torch.optim.AdamW's update, in float32 numpy)
-# ---------------------------------------------------------------------------------------------
-
-class AdamW:
-    """Decoupled weight decay, bias-corrected moments: the update torch.optim.AdamW makes."""
-
-    def __init__(self, params: dict, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
-        self.exp_avg = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.exp_avg_sq = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.step_count = 0
-
-    def step(self, grads: dict) -> None:
-        self.step_count += 1
-        b1, b2 = self.betas
-        bc1 = 1.0 - b1 ** self.step_count
-        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
-        for k, p in self.params.items():
-            g = np.asarray(grads[k], dtype=np.float32)
-            if self.weight_decay:
-                p *= np.float32(1.0 - self.lr * self.weight_decay)
-            m, v = self.exp_avg[k], self.exp_avg_sq[k]
-            m += (g - m) * np.float32(1.0 - b1)
-            v *= np.float32(b2)
-            v += np.float32(1.0 - b2) * g * g
-            denom = np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(self.eps)
-            p -= np.float32(self.lr / bc1) * (m / denom)
-
-    def state(self) -> tuple[dict, dict]:
-        tensors = {}
-        for k in self.params:
-            tensors[k] = self.params[k]
-            tensors[f"{k}.exp_avg"] = self.exp_avg[k]
-            tensors[f"{k}.exp_avg_sq"] = self.exp_avg_sq[k]
-        return tensors, {"step": self.step_count}
-
-    def load(self, tensors: dict, info: dict) -> None:
-        for k in self.params:
-            self.params[k] = np.array(tensors[k], dtype=np.float32)
-            self.exp_avg[k] = np.array(tensors[f"{k}.exp_avg"], dtype=np.float32)
-            self.exp_avg_sq[k] = np.array(tensors[f"{k}.exp_avg_sq"], dtype=np.float32)
-        self.step_count = int(info["step"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefix cache
-# ---------------------------------------------------------------------------------------------
-
-class PrefixCache:
-    """Hidden states at the input of the first tuned layer, per record, ragged, in the model's dtype.
-
-    ``memory``: backend arrays; ``disk``: one memory-mapped file (exact bytes); ``recompute``: nothing
-    kept, the prefix is run under no-grad at each step; ``full``: each step runs the whole model (the
-    baseline the released code implies); ``auto``: memory when it fits ``budget_gb``, else recompute.
-    """
-
-    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None,
-                 owned=None):
-        self.model, self.layer, self.path = model, layer, path
-        # ``owned``: the records this process keeps (a rank's shard); the others take no room.
-        keep = None if owned is None else set(np.asarray(owned).tolist())
-        self.lengths = [[len(s) for s in e.sequences] if keep is None or i in keep else []
-                        for i, e in enumerate(encoded)]
-        self.tokens = sum(sum(x) for x in self.lengths)
-        self.mode = mode
-        self.budget = budget_gb * 1024**3
-        self.rows: dict[int, list] = {}
-        self.mmap = None
-        self.offsets = np.concatenate([[0], np.cumsum([sum(x) for x in self.lengths])]).astype(np.int64)
-
-    @property
-    def stores(self) -> bool:
-        return self.mode in ("memory", "disk", "auto")
-
-    def _decide(self, sample) -> None:
-        host = self.model.hidden_to_host(sample[:1])
-        nbytes = self.tokens * host.shape[-1] * host.itemsize
-        if self.mode == "auto":
-            self.mode = "memory" if nbytes <= self.budget else "recompute"
-        if self.mode == "disk":
-            self.mmap = np.lib.format.open_memmap(str(self.path), mode="w+", dtype=host.dtype,
-                                                  shape=(self.tokens, host.shape[-1]))
-
-    def put(self, batch, hidden: list) -> None:
-        if not self.stores:
-            return
-        if self.mode == "auto" or (self.mode == "disk" and self.mmap is None):
-            self._decide(hidden[0])
-            if not self.stores:
-                return
-        for b, record in enumerate(batch.index):
-            seqs = [hidden[s] for s in np.flatnonzero(batch.seq_sample == b)]
-            if self.mmap is not None:
-                at = self.offsets[record]
-                for h in seqs:
-                    self.mmap[at:at + h.shape[0]] = self.model.hidden_to_host(h)
-                    at += h.shape[0]
-                self.rows[int(record)] = True
-            else:
-                self.rows[int(record)] = seqs
-
-    def get(self, batch) -> list:
-        """The batch's per-sequence hidden states: cached, or computed now (no grad)."""
-        if self.mode == "full":
-            return self.model.prefix_hidden(batch, 0)
-        if self.mode == "recompute" or not self.rows:
-            return self.model.prefix_hidden(batch, self.layer)
-        out = []
-        for record in batch.index:
-            if self.mmap is not None:
-                at = self.offsets[record]
-                for n in self.lengths[record]:
-                    out.append(self.model.hidden_from_host(self.mmap[at:at + n]))
-                    at += n
-            else:
-                out.extend(self.rows[int(record)])
-        return out
-
-    @property
-    def start_layer(self) -> int:
-        return 0 if self.mode == "full" else self.layer
-
-    def close(self) -> None:
-        self.rows.clear()
-        if self.mmap is not None:
-            del self.mmap
-            self.mmap = None
-            Path(self.path).unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Prepare: the bank and the cache in one base-model pass
 # ---------------------------------------------------------------------------------------------
 
@@ -292,105 +159,6 @@ def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_
         meta["data_file_sha256"] = file_sha256(data_file)
     return roma.Bank(correct, routing, np.asarray(embeddings, dtype=np.float32), meta)
 
-
-# ---------------------------------------------------------------------------------------------
-# Output folder, checkpoints, resume
-# ---------------------------------------------------------------------------------------------
-
-def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = False, clear: bool = True) -> None:
-    """Refuse what would overwrite the user's files; clear our own with ``overwrite`` (and ``clear``)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise UserError("give --resume or --overwrite, not both")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"adapter path {out} is a file, not an adapter folder; it is never overwritten")
-    entries = [e for e in out.iterdir() if not e.name.startswith(".")] if out.is_dir() else []
-    if keep_bank:   # the bank given for this run may live in the adapter folder (A/bank, the default)
-        entries = [e for e in entries if e.name != BANK_DIR]
-    foreign = [e.name for e in entries if e.name not in OURS]
-    if not foreign and (out / CONFIG_FILE).is_file():
-        try:
-            ours = isinstance(json.loads((out / CONFIG_FILE).read_text()).get("moe_local"), dict)
-        except (json.JSONDecodeError, AttributeError):
-            ours = False
-        if not ours:
-            foreign = [CONFIG_FILE]
-    if foreign:
-        raise UserError(f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
-                        "it is never overwritten, give a new folder")
-    if resume:
-        if latest_checkpoint(out) is None:
-            raise UserError(f"nothing to resume: {out} has no checkpoints (run without --resume)")
-        return
-    if entries and not overwrite:
-        raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    for e in entries if clear else []:
-        shutil.rmtree(e) if e.is_dir() else e.unlink()
-
-
-def default_bank(out: Path, bank, overwrite: bool):
-    """(the bank to use, whether it is ``out/bank``): ``out/bank`` when no bank is given and one is there
-    (made by ``moe-local prepare --bank A/bank`` or by an interrupted run), unless ``overwrite``."""
-    bank_dir = Path(out) / BANK_DIR
-    if bank is None and not overwrite and (bank_dir / roma.BANK_META).is_file():
-        bank = bank_dir
-    keep = isinstance(bank, (str, Path)) and Path(bank).resolve() == bank_dir.resolve()
-    return bank, keep
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    folder = Path(out) / CHECKPOINTS
-    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
-
-
-def save_checkpoint(out: Path, opt: AdamW, info: dict, keep: int) -> None:
-    tensors, opt_info = opt.state()
-    folder = Path(out) / CHECKPOINTS / f"step-{opt.step_count:08d}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    with AtomicFolder(folder) as tmp:
-        atomic_save_numpy_safetensors(tmp / "state.safetensors", tensors)
-        (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_info}, indent=2) + "\n")
-    old = sorted(p for p in folder.parent.glob("step-*") if p != folder)
-    for p in old[:max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
-
-
-def _check_resume(info: dict, settings: TuneSettings, data_sha: str, fingerprint: dict, where: Path) -> None:
-    if info.get("data_sha256") != data_sha:
-        raise UserError(f"cannot resume {where}: it was tuned on other data")
-    if info.get("fingerprint") != fingerprint:
-        raise UserError(f"cannot resume {where}: it was tuned on another model")
-    saved, now = info.get("hyperparameters", {}), settings.hyperparameters()
-    for key in now:
-        if saved.get(key) != now[key]:
-            raise UserError(f"cannot resume {where}: it was started with {key}={saved.get(key)!r}, "
-                            f"now {key}={now[key]!r} (use the same settings, or --overwrite)")
-
-
-def _metrics_upto(out: Path, step: int) -> list[dict]:
-    """Rows already logged up to ``step``; a torn last line of an interrupted run is dropped."""
-    path = out / METRICS_FILE
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", step + 1) <= step:
-                rows.append(row)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +168,12 @@ def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, glo
     return loss, {"ce": ce, "manifold": manifold}
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, dict]:
+def _epoch_order(seed: int, epoch: int, n: int, state: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(the epoch's record order, the generator state it is drawn from). The state is derived from the
+    seed and epoch; ``state``, a checkpoint's, draws the interrupted epoch's order again on ``--resume``."""
     rng = np.random.default_rng([seed, epoch])
+    if state is not None:
+        rng.bit_generator.state = state
     state = rng.bit_generator.state
     return rng.permutation(n), state
 
@@ -415,38 +187,55 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     here unless a resumed run left one). ``on_step(step, row_or_None)`` is called after every step
     (row = the metrics row on logged steps). The model's own gates are not changed. ``dist``: the
     torchrun process group (moe_local/distributed.py); N processes take the steps one process takes.
+    ``overwrite`` replaces an adapter only once the new run has succeeded (tune_folder.RunFolder).
     """
     settings.check()
-    spec = model.spec
-    layers = roma.tuned_layers(spec, settings.layers)
+    layers = roma.tuned_layers(model.spec, settings.layers)
     out = Path(out)
-    bank_dir = out / BANK_DIR
     data_sha = records_sha256(records)
-    fingerprint = spec.fingerprint(layers)
-    if not dist.is_main:
-        progress = "off"
+    fingerprint = model.spec.fingerprint(layers)
+    folder = None
 
-    def open_output():   # the output folder is rank 0's: it checks, clears and reads it for every rank
+    def open_output():   # the output folder is rank 0's: it checks and reads it for every rank
+        nonlocal folder
         given, keep_bank = default_bank(out, bank, overwrite)
-        check_output(out, resume, overwrite, keep_bank=keep_bank)
-        out.mkdir(parents=True, exist_ok=True)
+        mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
         ckpt = latest_checkpoint(out) if resume else None
         ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
         if ckpt:
-            _check_resume(ckpt_info, settings, data_sha, fingerprint, out)
+            check_resume(ckpt_info, settings.hyperparameters(), data_sha, fingerprint, out)
         if isinstance(given, (str, Path)):
             given = roma.read_bank(given)
-        logged = _metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        logged = metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        folder = RunFolder(out, mode, keep_bank)   # made once every check has passed
         return given, ckpt_tensors, ckpt_info, logged
 
-    bank, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
-    ckpt = bool(ckpt_info)
-
-    encoded = encode_records(model.tokenizer, records)
+    given, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
     # Each rank caches the records it owns, in a file of its own when on disk.
-    cache_path = out / (CACHE_FILE if dist.is_main else f".prefix-cache.rank{dist.rank}.bin")
+    cache_path = folder.work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
     if settings.prefix_cache == "disk" and not dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+        cache_path.parent.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+    try:
+        result = _train(model, records, embeddings, settings, layers, given, (ckpt_tensors, ckpt_info), logged,
+                        folder.work if dist.is_main else None, cache_path, (data_sha, fingerprint), data_file,
+                        on_step, progress if dist.is_main else "off", dist)
+        if folder is not None:
+            folder.finish()
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+    return result
+
+
+def _train(model, records, embeddings, settings, layers, bank, checkpoint, logged, work, cache_path, identity,
+           data_file, on_step, progress, dist) -> TuneResult:
+    """The bank (made here or checked), the prefix cache, the epochs and the adapter, written in ``work``
+    (rank 0's; None on the other ranks)."""
+    spec = model.spec
+    data_sha, fingerprint = identity
+    ckpt_tensors, ckpt_info = checkpoint
+    encoded = encode_records(model.tokenizer, records)
     cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path,
                         owned=None if dist.world == 1 else dist.owned(len(records)))
     prepare_s = cache_s = 0.0
@@ -458,7 +247,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                        dist)
         prepare_s = time.perf_counter() - t0
         if dist.is_main:
-            roma.write_bank(bank_dir, bank)
+            roma.write_bank(work / BANK_DIR, bank)
     else:
         roma.check_bank(bank, spec, layers, data_sha, "given")
         if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
@@ -481,11 +270,11 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
         nb = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
 
     opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
-    if ckpt:
+    if ckpt_info:
         opt.load(ckpt_tensors, ckpt_info["optimizer"])
     metrics = logged
     if dist.is_main:
-        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
+        atomic_write_text(work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
 
     n = len(records)
     steps_per_epoch = math.ceil(n / settings.batch_size)
@@ -495,14 +284,17 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     lam_final = settings.effective_lam
     bar = Progress(total, "tune", progress, initial=opt.step_count)
     window = _Window()
+    if ckpt_info.get("window"):   # the steps since the last logged row, before the interruption
+        window.load(ckpt_info["window"])
     model.reset_peak_memory()
     t_train, cpu_train = time.perf_counter(), time.process_time()
     trained_samples = 0
     try:
-        with open(out / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
+        with open(work / METRICS_FILE if dist.is_main else os.devnull, "a") as metrics_file:
             while opt.step_count < total:
                 epoch, at = divmod(opt.step_count, steps_per_epoch)
-                order, rng_state = _epoch_order(settings.seed, epoch, n)
+                saved = ckpt_info.get("rng") if ckpt_info.get("epoch") == epoch and at else None
+                order, rng_state = _epoch_order(settings.seed, epoch, n, saved)
                 for index in _global_batches(order[at * settings.batch_size:], settings.batch_size):
                     step = opt.step_count + 1
                     size = len(index)
@@ -542,7 +334,8 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
                         metrics_file.flush()
                         bar.log(_format_row(row, total))
                     if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
-                        save_checkpoint(out, opt, {**info_base, "epoch": epoch, "rng": rng_state},
+                        save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state,
+                                                    "window": window.state()},
                                         settings.keep_checkpoints)
                     bar.update(1)
                     if on_step is not None:
@@ -557,7 +350,7 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
              "betas": list(opt.betas), "eps": opt.eps}
     if dist.is_main:
-        write_adapter(out, weights, spec, layers, settings.method, hyper)
+        write_adapter(work, weights, spec, layers, settings.method, hyper)
     return TuneResult(weights=weights, layers=layers, metrics=metrics, bank=bank, steps=opt.step_count,
                       prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
                       samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
@@ -599,6 +392,17 @@ class _Window:
         self.n = 0
         self.loss = self.ce = self.manifold = self.correct = 0.0
         self.t0 = time.perf_counter()
+
+    def state(self) -> dict:
+        """For a checkpoint (floats round-trip exactly through JSON), with the time spent so far."""
+        return {"n": self.n, "loss": self.loss, "ce": self.ce, "manifold": self.manifold, "correct": self.correct,
+                "seconds": time.perf_counter() - self.t0}
+
+    def load(self, state: dict) -> None:
+        self.n = int(state["n"])
+        self.loss, self.ce, self.manifold, self.correct = (float(state[k]) for k in ("loss", "ce", "manifold",
+                                                                                     "correct"))
+        self.t0 = time.perf_counter() - float(state["seconds"])
 
     def add(self, n, loss_sum, ce_sum, manifold_sum, acc):
         self.n += n

@@ -24,24 +24,37 @@ SHAPES = {  # name: (experts, top-k, hidden, expert size)
 GROVE = (128, 8, 2048, 768, 128)  # GroveMoE: Qwen3-30B-A3B experts + 64 adjugates of 128
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function over ``repeats`` rounds in which the peers take turns (the order
+    rotating), so that a shared machine's drift touches every peer alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure_roofs(torch) -> tuple[float, float]:
-    """(read bandwidth in bytes/s from a large copy, fp32 FLOP/s of a large dense matmul)."""
-    src = torch.randn(256 * 1024 * 1024)  # 1 GiB of fp32
-    dst = torch.empty_like(src)
-    copy = median_seconds(lambda: dst.copy_(src), 5)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    matmul = median_seconds(lambda: a @ b, 5)
-    return src.numel() * src.element_size() / copy, 2 * 2048**3 / matmul
+class Roofs:
+    """Probes of this machine's rates, timed among the peers: a 1 GiB sum (reads only), a 1 GiB copy
+    (counted both ways: reads and writes share the memory bus) and a 2048^3 fp32 matmul."""
+
+    def __init__(self, torch):
+        self.src = torch.randn(256 * 1024 * 1024)
+        self.dst = torch.empty_like(self.src)
+        self.a, self.b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        self.nbytes = self.src.numel() * self.src.element_size()
+
+    def probes(self) -> dict:
+        return {"roof:sum": lambda: self.src.sum(), "roof:copy": lambda: self.dst.copy_(self.src),
+                "roof:matmul": lambda: self.a @ self.b}
+
+    def rates(self, t: dict) -> tuple[float, float]:
+        """(read bytes/s, FLOP/s) from the probes' medians."""
+        return max(self.nbytes / t["roof:sum"], 2 * self.nbytes / t["roof:copy"]), 2 * 2048**3 / t["roof:matmul"]
 
 
 def layer_work(idx, num_experts, hidden, size, top_k, groups=None, adjugate=0):
@@ -66,14 +79,13 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
     from moe_local.spec import GroveSpec, MoESpec, ROUTER_SIGMOID_SELECT
 
     torch.manual_seed(0)
-    bandwidth, flops_rate = measure_roofs(torch)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU")
-    print(f"# roofs measured here: read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB copy), "
-          f"dense matmul {flops_rate / 1e9:.0f} GFLOP/s (2048^3)")
+    roofs = Roofs(torch)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU; medians of {repeats} "
+          "rounds, peers and roof probes interleaved")
     print()
-    print("| shape | T | ours ms | ours grouped_mm ms | hf eager ms | hf grouped_mm ms | roof ms | "
-          "roof/ours | ours vs best hf |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | T | ours ms | ours, per-expert loop ms | hf eager ms | hf grouped_mm ms | roof ms | "
+          "read GB/s | GFLOP/s | roof/ours | ours vs best hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def make_block(num_experts, top_k, hidden, size, grove_spec=None):
         spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size, norm_topk_prob=True,
@@ -96,20 +108,18 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
         for tokens in tokens_list:
             x = torch.randn(1, tokens, h)
             with torch.inference_mode():
-                idx, w = moe_ops.route(block.gate(x[0]), block.spec)
-                rows = moe_ops.expert_rows(idx, w, e)
-                ours = median_seconds(lambda: block(x), repeats)
-                ours_mm = median_seconds(lambda: moe_ops.grouped_swiglu_mm(x[0], *rows, block.experts), repeats)
-                timings = {}
-                for impl in ("eager", "grouped_mm"):
-                    config._experts_implementation = impl
-                    timings[impl] = median_seconds(lambda: hf(x), repeats)
+                idx, _ = moe_ops.route(block.gate(x[0]), block.spec)
+                t = interleaved_medians({"ours": lambda: block(x), "loop": lambda: per_expert_loop(block, x),
+                                         **{impl: lambda impl=impl: hf_call(hf, config, impl, x)
+                                            for impl in ("eager", "grouped_mm")},
+                                         **roofs.probes()}, repeats)
+            bandwidth, flops_rate = roofs.rates(t)
             flops, nbytes = layer_work(idx, e, h, size, k)
             roof = max(flops / flops_rate, nbytes / bandwidth)
-            best_hf = min(timings.values())
-            print(f"| {name} | {tokens} | {ours * 1e3:.2f} | {ours_mm * 1e3:.2f} | {timings['eager'] * 1e3:.2f} | "
-                  f"{timings['grouped_mm'] * 1e3:.2f} | {roof * 1e3:.2f} | {roof / ours:.2f} | "
-                  f"{best_hf / ours:.2f}x |")
+            best_hf = min(t["eager"], t["grouped_mm"])
+            print(f"| {name} | {tokens} | {t['ours'] * 1e3:.2f} | {t['loop'] * 1e3:.2f} | {t['eager'] * 1e3:.2f} | "
+                  f"{t['grouped_mm'] * 1e3:.2f} | {roof * 1e3:.2f} | {bandwidth / 1e9:.1f} | {flops_rate / 1e9:.0f} | "
+                  f"{roof / t['ours']:.2f} | {best_hf / t['ours']:.2f}x |", flush=True)
         del block, hf
     if not grove:
         return
@@ -128,16 +138,36 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
         x = torch.randn(1, tokens, h)
         with torch.inference_mode():
             idx, _ = moe_ops.route(grove_block.gate(x[0]), grove_block.spec)
-            t_grove = median_seconds(lambda: grove_block(x), repeats)
-            t_plain = median_seconds(lambda: plain(x), repeats)
-            grove_block.impl = "reference"
-            t_loop = median_seconds(lambda: grove_block(x), max(1, repeats // 2))
-            grove_block.impl = "grouped"
+            t = interleaved_medians({"grove": lambda: grove_block(x), "plain": lambda: plain(x),
+                                     "loop": lambda: reference_block(grove_block, x)}, repeats)
+        t_grove, t_plain, t_loop = t["grove"], t["plain"], t["loop"]
         grove_flops, _ = layer_work(idx, e, h, size, k, groups=e // 2, adjugate=adjugate)
         plain_flops, _ = layer_work(idx, e, h, size, k)
         print(f"| grove | {tokens} | {t_grove * 1e3:.2f} | {t_plain * 1e3:.2f} | {t_loop * 1e3:.2f} | "
               f"{(t_grove / t_plain - 1) * 100:+.1f}% | {(grove_flops / plain_flops - 1) * 100:+.1f}% | "
               f"{t_loop / t_grove:.2f}x |")
+
+
+def per_expert_loop(block, x):
+    """The block on the path a gradient takes (a matmul pair per expert), whatever the batch."""
+    block._grouped_mm_applies = lambda *_: False
+    try:
+        return block(x)
+    finally:
+        del block._grouped_mm_applies
+
+
+def reference_block(block, x):
+    block.impl = "reference"
+    try:
+        return block(x)
+    finally:
+        block.impl = "grouped"
+
+
+def hf_call(hf, config, impl, x):
+    config._experts_implementation = impl
+    return hf(x)
 
 
 def main(argv=None):

@@ -35,6 +35,9 @@ def test_rules_blank_lines_letters_and_subject(tmp_path):
     ('{"question": "Q", "choices": ' + json.dumps(list("abcdefghijk")) + ', "answer": 0}', "has 11 entries"),
     ('{"question": "Q", "choices": ["a", 2], "answer": 0}', "list of strings"),
     ('{"question": "Q", "choices": ["a", "b"], "answer": true}', "0-based integer or a letter"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": "1"}', "'answer' must be a 0-based integer or a letter "
+                                                                 "(0-1 or A-B), got '1'"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": "AB"}', "must be a 0-based integer or a letter"),
     ('["not", "an", "object"]', "expected a JSON object"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
@@ -62,13 +65,6 @@ def test_prompt_is_lm_eval_mmlu_template():
     assert data.candidates(3) == [" A", " B", " C"]
 
 
-def test_candidate_ce_matches_torch():
-    scores = np.array([[-1.0, -2.0, -0.5, data.MISSING_SCORE], [-3.0, -1.0, -2.0, -4.0]], np.float32)
-    answers = np.array([2, 0])
-    ref = torch.nn.functional.cross_entropy(torch.tensor(scores), torch.tensor(answers), reduction="none")
-    np.testing.assert_allclose(data.candidate_ce(scores, answers), ref.numpy(), rtol=1e-6)
-
-
 def _reference_scores(hf, tokenizer, record):
     """lm-eval's way, run by transformers' own model: one sequence per candidate, summed log-probs."""
     prompt = data.render_prompt(record)
@@ -94,7 +90,7 @@ def _check_scores(folder, rows, single_token: bool):
     # one forward pass per sample when candidates are single tokens or share their leading tokens
     assert all(len(e.sequences) == 1 for e in encoded)
     batch = data.make_batch(encoded, range(len(records)))
-    assert batch.num_sequences == len(records)
+    assert len(batch.ids) == len(records)
     ref = [_reference_scores(hf, m.tokenizer, r) for r in records]
     last = m.spec.moe_layers[-1]
     for start in (0, last):   # the whole model, and a prefix + suffix split

@@ -1,7 +1,7 @@
 """``moe-local demo`` mechanics on stand-in assets (tiny random models, a small synthetic suite).
 
-The real embedded default is exercised by test_demo_assets.py; here the pipeline, the files it
-writes and its refusals are checked quickly.
+The pipeline, the files it writes and its refusals are checked quickly here; what the real embedded
+default shows is not (these stand-ins are random).
 """
 
 import json

@@ -7,7 +7,8 @@ import pytest
 
 import moe_local
 from moe_local import data, tune
-from moe_local.evaluate import evaluate, wrong_labels
+from moe_local.errors import UserError
+from moe_local.evaluate import evaluate, oracle_predictions, wrong_labels
 from generation_helpers import BACKENDS
 from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
@@ -31,7 +32,14 @@ def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
     assert result.accuracy.per_task["add"] == (float(hits[::2].mean()), 4)
     # steering the tuned routers' last-token logits toward the true label can only help here
     assert result.oracle.accuracy >= result.accuracy.accuracy
-    assert 0.0 <= result.oracle_wrong.accuracy <= 1.0
+    # the control: the same steps aimed at each record's random wrong label, counted against that label
+    wrong = wrong_labels(records, 0)
+    steered = np.zeros(8, np.int64)
+    for batch in data.batches(data.encode_records(m.tokenizer, records), np.arange(8), 3):
+        hidden = m.prefix_hidden(batch, result.layers[0])
+        steered[batch.index] = oracle_predictions(m, hidden, batch, result.layers, wrong[batch.index], 4, 0.1)
+    assert result.oracle_wrong.accuracy == (steered == wrong).mean()
+    assert result.oracle_wrong.per_task["add"] == (float((steered == wrong)[::2].mean()), 4)
     # with no steps the oracle is the model itself
     zero = evaluate(m, records, layers=2, oracle=True, oracle_steps=0, progress="off")
     assert zero.oracle.accuracy == zero.accuracy.accuracy
@@ -40,25 +48,35 @@ def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_dir):
-    from moe_local.evaluate import _Adam, _ce_loss
+    from moe_local.evaluate import _ce_loss
+    from moe_local.optim import adam
 
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(task_records(6, seed=7))
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(6))
     layers = (2, 3)
     hidden = m.prefix_hidden(batch, 2)
-    adam = _Adam((6, 2, 8), 0.1)
+    opt = adam({"x": np.zeros((6, 2, 8), np.float32)}, 0.1)
     first = None
     for _ in range(20):
         _, aux, grad = m.suffix_value_and_grad(hidden, batch, 2, layers, _ce_loss, {"onehot": batch.answer_onehot()},
-                                               offsets=adam.x, wrt="offsets")
+                                               offsets=opt.params["x"], wrt="offsets")
         first = aux if first is None else first
-        adam.step(grad)
-    scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=adam.x)
-    after = data.candidate_ce(scores, batch.answers)
+        opt.step({"x": grad})
+    scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=opt.params["x"])
+    after = np.logaddexp.reduce(scores.astype(np.float64), axis=-1) - scores[np.arange(6), batch.answers]
     assert (after < first["ce"]).all()
     top2 = lambda r: np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
     assert (top2(routing) != top2(first["routing"])).any()   # top-k re-selected under the offsets
+
+
+def test_oracle_layers_beyond_the_model_name_the_oracle(olmoe_dir):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records = _records(task_records(2))
+    with pytest.raises(UserError, match=r"has 4 MoE layers; the oracle cannot steer the last 9 \(give --layers 4"):
+        evaluate(m, records, layers=9, oracle=True, progress="off")
+    with pytest.raises(UserError, match="--layers must be at least 1, got 0"):
+        evaluate(m, records, layers=0, progress="off")
 
 
 def test_wrong_labels_are_wrong_and_reproducible():
@@ -124,6 +142,13 @@ def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "notes")
     assert r[0] == 2 and "is not a router adapter" in r[2]
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    r = run_main(capsys, "eval", "--model", tmp_path / "no-model", "--data", bad, "--oracle", "--report", other)
+    assert r[0] == 2 and "not a moe-local report" in r[2]   # refused before the model, the data, any pass
+    for flag, value in (("--batch-size", 0), ("--oracle-steps", -1), ("--oracle-lr", 0), ("--layers", 0)):
+        r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, flag, value)
+        assert r[0] == 2 and f"Invalid value for '{flag}'" in r[2], (flag, r[2])
 
 
 def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):

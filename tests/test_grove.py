@@ -67,6 +67,23 @@ def test_block_matches_transcription(impl, tokens, top_k):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [1, 13, 70])
+def test_grouped_mm_path_equals_per_expert_path(dtype, tol, tokens):
+    """Without a gradient the CPU block runs torch._grouped_mm (experts up to 64 tokens, adjugates always);
+    with one, a matmul pair per expert and per adjugate."""
+    block = make_block(num_experts=16, top_k=2, seed=3).to(dtype)       # 16 experts, few tokens: some idle
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        assert block._grouped_mm_applies(x, x)
+        fast = block(x)
+    with torch.enable_grad():
+        assert not block._grouped_mm_applies(x, x)
+        loop = block(x).detach()
+    scale = loop.float().abs().max()
+    torch.testing.assert_close(fast.float(), loop.float(), rtol=0, atol=tol * scale)
+
+
 def test_adjugates_run_once_per_token_and_group():
     """With all 8 experts selected, each token touches each of the 4 groups once, with summed weights."""
     block = make_block(top_k=8)

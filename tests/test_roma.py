@@ -63,6 +63,14 @@ def test_no_successful_sample_is_a_one_line_error():
     assert "\n" not in str(e.value)
 
 
+def test_candidate_ce_matches_torch():
+    scores = torch.tensor([[-1.0, -2.0, -0.5, data.MISSING_SCORE], [-3.0, -1.0, -2.0, -4.0]])
+    answers = torch.tensor([2, 0])
+    ref = torch.nn.functional.cross_entropy(scores, answers, reduction="none")
+    onehot = torch.nn.functional.one_hot(answers, 4).float()
+    torch.testing.assert_close(roma.candidate_ce(scores, onehot), ref, rtol=1e-6, atol=1e-7)
+
+
 def test_manifold_term_formula():
     rng = np.random.default_rng(0)
     r = torch.tensor(rng.random((2, 3, 4)), dtype=torch.float32)
@@ -78,7 +86,7 @@ def test_manifold_term_formula():
 def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     spec = load_spec(olmoe_dir)
     layers = spec.last_moe_layers(2)
-    bank = roma.Bank(np.array([1, 0, 1], np.uint8), np.random.rand(3, 2, 8).astype(np.float32),
+    bank = roma.Bank(np.array([1, 0, 1], np.uint8), np.random.default_rng(0).random((3, 2, 8), np.float32),
                      unit_rows(3), {"fingerprint": spec.fingerprint(layers), "layers": list(layers),
                                     "data_sha256": "abc"})
     roma.write_bank(tmp_path / "bank", bank)
@@ -97,6 +105,11 @@ def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     with pytest.raises(UserError, match="not a routing bank"):
         roma.write_bank(tmp_path / "mine", bank)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(UserError, match="pass --overwrite"):     # what `moe-local prepare` checks first
+        roma.check_bank_folder(tmp_path / "bank", overwrite=False)
+    roma.check_bank_folder(tmp_path / "bank", overwrite=True)
+    with pytest.raises(UserError, match="is a file"):
+        roma.check_bank_folder(tmp_path / "mine" / "notes.txt")
 
 
 # -- the regulariser trains -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The tune loop: AdamW, checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
+"""The tune loop: checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
 
 import json
 import subprocess
@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import checkpoints
 import moe_local
-from moe_local import data, tune
+from moe_local import data, tune, tune_folder
 from moe_local.adapter import read_adapter
 from moe_local.errors import UserError
 from generation_helpers import BACKENDS
@@ -35,21 +34,6 @@ def run_cli(*args):
                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
 
 
-def test_adamw_matches_torch():
-    rng = np.random.default_rng(0)
-    w0 = rng.standard_normal((4, 6)).astype(np.float32)
-    ours = tune.AdamW({"w": w0}, lr=1e-2, weight_decay=0.01)
-    p = torch.nn.Parameter(torch.tensor(w0))
-    ref = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.01, foreach=False)
-    for _ in range(5):
-        g = rng.standard_normal((4, 6)).astype(np.float32)
-        ours.step({"w": g})
-        p.grad = torch.tensor(g)
-        ref.step()
-    np.testing.assert_allclose(ours.params["w"], p.detach().numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ours.exp_avg_sq["w"], ref.state[p]["exp_avg_sq"].numpy(), rtol=1e-6)
-
-
 def test_lambda_warmup():
     from moe_local.roma import lam_at
 
@@ -61,20 +45,34 @@ class Interrupt(Exception):
     pass
 
 
+def _interrupt_at(stop):
+    def on_step(step, row):
+        if step == stop:
+            raise Interrupt
+    return on_step
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# (save_every, log_every, the step after which the run is stopped, its latest checkpoint); 6 steps in all.
+# A checkpoint between two logged steps must carry the metric sums of the steps since the last row.
+RESUMES = [(2, 1, 5, 4), (3, 2, 4, 3)]
+
+
+@pytest.mark.parametrize("save_every, log_every, stop, latest", RESUMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tmp_path):
+def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, log_every, stop, latest, olmoe_dir,
+                                                          tmp_path):
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records, emb = _records(m, 10), unit_rows(10)
-    settings = tune.TuneSettings(epochs=2, save_every=2, **SMALL)   # 3 steps per epoch, 6 in all
-    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
-
-    def stop_at_5(step, row):
-        if step == 5:
-            raise Interrupt
+    settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": save_every, "log_every": log_every})
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")   # 3 steps per epoch
 
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=stop_at_5, progress="off")
-    assert tune.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(stop), progress="off")
+    assert tune_folder.latest_checkpoint(tmp_path / "cut").name == f"step-{latest:08d}"
     with pytest.raises(UserError, match="exists and is not empty"):
         tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
     resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
@@ -83,14 +81,31 @@ def test_resume_after_interruption_gives_the_same_adapter(backend, olmoe_dir, tm
     b, _ = read_adapter(tmp_path / "cut")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    rows = _rows(tmp_path / "cut")
+    assert [r["step"] for r in rows] == list(range(log_every, 7, log_every))
     assert all(tuple(r) == tune.METRIC_KEYS for r in rows)
-    assert [r["loss"] for r in rows] == [r["loss"] for r in whole.metrics]
+    for key in ("loss", "ce", "manifold", "acc"):
+        assert [r[key] for r in rows] == [r[key] for r in whole.metrics] == [r[key] for r in _rows(tmp_path / "whole")]
     # a resumed run with other settings is refused, naming the setting
     with pytest.raises(UserError, match="lr="):
         tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2), tmp_path / "cut",
                   resume=True, progress="off")
+
+
+def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 10), unit_rows(10)
+    settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": 2})
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
+    with pytest.raises(Interrupt):
+        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(5), progress="off")
+    state = tune_folder.latest_checkpoint(tmp_path / "cut") / "state.json"
+    info = json.loads(state.read_text())
+    assert info["epoch"] == 1             # stopped inside the second epoch, one step into it
+    info["rng"] = np.random.default_rng([99, 1]).bit_generator.state
+    state.write_text(json.dumps(info))
+    resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
+    assert any(not np.array_equal(resumed.weights[k], whole.weights[k]) for k in whole.weights)
 
 
 def test_adapter_folder_contents(olmoe_dir, tmp_path):
@@ -134,8 +149,93 @@ def test_output_path_refusals(olmoe_dir, tmp_path):
         tune.tune(m, records, emb, settings, tmp_path / "lora", overwrite=True, progress="off")
     with pytest.raises(UserError, match="nothing to resume"):
         tune.tune(m, records, emb, settings, tmp_path / "new", resume=True, progress="off")
-    tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
-    tune.tune(m, records, emb, settings, tmp_path / "A", overwrite=True, progress="off")
+
+
+OUR_CONFIG = json.dumps({"fine_tune_type": "full", "moe_local": {}})
+# Folders whose entries are named like an adapter's but are not provably this package's work.
+LOOK_ALIKES = [
+    {"checkpoints/my-model.bin": "weights", "metrics.jsonl": ""},
+    {"metrics.jsonl": '{"step": 1}\n'},                          # nothing marks the folder as an adapter
+    {"adapters.safetensors": "weights"},
+    {"bank/bank.json": "{}", "bank/notes.txt": "mine"},
+    {"adapter_config.json": OUR_CONFIG, "checkpoints/step-00000002/notes.txt": "mine"},
+    {"adapter_config.json": OUR_CONFIG, "metrics.jsonl": "my own log\nof runs\n"},
+]
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    for i, files in enumerate(LOOK_ALIKES):
+        folder = tmp_path / f"user{i}"
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+        before = _files(folder)
+        with pytest.raises(UserError, match="not a moe-local adapter"):
+            tune.tune(m, records, emb, settings, folder, overwrite=True, progress="off")
+        assert _files(folder) == before, files
+    path = _task_file(m, tmp_path / "user0", 4)   # the review's case, through the command line
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "user0",
+                 "--overwrite", "--layers", 2)
+    assert r[0] == 2 and "not a moe-local adapter (checkpoints)" in r[2]
+    assert (tmp_path / "user0" / "checkpoints" / "my-model.bin").read_text() == "weights"
+    assert (tmp_path / "user0" / "metrics.jsonl").exists()
+
+
+def test_overwrite_replaces_the_adapter_only_once_the_new_run_succeeds(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 6), unit_rows(6)   # 2 steps per epoch
+    out = tmp_path / "A"
+    first = tune.tune(m, records, emb, tune.TuneSettings(epochs=1, **SMALL), out, progress="off")
+    (out / ".keep").write_text("mine")            # a hidden file of the user's stays with the folder
+    before = _files(out)
+    again = tune.TuneSettings(epochs=2, **{**SMALL, "lr": 0.05})
+
+    def stop(step, row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        tune.tune(m, records, emb, again, out, overwrite=True, on_step=stop, progress="off")
+    assert _files(out) == before                  # the failed replacement left the old adapter whole
+    assert [p.name for p in tmp_path.iterdir()] == ["A"]   # and nothing beside it
+    second = tune.tune(m, records, emb, again, out, overwrite=True, progress="off")
+    weights, config = read_adapter(out)
+    assert config["moe_local"]["hyperparameters"]["lr"] == 0.05
+    for name in weights:
+        np.testing.assert_array_equal(weights[name], second.weights[name])
+        assert not np.array_equal(weights[name], first.weights[name])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (out / ".keep").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["A"]
+    # a bank given from the folder being replaced moves into the new one
+    bank_json = (out / "bank" / "bank.json").read_text()
+    tune.tune(m, records, emb, again, out, bank=out / "bank", overwrite=True, progress="off")
+    assert (out / "bank" / "bank.json").read_text() == bank_json
+
+
+def test_a_failed_run_leaves_only_what_the_next_run_can_use(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = _records(m, 6), unit_rows(6)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    with pytest.raises(UserError, match="6 records"):
+        tune.tune(m, records, unit_rows(5), settings, tmp_path / "runs" / "A", progress="off")
+    assert not (tmp_path / "runs").exists()       # the folders it made are gone
+
+    def stop(step, row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):                # stopped before its first checkpoint
+        tune.tune(m, records, emb, settings, tmp_path / "A", on_step=stop, progress="off")
+    assert [p.name for p in (tmp_path / "A").iterdir()] == ["bank"]
+    result = tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    assert result.prepare_s == 0                  # the next run took the bank it left
 
 
 def test_adapter_from_another_model_is_refused(olmoe_dir, qwen3_dir, tmp_path):
@@ -227,6 +327,10 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
     assert r[0] == 2 and "moe-local embed" in r[2]
     assert not (tmp_path / "A").exists()
+    for flag in ("--batch-size", "--layers"):
+        r = run_main(capsys, "prepare", "--model", olmoe_dir, "--data", path, "--bank", tmp_path / "B", flag, 0)
+        assert r[0] == 2 and f"Invalid value for '{flag}'" in r[2], (flag, r[2])
+    assert not (tmp_path / "B").exists()
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", "float32"), ("torch", "bfloat16"),
@@ -239,7 +343,7 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     for mode in modes:
         settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
         out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
-        assert not (tmp_path / mode / tune.CACHE_FILE).exists()   # the memory-mapped file is removed
+        assert not (tmp_path / mode / tune_folder.CACHE_FILE).exists()   # the memory-mapped file is removed
     for name in out["memory"].weights:   # exact bytes round trip through the file
         np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
     # the prefix run in another batch layout, or the whole model: the same losses up to rounding

@@ -18,7 +18,7 @@ from mlx_lm.utils import load_model  # noqa: E402
 
 import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from moe_local import data, roma, tune  # noqa: E402
+from moe_local import data, roma, tune, tune_folder  # noqa: E402
 from moe_local.adapter import read_adapter  # noqa: E402
 from tune_helpers import answerable, task_records, unit_rows  # noqa: E402
 
@@ -237,5 +237,5 @@ def test_tune_on_mlx_equals_tune_on_torch(tuned, tmp_path):
     for name in a:
         assert np.abs(a[name] - base[name]).max() > 1e-2
         np.testing.assert_allclose(b[name], a[name], atol=1e-4)
-    rows = [[r["loss"] for r in tune._metrics_upto(adapters[n], 10**9)] for n in ("torch", "mlx")]
+    rows = [[r["loss"] for r in tune_folder.metrics_upto(adapters[n], 10**9)] for n in ("torch", "mlx")]
     np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5)

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from moe_local.data import embedding_text, read_records
-from moe_local.embeddings import compute_embeddings
+from moe_local.embeddings import compute_embeddings, default_embeddings_path
 from moe_local.errors import UserError
 from moe_local.files import atomic_write_bytes
 
@@ -28,7 +28,7 @@ from .options import ConfigCommand
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def embed(data, out, embedder, batch_size, device, overwrite):
     """Embed each record's question and choices (the prompt without its final 'Answer:')."""
-    out = Path(out) if out else Path(data).with_suffix(".npy")
+    out = Path(out) if out else default_embeddings_path(data)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".npy":

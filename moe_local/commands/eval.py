@@ -13,17 +13,22 @@ from moe_local.files import atomic_write_text
 from .options import ConfigCommand, adapter_option, backend_option, device_option, model_option, seed_option
 
 
+def read_report(path: Path) -> list[dict]:
+    """The rows of an existing report ([] when there is none); anything else at ``path`` is refused."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        old = None
+    if not isinstance(old, list) or not all(isinstance(r, dict) and "method" in r for r in old):
+        raise UserError(f"{path} exists and is not a moe-local report; give a new file")
+    return old
+
+
 def append_report(path: Path, rows: list[dict]) -> None:
     """Write the rows as a JSON list; an existing report of rows is extended, anything else refused."""
-    old = []
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
-            old = None
-        if not isinstance(old, list) or not all(isinstance(r, dict) and "method" in r for r in old):
-            raise UserError(f"{path} exists and is not a moe-local report; give a new file")
-    atomic_write_text(path, json.dumps(old + rows, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(read_report(path) + rows, indent=2) + "\n")
 
 
 @click.command(cls=ConfigCommand)
@@ -32,12 +37,15 @@ def append_report(path: Path, rows: list[dict]) -> None:
 @device_option
 @adapter_option
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation task file (JSONL).")
-@click.option("--layers", type=int, default=5, show_default=True,
+@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
               help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per forward pass (per process).")
 @click.option("--oracle", is_flag=True, help="Also report oracle routing accuracy and its wrong-label control.")
-@click.option("--oracle-steps", type=int, default=20, show_default=True, help="Adam steps per sample.")
-@click.option("--oracle-lr", type=float, default=0.1, show_default=True, help="Adam learning rate of the offsets.")
+@click.option("--oracle-steps", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Adam steps per sample.")
+@click.option("--oracle-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Adam learning rate of the offsets.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="JSON report file (rows are appended to an existing report).")
 @seed_option
@@ -45,23 +53,28 @@ def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle
           seed):
     """Accuracy of the base model or an adapter on a task file, overall and per task."""
     import moe_local
-    from moe_local.adapter import read_adapter
+    from moe_local.adapter import check_fingerprint, read_adapter
     from moe_local.data import read_records
     from moe_local.distributed import session
     from moe_local.evaluate import evaluate, format_result
 
     with session(device, backend) as (dist, device):   # under torchrun each rank scores its share of the file
-        if batch_size < 1 or oracle_steps < 0 or not oracle_lr > 0:
-            raise UserError("--batch-size must be at least 1, --oracle-steps at least 0 and --oracle-lr positive")
+        def check_report():   # the report is rank 0's: refused before any work, not after the evaluation
+            read_report(Path(report))
+
+        if report is not None:
+            dist.on_main(check_report)
         records = read_records(data)
-        method = "base"
-        if adapter_path is not None:
-            _, config = read_adapter(adapter_path)
+        method, weights = "base", None
+        if adapter_path is not None:   # read once: its layers and method here, its gates for the evaluation
+            weights, config = read_adapter(adapter_path)
             method = config["moe_local"].get("method", "adapter")
             layers = tuple(config["moe_local"]["layers"])
-        loaded = moe_local.load(model, backend=backend, device=device, adapter_path=adapter_path)
-        result = evaluate(loaded, records, layers, batch_size, oracle=oracle, oracle_steps=oracle_steps,
-                          oracle_lr=oracle_lr, seed=seed, dist=dist, data_file=data)
+        loaded = moe_local.load(model, backend=backend, device=device)
+        if adapter_path is not None:
+            check_fingerprint(config, loaded.spec, Path(adapter_path))
+        result = evaluate(loaded, records, layers, batch_size, router_weights=weights, oracle=oracle,
+                          oracle_steps=oracle_steps, oracle_lr=oracle_lr, seed=seed, dist=dist, data_file=data)
         if dist.is_main:
             for line in format_result(result, method):
                 click.echo(line)

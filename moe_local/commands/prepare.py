@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from moe_local.errors import UserError
-
 from .options import ConfigCommand, backend_option, device_option, model_option
 
 
@@ -21,10 +19,10 @@ def data_options(f):
 def load_data(data, embeddings, need_embeddings: bool = True):
     """(records, unit-row embeddings or None) with one-line errors."""
     from moe_local.data import read_records
-    from moe_local.embeddings import load_embeddings
+    from moe_local.embeddings import default_embeddings_path, load_embeddings
 
     records = read_records(data)
-    if embeddings is None and not need_embeddings and not Path(data).with_suffix(".npy").is_file():
+    if embeddings is None and not need_embeddings and not default_embeddings_path(data).is_file():
         return records, None
     return records, load_embeddings(embeddings, len(records), data_path=data)
 
@@ -34,9 +32,11 @@ def load_data(data, embeddings, need_embeddings: bool = True):
 @backend_option
 @device_option
 @data_options
-@click.option("--layers", type=int, default=5, show_default=True, help="Tune the last N MoE layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Tune the last N MoE layers.")
 @click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass (per process).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per forward pass (per process).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
 def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
@@ -46,20 +46,8 @@ def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, 
     from moe_local.tune import prepare as run_prepare
 
     bank = Path(bank)
-
-    def check_bank_path():   # the output is rank 0's
-        if bank.exists() and not bank.is_dir():
-            raise UserError(f"bank path {bank} is a file; give a folder")
-        if bank.is_dir() and any(bank.iterdir()):
-            if not (bank / roma.BANK_META).is_file():
-                raise UserError(f"bank folder {bank} holds files that are not a routing bank; give a new folder")
-            if not overwrite:
-                raise UserError(f"bank folder {bank} exists; pass --overwrite to replace it")
-
     with session(device, backend) as (dist, device):   # under torchrun each rank runs its share of the records
-        dist.on_main(check_bank_path)
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        dist.on_main(lambda: roma.check_bank_folder(bank, overwrite))   # the output is rank 0's
         records, emb = load_data(data, embeddings)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)

@@ -46,7 +46,8 @@ D = TuneSettings()
 @click.option("--cache-budget-gb", type=float, default=D.cache_budget_gb, show_default=True,
               help="Largest prefix cache kept in memory under --prefix-cache auto.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in ADAPTER_PATH.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder made by moe-local.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an adapter folder made by moe-local (once the new run has succeeded).")
 def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, overwrite, **hyper):
     """Fine-tune only the routers of the last MoE layers on a reference task set.
 
@@ -54,7 +55,8 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
     (--batch-size is the global batch)."""
     import moe_local
     from moe_local.distributed import session
-    from moe_local.tune import check_output, default_bank, tune as run_tune
+    from moe_local.tune import tune as run_tune
+    from moe_local.tune_folder import check_output, default_bank
 
     with session(device, backend) as (dist, device):
         settings = TuneSettings(**hyper)
@@ -62,7 +64,7 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
 
         def fail_fast():   # rank 0 owns the output folder
             given, keep_bank = default_bank(Path(adapter_path), bank, overwrite)
-            check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank, clear=False)
+            check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank)
             return given
 
         bank = dist.on_main(fail_fast)
