@@ -97,8 +97,9 @@ def _no_fixed_padding(model) -> None:
 
 def compute_embeddings(texts: list[str], embedder=None, batch_size: int = 64, progress: bool = False,
                        device: str | None = None) -> np.ndarray:
-    """float32 ``[len(texts), D]`` unit rows."""
-    model = load_embedder(embedder, device)
+    """float32 ``[len(texts), D]`` unit rows; ``embedder`` is a folder, None (the offline package) or a
+    model ``load_embedder`` returned (to embed several lists with one load)."""
+    model = embedder if hasattr(embedder, "encode") else load_embedder(embedder, device)
     array = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                          show_progress_bar=progress, convert_to_numpy=True)
     return np.asarray(array, dtype=np.float32)

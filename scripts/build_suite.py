@@ -253,16 +253,16 @@ def plain_text(rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def embed(recs: list[dict]):
+def embed(recs: list[dict], embedder):
     """all-MiniLM-L6-v2 rows of moe_local.data.embedding_text(record), unit norm, float16: what
-    `moe-local embed` computes (moe_local.embeddings, the offline model package)."""
+    `moe-local embed` computes (moe_local.embeddings; ``embedder`` from its load_embedder)."""
     import numpy as np
 
     from moe_local.data import embedding_text, parse_record
     from moe_local.embeddings import compute_embeddings
 
     texts = [embedding_text(parse_record(r, "suite", i + 1)) for i, r in enumerate(recs)]
-    return compute_embeddings(texts).astype(np.float16)
+    return compute_embeddings(texts, embedder).astype(np.float16)
 
 
 def main():
@@ -273,6 +273,7 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    embedder = None
     for name, recs in build_splits(args.seed).items():
         with open(out / f"{name}.jsonl", "w") as f:
             for r in recs:
@@ -281,7 +282,10 @@ def main():
         if not args.no_embed:
             import numpy as np
 
-            e = embed(recs)
+            from moe_local.embeddings import load_embedder
+
+            embedder = embedder or load_embedder()      # one load for every split
+            e = embed(recs, embedder)
             np.save(out / f"{name}.npy", e)
             msg += f", embeddings {e.shape} {e.dtype}"
         print(msg)

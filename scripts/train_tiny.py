@@ -182,18 +182,10 @@ class Batcher:
 @torch.no_grad()
 def probe(model, tok, recs, letter_ids, tuned, bsz=128):
     """(accuracy, share of samples whose last-token top-1 expert is the family expert in every tuned layer)."""
-    pad = tok.token_to_id("<|endoftext|>")
     hits, routed = [], []
     for s in range(0, len(recs), bsz):
         chunk = recs[s:s + bsz]
-        enc = [tok.encode(bs.render_prompt(r)).ids for r in chunk]
-        T = max(map(len, enc))
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):   # left padding
-            ids[i, T - len(e):] = torch.tensor(e)
-            mask[i, T - len(e):] = 1
-        h, router = model(ids, mask)
+        h, router = model(*_left_padded(tok, chunk))
         logits = model.head(h[:, -1])[:, letter_ids]
         fam = torch.tensor([bs.FAMILY_NAMES.index(r["task"]) for r in chunk])
         hits += (logits.argmax(-1) == torch.tensor([r["answer"] for r in chunk])).tolist()
@@ -483,6 +475,7 @@ def save_grove(model, cfg, out: Path, tok, splits, args):
 
 
 def _left_padded(tok, recs):
+    """(ids, mask) of the records' prompts, left-padded with id 0 (<|endoftext|>, the pad token)."""
     enc = [tok.encode(bs.render_prompt(r)).ids for r in recs]
     T = max(map(len, enc))
     ids = torch.zeros((len(enc), T), dtype=torch.long)
