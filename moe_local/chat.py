@@ -1,6 +1,6 @@
-"""Talking to a loaded model, written once for every backend (DESIGN §9: ``generate`` / ``stream``).
+"""Talking to a loaded model, written once for every backend: ``generate``, ``stream`` and ``chat``.
 
-A backend supplies five generation primitives (see ``LoadedModel`` in ``moe_local.backends``):
+A backend supplies five generation primitives (see ``moe_local.loaded.LoadedModel``):
 ``new_cache()``, ``cache_length(cache)``, ``trim_cache(cache, length)``,
 ``stream_tokens(ids, cache, max_tokens, temp, top_p, seed, eos_ids)`` and ``peak_memory()``.
 This module turns them into text: the chat template (or a plain ``User:``/``Assistant:`` format
@@ -20,6 +20,7 @@ from .errors import UserError
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = "\nUser:"   # a base model in the plain format goes on to write the user's next line
+_WARNED_PLAIN: set = set()   # model folders whose missing chat template was reported (once per process)
 
 
 @dataclass
@@ -83,8 +84,8 @@ def render(model, messages: list[dict], chat_template: bool = True) -> tuple[str
         except Exception as e:  # jinja2 raises its own errors for templates that reject a conversation
             raise UserError(f"the chat template of {model.folder} rejects this conversation: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if chat_template and not getattr(model, "_warned_plain_format", False):
-        model._warned_plain_format = True
+    if chat_template and model.folder not in _WARNED_PLAIN:
+        _WARNED_PLAIN.add(model.folder)
         print(f"moe-local: warning: the tokenizer of {model.folder} has no chat template; "
               "using a plain 'User:'/'Assistant:' format", file=sys.stderr)
     return plain_text(messages), True
@@ -302,20 +303,39 @@ class Conversation:
         self.tokens = known[:n]
 
 
-def stream(model, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True) -> Iterator[str]:
-    """``model.stream``: one answer on a fresh cache; its stats are left in ``model.last_stats``."""
+class TextStream:
+    """One answer's text pieces, as ``model.stream`` returns them: iterate it; once it ends, ``stats``
+    (:class:`GenerationStats`) and ``answer_ids`` (the generated tokens, end token excluded) are the run's."""
+
+    def __init__(self, conversation: "Conversation", pieces: Iterator[str]):
+        self._conversation = conversation
+        self._pieces = pieces
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (as leaving a loop over it early does, once it is collected)."""
+        self._pieces.close()
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._conversation.stats
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return self._conversation.answer_ids
+
+
+def stream(model, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True) -> TextStream:
+    """``model.stream``: one answer on a fresh cache."""
     conversation = Conversation(model, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
                                 chat_template=chat_template)
     ids = prompt_ids(model, prompt, chat_template)
     # The plain format (no template, or a conversation fed without one) stops at the next "User:" line.
     templated = chat_template and has_chat_template(model.tokenizer)
     plain = not templated and (chat_template or not isinstance(prompt, str))
-
-    def pieces():
-        try:
-            yield from conversation.complete(ids, stops=(PLAIN_STOP,) if plain else ())
-        finally:
-            model.last_stats = conversation.stats
-            model.last_answer_ids = conversation.answer_ids
-
-    return pieces()
+    return TextStream(conversation, conversation.complete(ids, stops=(PLAIN_STOP,) if plain else ()))

@@ -1,6 +1,6 @@
 """The ``moe-local`` command line: the group, lazy command loading, YAML configs, exit codes.
 
-Exit codes (DESIGN §9): 0 success, 2 a usage or input error (one line on stderr), 1 anything
+Exit codes (docs/architecture.md): 0 success, 2 a usage or input error (one line on stderr), 1 anything
 unexpected (one line; the traceback only with MOE_LOCAL_DEBUG=1). Commands are imported when
 invoked, so ``moe-local --help`` never imports torch or mlx.
 """

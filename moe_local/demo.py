@@ -2,7 +2,7 @@
 
 For each built-in model: prepare (one base pass: bank + prefix cache) -> tune with ``router`` (CE only)
 and ``roma`` -> evaluate ``base`` (with its oracle and the oracle's wrong-label control), ``router`` and
-``roma`` on the test splits -> a table, ``report.json`` (DESIGN §9 rows), ``report.md``, ``report.png``
+``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``, ``report.png``
 and the adapters. Settings come from ``assets/demo.yaml`` (chosen on ``val_unseen`` only).
 """
 
@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import ASSETS, BUILTIN_MODELS
-from .data import batches, encode_records, read_records
-from .embeddings import default_embeddings_path, load_embeddings
 from .errors import UserError
 from .files import AtomicFolder, atomic_write_text
-from .progress import Progress
+from .tuning.data import batches, encode_records, read_records
+from .tuning.embeddings import default_embeddings_path, load_embeddings
 
 SETTINGS_FILE = ASSETS / "demo.yaml"
 SUITE = ASSETS / "suite"
@@ -69,7 +68,7 @@ def load_split(name: str):
 
 def expert_usage(model, records, layers, router_weights=None, batch_size: int = 32) -> np.ndarray:
     """Share of each expert among the top-k choices at the last prompt token, per tuned layer: [layers, E]."""
-    from .evaluate import router_weights_applied
+    from .tuning.evaluate import router_weights_applied
 
     encoded = encode_records(model.tokenizer, records)
     counts = None
@@ -90,8 +89,9 @@ def run_model(name: str, settings: DemoSettings, out: Path, backend: str, seed: 
     """Prepare, tune router and roma, evaluate; returns (report rows, expert usage before/after)."""
     import moe_local
 
-    from .evaluate import evaluate
-    from .tune import TuneSettings, prepare, tune
+    from .tuning.evaluate import evaluate
+    from .tuning.roma import tuned_layers
+    from .tuning.tune import TuneSettings, prepare, tune
 
     start = time.perf_counter()
     model = moe_local.load(name, backend=backend)
@@ -100,8 +100,6 @@ def run_model(name: str, settings: DemoSettings, out: Path, backend: str, seed: 
     base_settings = TuneSettings(**{**tune_values, "method": "router"})
     train, train_emb = load_split(settings.train_split)
     splits = {s: load_split(s)[0] for s in settings.eval_splits}
-    from .roma import tuned_layers
-
     layers = tuned_layers(model.spec, base_settings.layers)
     log(f"[{name}] {len(train)} reference samples, tuning layers {list(layers)} on {backend_name}")
     bank = prepare(model, train, train_emb, layers, batch_size=settings.batch_size, progress=progress)

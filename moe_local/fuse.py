@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapter import check_fingerprint, read_adapter
-from .checkpoint import is_quantized, load_spec, resolve_model, tensor_index
+from .checkpoint import is_quantized, resolve_model, tensor_index
+from .families import load_spec
+from .tuning.adapter import check_fingerprint, read_adapter
 from .errors import UserError
 from .files import refuse_existing
 
 
 def fuse(model, adapter_path, save_path, backend: str = "auto", device: str | None = None) -> Path:
-    from .backends import load_model, resolve_backend
+    import moe_local
+
+    from .backends import resolve_backend
 
     folder = resolve_model(model)
     out = Path(save_path).expanduser()
@@ -33,5 +36,5 @@ def fuse(model, adapter_path, save_path, backend: str = "auto", device: str | No
         if is_quantized(tensor_index(folder)):
             raise UserError(f"{folder} is a quantized MLX model: quantized MLX models fuse with --backend mlx")
         device = device or "cpu"   # the weights are written from host memory anyway
-    loaded = load_model(folder, backend=name, adapter_path=adapter_path, device=device)
+    loaded = moe_local.load(folder, backend=name, adapter_path=adapter_path, device=device)
     return loaded.save(out)

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from moe_local.backends.torch import triton_configs
-from moe_local.backends.torch.moe import Experts, expert_rows, group_rows, grouped_swiglu, route
+from moe_local.backends.torch.moe import Experts, expert_rows, group_rows, grouped_swiglu
+from moe_local.backends.torch.router import route
 from moe_local.backends.torch.triton_moe import moe_forward
-from moe_local.spec import ROUTER_SIGMOID_SELECT, ROUTER_SOFTMAX, GroveSpec, MoESpec
+from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
+from moe_local.spec import GroveSpec, MoESpec, RouterSpec
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class Shape:
 
     def spec(self) -> MoESpec:
         grove = GroveSpec(self.E // self.G, self.Ia, self.scale) if self.G else None
-        return MoESpec(layer=0, num_experts=self.E, top_k=self.k, expert_size=self.I, norm_topk_prob=True,
-                       router=ROUTER_SIGMOID_SELECT if grove else ROUTER_SOFTMAX, grove=grove)
+        return MoESpec(layer=0, num_experts=self.E, top_k=self.k, expert_size=self.I,
+                       router=GROVE_ROUTER if grove else RouterSpec(renormalize=True), grove=grove)
 
 
 SHAPES = {
@@ -113,7 +115,7 @@ def routings(shape: Shape, tokens: int, count: int, device, dtype, seed: int = 1
     out = []
     for _ in range(count):
         x = torch.randn(tokens, shape.H, generator=g).to(device, dtype)
-        idx, w = route(torch.randn(tokens, shape.E, generator=g).to(device, dtype), spec)
+        idx, w = route(torch.randn(tokens, shape.E, generator=g).to(device, dtype), spec.router, spec.top_k)
         out.append((x, idx, w))
     return out
 

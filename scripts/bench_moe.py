@@ -76,7 +76,9 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     from moe_local.backends.torch import moe as moe_ops
-    from moe_local.spec import GroveSpec, MoESpec, ROUTER_SIGMOID_SELECT
+    from moe_local.backends.torch.router import route
+    from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
+    from moe_local.spec import GroveSpec, MoESpec, RouterSpec
 
     torch.manual_seed(0)
     roofs = Roofs(torch)
@@ -88,8 +90,8 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def make_block(num_experts, top_k, hidden, size, grove_spec=None):
-        spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size, norm_topk_prob=True,
-                       router=ROUTER_SIGMOID_SELECT if grove_spec else "softmax-topk", grove=grove_spec)
+        spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size,
+                       router=GROVE_ROUTER if grove_spec else RouterSpec(renormalize=True), grove=grove_spec)
         block = moe_ops.MoEBlock(spec, hidden).eval()
         with torch.no_grad():
             for name, p in block.named_parameters():
@@ -108,7 +110,7 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
         for tokens in tokens_list:
             x = torch.randn(1, tokens, h)
             with torch.inference_mode():
-                idx, _ = moe_ops.route(block.gate(x[0]), block.spec)
+                idx, _ = route(block.gate(x[0]), block.spec.router, block.spec.top_k)
                 t = interleaved_medians({"ours": lambda: block(x), "loop": lambda: per_expert_loop(block, x),
                                          **{impl: lambda impl=impl: hf_call(hf, config, impl, x)
                                             for impl in ("eager", "grouped_mm")},
@@ -137,7 +139,7 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
     for tokens in tokens_list:
         x = torch.randn(1, tokens, h)
         with torch.inference_mode():
-            idx, _ = moe_ops.route(grove_block.gate(x[0]), grove_block.spec)
+            idx, _ = route(grove_block.gate(x[0]), grove_block.spec.router, grove_block.spec.top_k)
             t = interleaved_medians({"grove": lambda: grove_block(x), "plain": lambda: plain(x),
                                      "loop": lambda: reference_block(grove_block, x)}, repeats)
         t_grove, t_plain, t_loop = t["grove"], t["plain"], t["loop"]

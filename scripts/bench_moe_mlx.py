@@ -6,7 +6,7 @@
 
 fp32 at the OLMoE shape (E=64, k=8, H=2048, I=1024) and the Qwen3-30B-A3B shape (E=128, k=8, H=2048,
 I=768); Grove at GroveMoE's shape (Qwen3-30B-A3B experts + 64 adjugates of 128, λ = 0.05) against the
-same-shape plain MoE, each adjugate strategy of DESIGN §3: per-slot (in the experts' sorted rows),
+same-shape plain MoE, each adjugate strategy (docs/methods.md): per-slot (in the experts' sorted rows),
 per-group (once per (token, group), host-counted rows), merged (each expert concatenated with its
 group's adjugate, λ folded into the down projection: one gather for both); "(auto)" marks the one the
 block's default picks at that size. Grove rows are timed twice: random routing, and co-activated
@@ -136,11 +136,11 @@ def plain_section(table, shapes, tokens_list, repeats, seed, mx, variants=False,
     from mlx.utils import tree_flatten
 
     from moe_local.backends.mlx.moe import MoEBlock
-    from moe_local.spec import MoESpec
+    from moe_local.spec import MoESpec, RouterSpec
 
     for shape in shapes:
         e, k, h, size = SHAPES[shape]
-        spec = MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, norm_topk_prob=True)
+        spec = MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, router=RouterSpec(renormalize=True))
         ours = MoEBlock(spec, h)
         random_params(ours, mx, seed)
         loop = MoEBlock(spec, h, impl="reference")
@@ -175,23 +175,22 @@ def plain_section(table, shapes, tokens_list, repeats, seed, mx, variants=False,
 def grove_section(table, tokens_list, repeats, seed, mx, loop_max_tokens=16):
     import numpy as np
 
-    from moe_local.backends.mlx.moe import MoEBlock, choose_adjugate, route
-    from moe_local.spec import ROUTER_SIGMOID_SELECT, GroveSpec, MoESpec
+    from moe_local.backends.mlx.moe import MoEBlock, choose_adjugate
+    from moe_local.backends.mlx.router import route
+    from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
+    from moe_local.spec import GroveSpec, MoESpec
 
     e, k, h, size, adjugate = GROVE
     grove_spec = GroveSpec(experts_per_group=2, adjugate_size=adjugate, scale=0.05)
-    spec = MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, norm_topk_prob=True,
-                   router=ROUTER_SIGMOID_SELECT, grove=grove_spec)
+    spec = MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, router=GROVE_ROUTER, grove=grove_spec)
     grove = MoEBlock(spec, h)
     random_params(grove, mx, seed)
     # Plain MoE of the same shape and routing rule, sharing the experts and the gate.
-    plain = MoEBlock(MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, norm_topk_prob=True,
-                             router=ROUTER_SIGMOID_SELECT), h)
+    plain = MoEBlock(MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size, router=GROVE_ROUTER), h)
     plain.gate, plain.switch_mlp = grove.gate, grove.switch_mlp
     # Merged: each expert concatenated with its group's adjugate, λ folded into the down projection;
     # routed exactly like Grove (sigmoid select, renormalised softmax weights), one gather for both.
-    merged = MoEBlock(MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size + adjugate,
-                              norm_topk_prob=True, router=ROUTER_SIGMOID_SELECT), h)
+    merged = MoEBlock(MoESpec(layer=0, num_experts=e, top_k=k, expert_size=size + adjugate, router=GROVE_ROUTER), h)
     merged.gate = grove.gate
     rep = lambda a: mx.repeat(a, grove_spec.experts_per_group, axis=0)  # noqa: E731
     ex, adj = grove.switch_mlp, grove.chunk_experts
@@ -217,7 +216,7 @@ def grove_section(table, tokens_list, repeats, seed, mx, loop_max_tokens=16):
         for tokens in tokens_list:
             x = mx.random.normal((1, tokens, h))
             mx.eval(x)
-            idx, _ = route(grove.gate(x[0]), mx.softmax(grove.gate(x[0]), axis=-1), spec)
+            idx, _ = route(grove.gate(x[0]), spec.router, spec.top_k)
             groups_per_token = np.mean([len(set((row // 2).tolist())) for row in np.array(idx)])
             auto = choose_adjugate("auto", tokens * k)
             mark = lambda strategy: " (auto)" if strategy == auto else ""  # noqa: E731

@@ -72,7 +72,7 @@ def build_model(folder: Path, args) -> None:
 
 
 def make_records(n: int, words: int, seed: int = 0):
-    from moe_local.data import Record
+    from moe_local.tuning.data import Record
 
     rng = np.random.default_rng(seed)
     out = []
@@ -85,7 +85,7 @@ def make_records(n: int, words: int, seed: int = 0):
 
 
 def settings(args, mode: str):
-    from moe_local.tune import TuneSettings
+    from moe_local.tuning.tune import TuneSettings
 
     return TuneSettings(layers=args.tuned, epochs=1, batch_size=args.batch_size, lr=1e-3, lam_warmup=0,
                         log_every=10**6, save_every=10**6, prefix_cache=mode, cache_budget_gb=1e6)
@@ -94,8 +94,8 @@ def settings(args, mode: str):
 def child(args) -> None:
     """One variant: tune one epoch from the shared bank, print the numbers as JSON."""
     import moe_local
-    from moe_local import roma
-    from moe_local.tune import tune
+    from moe_local.tuning import bank as banks
+    from moe_local.tuning.tune import tune
 
     work = Path(args.work)
     if args.threads:
@@ -104,7 +104,7 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     model = load(args, work / "model")
     records = make_records(args.samples, args.prompt_words)
-    bank = roma.read_bank(work / "bank")
+    bank = banks.read_bank(work / "bank")
     if args.warmup:   # one short run first: kernels, allocator, thread pools
         few = records[:args.batch_size * 2]
         tune(model, few, None, settings(args, args.child), work / f"warm-{args.child}", bank=_sub_bank(bank, few),
@@ -129,11 +129,11 @@ def load(args, folder: Path):
 
 def _sub_bank(bank, records):
     """The bank rows of the first len(records) samples, as a bank for those records."""
-    from moe_local import roma
-    from moe_local.tune import records_sha256
+    from moe_local.tuning import bank as banks
+    from moe_local.tuning.prepare import records_sha256
 
     n = len(records)
-    return roma.Bank(bank.correct[:n], bank.routing[:n], bank.embeddings[:n],
+    return banks.Bank(bank.correct[:n], bank.routing[:n], bank.embeddings[:n],
                      {**bank.meta, "data_sha256": records_sha256(records)})
 
 
@@ -161,8 +161,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from moe_local import roma
-    from moe_local.tune import prepare
+    from moe_local.tuning import bank as banks
+    from moe_local.tuning.prepare import prepare
 
     if args.threads:
         import torch
@@ -180,7 +180,7 @@ def main() -> None:
         prepare_s = time.perf_counter() - t0
         if not bank.correct.any():
             bank.correct[::2] = 1   # a random model: give the neighbour search successful samples
-        roma.write_bank(work / "bank", bank)
+        banks.write_bank(work / "bank", bank)
         tokens = sum(len(model.tokenizer(r.question)["input_ids"]) for r in records) / len(records)
         device = model.device
         del model

@@ -24,7 +24,7 @@ Usage:
     python scripts/build_suite.py [--out moe_local/assets/suite] [--no-embed]
 
 Writes <split>.jsonl ({"question", "choices", "answer", "task"}) and <split>.npy: all-MiniLM-L6-v2
-embeddings (float16, unit rows) of moe_local.data.embedding_text(record), as `moe-local embed` does.
+embeddings (float16, unit rows) of moe_local.tuning.data.embedding_text(record), as `moe-local embed` does.
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def make_item(family: str, template: str, operand: str) -> dict:
 
 
 def render_prompt(rec: dict) -> str:
-    """moe_local.data.render_prompt for a dict (lm-eval's MMLU template)."""
+    """moe_local.tuning.data.render_prompt for a dict (lm-eval's MMLU template)."""
     return rec["question"].strip() + "\n" + "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, rec["choices"])) \
         + "Answer:"
 
@@ -254,12 +254,12 @@ def plain_text(rng: random.Random) -> str:
 
 
 def embed(recs: list[dict], embedder):
-    """all-MiniLM-L6-v2 rows of moe_local.data.embedding_text(record), unit norm, float16: what
-    `moe-local embed` computes (moe_local.embeddings; ``embedder`` from its load_embedder)."""
+    """all-MiniLM-L6-v2 rows of moe_local.tuning.data.embedding_text(record), unit norm, float16: what
+    `moe-local embed` computes (moe_local.tuning.embeddings; ``embedder`` from its load_embedder)."""
     import numpy as np
 
-    from moe_local.data import embedding_text, parse_record
-    from moe_local.embeddings import compute_embeddings
+    from moe_local.tuning.data import embedding_text, parse_record
+    from moe_local.tuning.embeddings import compute_embeddings
 
     texts = [embedding_text(parse_record(r, "suite", i + 1)) for i, r in enumerate(recs)]
     return compute_embeddings(texts, embedder).astype(np.float16)
@@ -282,7 +282,7 @@ def main():
         if not args.no_embed:
             import numpy as np
 
-            from moe_local.embeddings import load_embedder
+            from moe_local.tuning.embeddings import load_embedder
 
             embedder = embedder or load_embedder()      # one load for every split
             e = embed(recs, embedder)

@@ -274,7 +274,7 @@ GROVE_PER_GROUP, GROVE_SCALE, GROVE_INIT_STD = 2, 0.05, 0.006
 
 
 def upcycle(source: Path, args, out: Path):
-    """GroveMoE's upcycling (shared/PAPERS.md §2): the plain model's weights, one adjugate per pair of
+    """GroveMoE's upcycling (docs/methods.md): the plain model's weights, one adjugate per pair of
     experts with zero down projections and N(0, 0.006²) gate/up projections, λ = 0.05."""
     import shutil
 

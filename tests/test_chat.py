@@ -9,7 +9,7 @@ import pytest
 
 import moe_local
 from moe_local.chat import Conversation, eos_token_ids, prompt_ids
-from generation_helpers import BACKENDS, endless, library_greedy
+from helpers import BACKENDS, endless, library_greedy, recorded_routing, run_cli
 
 FIRST, SECOND = "What is 3 plus 4?", "Which is larger, 7 or 9?"
 MAX = 12
@@ -21,21 +21,16 @@ def model_dir(qwen3_dir, tmp_path_factory):
     return endless(qwen3_dir, tmp_path_factory.mktemp("chat") / "endless")
 
 
-def count_moe_tokens(m):
-    """Tokens that pass through the first MoE block, per forward call (what was really computed)."""
-    calls = []
-    m.moe_block(m.spec.moe_layers[0]).on_routing = lambda probs: calls.append(probs.shape[-2])
-    return calls
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_saw(backend, model_dir):
     m = moe_local.load(model_dir, backend=backend)
     chat = Conversation(m, max_tokens=MAX)
     first = "".join(chat.ask(FIRST))
     first_ids, first_answer, first_finish = prompt_ids(m, FIRST), chat.answer_ids, chat.stats.finish_reason
-    calls = count_moe_tokens(m)
-    second = "".join(chat.ask(SECOND))
+    layer = m.spec.moe_layers[0]
+    with recorded_routing(m, [layer]) as routed:   # what really went through an MoE block, per call
+        second = "".join(chat.ask(SECOND))
+    calls = [r.shape[0] for r in routed[layer]]
     # The model's context: turn 1's prompt and generated tokens, then the template's text after them.
     whole = m.tokenizer.apply_chat_template(
         [{"role": "user", "content": FIRST}, {"role": "assistant", "content": first},
@@ -64,8 +59,9 @@ def test_second_turn_prefills_only_its_new_tokens_and_continues_what_the_model_s
     expected = library_greedy(backend, model_dir, "qwen3", context, eos_token_ids(m), MAX)
     assert chat.answer_ids == expected
     assert second == m.tokenizer.decode(expected, skip_special_tokens=True)
-    m.generate(SECOND, max_tokens=MAX)
-    assert m.last_answer_ids != expected   # the second answer depends on the first turn
+    alone = m.stream(SECOND, max_tokens=MAX)
+    "".join(alone)
+    assert alone.answer_ids != expected   # the second answer depends on the first turn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,17 +101,15 @@ def test_a_conversation_past_the_context_is_a_user_error(backend, model_dir):
     assert chat.messages == []
 
 
-def run_cli(args, stdin=""):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "moe_local", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=300)
+def run_one_thread(args, stdin=""):
+    return run_cli(*args, stdin=stdin, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chat_on_a_pipe_prints_only_the_answers(backend, model_dir):
     """Turn 2 depends on turn 1 through the cache; ``r`` resets; ``h`` and blank lines print nothing on stdout."""
-    result = run_cli(["chat", "--model", str(model_dir), "--max-tokens", str(MAX), "--backend", backend],
+    result = run_one_thread(["chat", "--model", str(model_dir), "--max-tokens", str(MAX), "--backend", backend],
                      stdin=f"{FIRST}\n\n{SECOND}\nh\nr\n{SECOND}\nq\n{FIRST}\n")
     assert result.returncode == 0, result.stderr
     m = moe_local.load(model_dir, backend=backend)
@@ -130,7 +124,7 @@ def test_chat_on_a_pipe_prints_only_the_answers(backend, model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_command_streams_the_answer_and_a_footer(backend, model_dir):
-    result = run_cli(["generate", "--model", str(model_dir), "--prompt", FIRST, "--max-tokens", str(MAX),
+    result = run_one_thread(["generate", "--model", str(model_dir), "--prompt", FIRST, "--max-tokens", str(MAX),
                       "--backend", backend])
     assert result.returncode == 0, result.stderr
     m = moe_local.load(model_dir, backend=backend)

@@ -10,13 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoints
+from helpers import run_cli
 import moe_local
-from moe_local.checkpoint import load_spec, write_weights
-from moe_local.spec import spec_from_config
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_local", *map(str, args)], capture_output=True, text=True)
+from moe_local.checkpoint import write_weights
+from moe_local.families import load_spec
+from moe_local.families import spec_from_config
 
 
 def test_both_spellings_give_the_same_spec(tmp_path):

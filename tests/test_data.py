@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import moe_local
-from moe_local import data
+from moe_local.tuning import data
 from moe_local.errors import UserError
-from tune_helpers import single_token_letters_tokenizer, task_records, write_jsonl
+from helpers import single_token_letters_tokenizer, task_records, write_jsonl
 
 
 def test_rules_blank_lines_letters_and_subject(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import checkpoints
 import moe_local
 from moe_local import checkpoint, demo
-from tune_helpers import answerable, run_main, single_token_letters_tokenizer, task_records, unit_rows, write_jsonl
+from helpers import answerable, run_main, single_token_letters_tokenizer, task_records, unit_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

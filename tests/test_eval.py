@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import moe_local
-from moe_local import data, tune
+from moe_local.tuning import data, tune
 from moe_local.errors import UserError
-from moe_local.evaluate import evaluate, oracle_predictions, wrong_labels
-from generation_helpers import BACKENDS
-from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+from moe_local.tuning.evaluate import evaluate, oracle_predictions, wrong_labels
+from helpers import BACKENDS
+from helpers import answerable, run_main, task_records, unit_rows, write_jsonl
 
 ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
 
@@ -48,8 +48,8 @@ def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_dir):
-    from moe_local.evaluate import _ce_loss
-    from moe_local.optim import adam
+    from moe_local.tuning.evaluate import _ce_loss
+    from moe_local.tuning.optim import adam
 
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(task_records(6, seed=7))

@@ -9,7 +9,7 @@ import torch
 
 import checkpoints
 import moe_local
-from generation_helpers import BACKENDS, hf_reference, make_adapter, mlx_lm_greedy
+from helpers import BACKENDS, hf_reference, make_adapter, mlx_lm_greedy, rel
 from moe_local.chat import Conversation, prompt_ids
 from moe_local.checkpoint import tensor_index
 from moe_local.cli import main
@@ -17,9 +17,6 @@ from moe_local.fuse import fuse
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
 
-
-def rel_err(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
 def run(argv, capsys):
@@ -51,13 +48,13 @@ def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, ba
     with torch.no_grad():
         expected = hf_reference(base, family, adapter)(input_ids=torch.as_tensor(IDS)).logits.numpy()
         fused_hf = hf_reference(out, family)(input_ids=torch.as_tensor(IDS)).logits.numpy()
-    assert rel_err(fused_hf, expected) <= 1e-5
-    assert rel_err(moe_local.load(base, backend="torch", adapter_path=adapter).logits(IDS), expected) <= 1e-5
-    assert rel_err(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-5
-    assert rel_err(mlx_lm_logits(out, IDS)[0], expected) <= 1e-5
+    assert rel(fused_hf, expected) <= 1e-5
+    assert rel(moe_local.load(base, backend="torch", adapter_path=adapter).logits(IDS), expected) <= 1e-5
+    assert rel(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-5
+    assert rel(mlx_lm_logits(out, IDS)[0], expected) <= 1e-5
     if backend == "mlx":
-        assert rel_err(moe_local.load(out, backend="mlx").logits(IDS), expected) <= 1e-5
-    assert rel_err(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3   # the adapter matters
+        assert rel(moe_local.load(out, backend="mlx").logits(IDS), expected) <= 1e-5
+    assert rel(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3   # the adapter matters
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == config["num_local_experts"] == 8
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
@@ -78,7 +75,7 @@ def test_fused_grove_folder_keeps_the_grove_format(backend, grove_dir, tmp_path)
     expected = moe_local.load(grove_dir, backend=backend, adapter_path=adapter).logits(IDS)
     np.testing.assert_array_equal(moe_local.load(out, backend=backend).logits(IDS), expected)
     if backend == "mlx":   # the torch backend reads what MLX wrote (there is no other Grove reader)
-        assert rel_err(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-4
+        assert rel(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-4
 
 
 def test_fuse_refusals_are_one_line_and_leave_nothing(qwen3_dir, olmoe_dir, tmp_path, capsys):
@@ -102,7 +99,7 @@ def test_fuse_refusals_are_one_line_and_leave_nothing(qwen3_dir, olmoe_dir, tmp_
 
 
 def test_a_failed_write_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
-    import moe_local.checkpoint as checkpoint
+    import moe_local.checkpoint.write as checkpoint
 
     adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
     real = checkpoint._save_tensors
@@ -160,7 +157,7 @@ def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized,
     assert all(type(model.model.layers[i].mlp.gate) is nn.Linear for i in tuned)
     tuned_model = moe_local.load(q4, backend="mlx", adapter_path=adapter)
     expected = tuned_model.logits(IDS)
-    assert rel_err(logits, expected) <= 1e-4
+    assert rel(logits, expected) <= 1e-4
     # Served by mlx-lm, the fused folder answers what the quantized base + adapter answers here.
     from mlx_lm import load as mlx_lm_load
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import moe_local
-from generation_helpers import BACKENDS, endless, library_greedy, make_adapter, without_chat_template
+from helpers import BACKENDS, endless, library_greedy, make_adapter, without_chat_template
 from moe_local.chat import Conversation, Detokenizer, eos_token_ids, prompt_ids, split_stop
 from moe_local.errors import UserError
 
@@ -24,6 +24,12 @@ def models(qwen3_dir, olmoe_dir, grove_dir, tmp_path_factory):
     return out
 
 
+def answer(m, prompt, **kwargs):
+    """(the text, the finished TextStream with its stats and answer ids) of one ``m.stream`` run."""
+    run = m.stream(prompt, **kwargs)
+    return "".join(run), run
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
@@ -32,18 +38,17 @@ def test_greedy_generate_equals_the_library(backend, family, with_adapter, model
     folder, adapter = models[family]
     adapter = adapter if with_adapter else None
     m = moe_local.load(folder, backend=backend, adapter_path=adapter)
-    text = m.generate(PROMPT, max_tokens=MAX)
+    text, run = answer(m, PROMPT, max_tokens=MAX)
     ids = prompt_ids(m, PROMPT)
     expected = library_greedy(backend, folder, family, ids, eos_token_ids(m), MAX, adapter)
     assert len(expected) == MAX
-    assert m.last_answer_ids == expected
-    assert text == m.tokenizer.decode(expected, skip_special_tokens=True)
-    assert m.last_stats.generation_tokens == MAX and m.last_stats.finish_reason == "length"
-    assert m.last_stats.prompt_tokens == len(ids)
+    assert run.answer_ids == expected
+    assert text == m.tokenizer.decode(expected, skip_special_tokens=True) == m.generate(PROMPT, max_tokens=MAX)
+    assert run.stats.generation_tokens == MAX and run.stats.finish_reason == "length"
+    assert run.stats.prompt_tokens == len(ids)
     if with_adapter:   # the adapter changes what the model says (else the check above proves little)
         base = moe_local.load(folder, backend=backend)
-        base.generate(PROMPT, max_tokens=MAX)
-        assert base.last_answer_ids != expected
+        assert answer(base, PROMPT, max_tokens=MAX)[1].answer_ids != expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,12 +56,10 @@ def test_generation_stops_at_an_end_token_as_the_library_does(backend, qwen3_dir
     """The fixture itself may end early or not (its tokenizer is trained anew each session): equal either way.
     Then an end token chosen inside a known answer: the answer stops right before it."""
     m = moe_local.load(qwen3_dir, backend=backend)
-    m.generate(PROMPT, max_tokens=MAX)
-    assert m.last_answer_ids == library_greedy(backend, qwen3_dir, "qwen3", prompt_ids(m, PROMPT),
-                                               eos_token_ids(m), MAX)
+    assert answer(m, PROMPT, max_tokens=MAX)[1].answer_ids == library_greedy(backend, qwen3_dir, "qwen3", prompt_ids(m, PROMPT),
+                                                                  eos_token_ids(m), MAX)
     m = moe_local.load(models["qwen3"][0], backend=backend)
-    m.generate(PROMPT, max_tokens=MAX)
-    full = m.last_answer_ids
+    full = answer(m, PROMPT, max_tokens=MAX)[1].answer_ids
     end = full.index(full[5])
     chat = Conversation(m, max_tokens=MAX)
     text = "".join(chat.complete(prompt_ids(m, PROMPT), eos_ids={full[5]}))
@@ -70,7 +73,7 @@ def test_grove_generate_equals_greedy_over_full_logits(backend, models):
     own logits recomputed from scratch each step (those logits are checked against the reference formula)."""
     folder, adapter = models["grove"]
     m = moe_local.load(folder, backend=backend, adapter_path=adapter)
-    m.generate(PROMPT, max_tokens=12)
+    _, run = answer(m, PROMPT, max_tokens=12)
     ids, eos, expected = prompt_ids(m, PROMPT), eos_token_ids(m), []
     for _ in range(12):
         token = int(np.argmax(m.logits(ids + expected)[0, -1]))
@@ -78,7 +81,7 @@ def test_grove_generate_equals_greedy_over_full_logits(backend, models):
             break
         expected.append(token)
     assert len(expected) == 12
-    assert m.last_answer_ids == expected
+    assert run.answer_ids == expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])
@@ -87,8 +90,7 @@ def test_grove_generates_the_same_tokens_on_mlx_as_on_torch(backend, models):
     answers = []
     for name in ("torch", backend):
         m = moe_local.load(folder, backend=name, adapter_path=adapter)
-        m.generate(PROMPT, max_tokens=MAX)
-        answers.append(m.last_answer_ids)
+        answers.append(answer(m, PROMPT, max_tokens=MAX)[1].answer_ids)
     assert len(answers[0]) == MAX
     assert answers[1] == answers[0]
 
@@ -100,10 +102,10 @@ def test_stream_pieces_join_to_generate_and_raw_prompts_skip_the_template(backen
     pieces = list(m.stream(PROMPT, max_tokens=MAX))
     assert len(pieces) > 1
     assert "".join(pieces) == m.generate(PROMPT, max_tokens=MAX)
-    m.generate(PROMPT, max_tokens=MAX, chat_template=False)
+    _, run = answer(m, PROMPT, max_tokens=MAX, chat_template=False)
     raw = m.tokenizer.encode(PROMPT)
-    assert m.last_stats.prompt_tokens == len(raw)
-    assert m.last_answer_ids == library_greedy(backend, folder, "qwen3", raw, eos_token_ids(m), MAX)
+    assert run.stats.prompt_tokens == len(raw)
+    assert run.answer_ids == library_greedy(backend, folder, "qwen3", raw, eos_token_ids(m), MAX)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

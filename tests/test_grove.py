@@ -1,6 +1,6 @@
 """Grove MoE: the project's block against a per-slot transcription of the reference formula.
 
-The transcription below is written from PAPERS §2 (GroveMoE's released forward), token by token:
+The transcription below is written from GroveMoE's released forward (docs/methods.md), token by token:
     sel = top-k(sigmoid(z)); w_i = softmax(z)_i / Σ_{l∈sel} softmax(z)_l
     y = Σ_{i∈sel} w_i E_i(x) + λ Σ_{i∈sel} w_i A_{i // g}(x)
 """
@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 import checkpoints
 import moe_local
-from moe_local.backends.torch.moe import MoEBlock, group_rows, route
-from moe_local.spec import GroveSpec, MoESpec, ROUTER_SIGMOID_SELECT
+from moe_local.backends.torch.moe import MoEBlock, group_rows
+from moe_local.backends.torch.router import route
+from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
+from moe_local.spec import GroveSpec, MoESpec
 
 
 def swiglu(x, gate, up, down):
@@ -39,9 +41,8 @@ def grove_transcription(x, gate_w, experts, adjugates, k, per_group, scale):
 
 
 def make_block(num_experts=8, top_k=3, hidden=32, size=16, adjugate=8, seed=0, impl="grouped"):
-    spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size, norm_topk_prob=False,
-                   router=ROUTER_SIGMOID_SELECT, grove=GroveSpec(experts_per_group=2, adjugate_size=adjugate,
-                                                                 scale=0.05))
+    spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size, router=GROVE_ROUTER,
+                   grove=GroveSpec(experts_per_group=2, adjugate_size=adjugate, scale=0.05))
     block = MoEBlock(spec, hidden, impl)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_adjugates_run_once_per_token_and_group():
     """With all 8 experts selected, each token touches each of the 4 groups once, with summed weights."""
     block = make_block(top_k=8)
     x = torch.randn(5, 32)
-    idx, weights = route(block.gate(x), block.spec)
+    idx, weights = route(block.gate(x), block.spec.router, block.spec.top_k)
     token, summed, counts = group_rows(idx, weights, block.spec)
     assert counts == [5, 5, 5, 5]
     assert len(token) == 20
@@ -103,7 +104,7 @@ def test_adjugates_run_once_per_token_and_group():
 def test_selection_uses_sigmoid_and_weights_always_renormalise():
     block = make_block(top_k=2)
     logits = torch.tensor([[3.0, -1.0, 2.0, 0.5, -2.0, 1.0, 0.0, -3.0]])
-    idx, weights = route(logits, block.spec)
+    idx, weights = route(logits, block.spec.router, block.spec.top_k)
     assert sorted(idx[0].tolist()) == [0, 2]
     torch.testing.assert_close(weights.sum(-1), torch.ones(1))
 

@@ -17,7 +17,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model  # noqa: E402
 
 import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from moe_local.backends import auto_backend, gate_name  # noqa: E402
+from helpers import both_spellings, gate_name, recorded_routing, rel  # noqa: E402
+from moe_local.backends import auto_backend  # noqa: E402
 from moe_local.errors import UserError  # noqa: E402
 
 RNG = np.random.default_rng(0)
@@ -26,16 +27,6 @@ INPUTS = {"one": RNG.integers(0, 128, (1,)), "short": RNG.integers(0, 128, (2, 6
           "long": RNG.integers(0, 128, (2, 40))}
 
 
-def rel(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def both_spellings(folder: Path, out: Path) -> Path:
-    """A copy mlx-lm can read (it wants num_experts / rope_theta)."""
-    shutil.copytree(folder, out)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(checkpoints.spelled(config, "both")))
-    return out
 
 
 def mlx_lm_logits(folder: Path, ids) -> np.ndarray:
@@ -152,15 +143,13 @@ def test_bad_input_is_a_user_error(qwen3_dir):
         moe_local.load(str(qwen3_dir), backend="mlx", dtype="bfloat16", device="cpu")
 
 
-def test_on_routing_sees_probabilities(olmoe_dir):
+def test_routing_distribution_is_float32_probabilities(olmoe_dir):
     m = moe_local.load(str(olmoe_dir), backend="mlx")
-    seen = []
-    block = m.moe_block(m.spec.moe_layers[-1])
-    block.on_routing = seen.append
-    m.logits(INPUTS["short"])
-    block.on_routing = None
-    (probs,) = seen
-    assert probs.dtype == mx.float32 and probs.shape == (2, 6, 8)
+    layer = m.spec.moe_layers[-1]
+    with recorded_routing(m, [layer]) as seen:
+        m.logits(INPUTS["short"])
+    (probs,) = seen[layer]
+    assert probs.dtype == mx.float32 and probs.shape == (12, 8)
     np.testing.assert_allclose(np.array(probs.sum(-1)), 1.0, rtol=1e-5)
 
 

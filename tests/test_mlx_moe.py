@@ -12,15 +12,16 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from moe_local.backends.mlx.moe import SORT_MIN_ROWS, MoEBlock  # noqa: E402
-from moe_local.spec import ROUTER_SIGMOID_SELECT, GroveSpec, MoESpec  # noqa: E402
+from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER  # noqa: E402
+from moe_local.spec import GroveSpec, MoESpec, RouterSpec  # noqa: E402
 
 H, I, IA = 32, 32, 32
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def make_block(top_k=3, experts=8, grove=True, norm=False, seed=0) -> MoEBlock:
-    spec = MoESpec(layer=0, num_experts=experts, top_k=top_k, expert_size=I, norm_topk_prob=norm,
-                   router=ROUTER_SIGMOID_SELECT if grove else "softmax-topk",
+    spec = MoESpec(layer=0, num_experts=experts, top_k=top_k, expert_size=I,
+                   router=GROVE_ROUTER if grove else RouterSpec(renormalize=norm),
                    grove=GroveSpec(experts_per_group=2, adjugate_size=IA, scale=0.05) if grove else None)
     block = MoEBlock(spec, H)
     rng = np.random.default_rng(seed)
@@ -47,7 +48,7 @@ def formula(block: MoEBlock, x: np.ndarray) -> np.ndarray:
         score = 1 / (1 + np.exp(-logits)) if spec.grove else probs
         chosen = np.argsort(-score)[:spec.top_k]
         w = probs[chosen]
-        if spec.renormalize:
+        if spec.router.renormalize:
             w = w / w.sum()
         for e, wi in zip(chosen, w):
             out[t] += wi * swiglu_np(xt, *(p[f"switch_mlp.{n}.weight"][e] for n in PROJECTIONS))

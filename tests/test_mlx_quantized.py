@@ -19,9 +19,9 @@ from mlx_lm.utils import dequantize_model, load_model, quantize_model, save_conf
 
 import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from moe_local.backends import gate_name  # noqa: E402
+from helpers import gate_name, rel  # noqa: E402
 from moe_local.backends.mlx.model import mlx_config  # noqa: E402
-from moe_local.spec import config_for_writing  # noqa: E402
+from moe_local.families import config_for_writing  # noqa: E402
 
 RNG = np.random.default_rng(1)
 IDS = {"short": RNG.integers(0, 128, (2, 6)), "long": RNG.integers(0, 128, (2, 40))}
@@ -29,9 +29,6 @@ IDS = {"short": RNG.integers(0, 128, (2, 6)), "long": RNG.integers(0, 128, (2, 4
 GROUP, BITS = 32, 4
 GATE_BITS = {"qwen3_moe": 8, "olmoe": BITS}   # mlx-lm's Qwen3-MoE predicate keeps gates at 8 bits
 
-
-def rel(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "olmoe"])
@@ -128,7 +125,8 @@ def test_quantized_grove_folder_loads(tmp_path):
 
 
 def test_info_counts_a_quantized_folder_as_stored(quantized):
-    from moe_local.checkpoint import load_spec, weight_bytes
+    from moe_local.checkpoint import weight_bytes
+    from moe_local.families import load_spec
     from moe_local.commands.info import describe
 
     _, folder = quantized

@@ -8,14 +8,11 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 import moe_local  # noqa: E402
-from moe_local.backends import gate_name  # noqa: E402
+from helpers import gate_name, rel  # noqa: E402
 from moe_local.checkpoint import tensor_index  # noqa: E402
 
 IDS = np.random.default_rng(2).integers(0, 128, (2, 20))
 
-
-def rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def with_new_gate(folder):

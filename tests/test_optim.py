@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_local.optim import AdamW, adam
+from moe_local.tuning.optim import AdamW, adam
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adam"])

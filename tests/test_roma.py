@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import moe_local
-from moe_local import data, roma, tune
-from moe_local.checkpoint import load_spec
+from helpers import BACKENDS, answerable_records, recorded_routing, reference_scores, unit_rows
 from moe_local.errors import UserError
-from generation_helpers import BACKENDS
-from tune_helpers import answerable, task_records, unit_rows
+from moe_local.families import load_spec
+from moe_local.tuning import data, roma, tune
+from moe_local.tuning.bank import Bank, check_bank, check_bank_folder, read_bank, write_bank
+from moe_local.tuning.prepare import prepare
 
 
 # -- neighbours -------------------------------------------------------------------------------
@@ -86,38 +87,37 @@ def test_manifold_term_formula():
 def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     spec = load_spec(olmoe_dir)
     layers = spec.last_moe_layers(2)
-    bank = roma.Bank(np.array([1, 0, 1], np.uint8), np.random.default_rng(0).random((3, 2, 8), np.float32),
+    bank = Bank(np.array([1, 0, 1], np.uint8), np.random.default_rng(0).random((3, 2, 8), np.float32),
                      unit_rows(3), {"fingerprint": spec.fingerprint(layers), "layers": list(layers),
                                     "data_sha256": "abc"})
-    roma.write_bank(tmp_path / "bank", bank)
-    back = roma.read_bank(tmp_path / "bank")
+    write_bank(tmp_path / "bank", bank)
+    back = read_bank(tmp_path / "bank")
     assert back.correct.dtype == np.uint8 and back.routing.dtype == np.float32 and back.embeddings.dtype == np.float32
     assert back.routing.shape == (3, 2, 8)
     np.testing.assert_array_equal(back.routing, bank.routing)
-    roma.check_bank(back, spec, layers, "abc", "b")
+    check_bank(back, spec, layers, "abc", "b")
     with pytest.raises(UserError, match="other data"):
-        roma.check_bank(back, spec, layers, "xyz", "b")
+        check_bank(back, spec, layers, "xyz", "b")
     other = load_spec(qwen3_dir)
     with pytest.raises(UserError, match="another model"):
-        roma.check_bank(back, other, other.moe_layers, "abc", "b")
+        check_bank(back, other, other.moe_layers, "abc", "b")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(UserError, match="not a routing bank"):
-        roma.write_bank(tmp_path / "mine", bank)
+        write_bank(tmp_path / "mine", bank)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(UserError, match="pass --overwrite"):     # what `moe-local prepare` checks first
-        roma.check_bank_folder(tmp_path / "bank", overwrite=False)
-    roma.check_bank_folder(tmp_path / "bank", overwrite=True)
+        check_bank_folder(tmp_path / "bank", overwrite=False)
+    check_bank_folder(tmp_path / "bank", overwrite=True)
     with pytest.raises(UserError, match="is a file"):
-        roma.check_bank_folder(tmp_path / "mine" / "notes.txt")
+        check_bank_folder(tmp_path / "mine" / "notes.txt")
 
 
 # -- the regulariser trains -------------------------------------------------------------------
 
 def _setup(folder, n=16, seed=0, backend="torch"):
     m = moe_local.load(str(folder), backend=backend)
-    records = [data.parse_record(r, "t", i + 1) for i, r in enumerate(answerable(m, task_records(n, seed)))]
-    return m, records, unit_rows(n, seed=seed)
+    return m, answerable_records(m, n, seed), unit_rows(n, seed=seed)
 
 
 def _mean_manifold(m, records, bank, layers, weights=None, k=3, sigma=0.4):
@@ -134,7 +134,7 @@ def _mean_manifold(m, records, bank, layers, weights=None, k=3, sigma=0.4):
 
 
 def _bank_with_successes(m, records, emb, layers):
-    bank = tune.prepare(m, records, emb, layers, progress="off")
+    bank = prepare(m, records, emb, layers, progress="off")
     assert bank.correct[::2].all()   # answerable() made every other sample the model's own answer
     return bank
 
@@ -195,39 +195,23 @@ def test_lambda_zero_roma_equals_router(backend, olmoe_dir, tmp_path):
 
 def _full_model_step(m, batch, layers, weights, targets, w, lam):
     """Reference: transformers' whole forward pass with the tuned gates made fp32 leaf parameters,
-    routing read through the MoE block's on_routing hook, scores computed from the full logits."""
+    routing read from the gates during the call, scores computed from the full logits."""
     from moe_local.backends.torch.loaded import positions_from_mask
 
-    saved, captured, params = {}, {}, {}
+    saved, params = {}, {}
     for i in layers:
         gate = m.moe_block(i).gate
         saved[i] = gate.weight
         params[i] = torch.nn.Parameter(torch.tensor(weights[i]))
         gate.weight = params[i]
-        m.moe_block(i).on_routing = lambda probs, i=i: captured.__setitem__(i, probs)
     try:
-        ids, mask = torch.tensor(batch.ids), torch.tensor(batch.mask)
-        logits = m.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        B, C, L = batch.cand_tok.shape
-        rows = []
-        for b in range(B):
-            row = []
-            for c in range(C):
-                if not batch.cand_valid[b, c]:
-                    row.append(torch.tensor(data.MISSING_SCORE))
-                    continue
-                total = 0
-                for l in range(L):
-                    if batch.cand_tokmask[b, c, l]:
-                        r = batch.cand_row[b, c, l]
-                        total = total + logp[batch.head_seq[r], batch.head_pos[r], batch.cand_tok[b, c, l]]
-                row.append(total)
-            rows.append(torch.stack(row))
-        scores = torch.stack(rows)
-        seq = batch.sample_seq
-        routing = torch.stack([captured[i][seq, batch.prompt_pos[seq]] for i in layers], 1)
+        with recorded_routing(m, layers) as captured:
+            ids, mask = torch.tensor(batch.ids), torch.tensor(batch.mask)
+            logits = m.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                             use_cache=False).logits.float()
+        scores = reference_scores(batch, torch.log_softmax(logits, -1), torch.stack, torch.tensor)
+        seq, T = batch.sample_seq, batch.ids.shape[1]
+        routing = torch.stack([captured[i][0][seq * T + batch.prompt_pos[seq]] for i in layers], 1)
         loss, _, _ = roma.roma_loss(scores, routing, torch.tensor(batch.answer_onehot()), torch.tensor(targets),
                                     torch.tensor(w), lam, 1.0, batch.size)
         loss.backward()
@@ -235,7 +219,6 @@ def _full_model_step(m, batch, layers, weights, targets, w, lam):
     finally:
         for i in layers:
             m.moe_block(i).gate.weight = saved[i]
-            m.moe_block(i).on_routing = None
 
 
 @pytest.mark.parametrize("fixture", ["qwen3_dir", "olmoe_dir", "grove_dir"])

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from moe_local.backends.torch import triton_moe
-from moe_local.backends.torch.moe import MoEBlock, expert_rows, group_rows, grouped_swiglu, route
-from moe_local.spec import ROUTER_SIGMOID_SELECT, ROUTER_SOFTMAX, GroveSpec, MoESpec
+from moe_local.backends.torch.moe import MoEBlock, expert_rows, group_rows, grouped_swiglu
+from moe_local.backends.torch.router import route
+from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
+from moe_local.spec import GroveSpec, MoESpec, RouterSpec
 
 pytestmark = pytest.mark.slow
 
 
 def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0):
     """A MoE block with random weights; ``grove`` = (experts per group, adjugate size, λ)."""
-    spec = MoESpec(layer=0, num_experts=E, top_k=k, expert_size=I, norm_topk_prob=True,
-                   router=ROUTER_SIGMOID_SELECT if grove else ROUTER_SOFTMAX,
+    spec = MoESpec(layer=0, num_experts=E, top_k=k, expert_size=I,
+                   router=GROVE_ROUTER if grove else RouterSpec(renormalize=True),
                    grove=GroveSpec(*grove) if grove else None)
     b = MoEBlock(spec, H, "grouped")
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +74,7 @@ def torch_paths(b, x, idx, w):
 def check(b, x, idx=None, w=None, **kwargs):
     """The op against the grouped path, the per-slot path and the formula in float64."""
     if idx is None:
-        idx, w = route(b.gate(x), b.spec)
+        idx, w = route(b.gate(x), b.spec.router, b.spec.top_k)
     out = run_op(x, idx, w, b, **kwargs)
     exact = formula(x, idx, w, b)
     paths = torch_paths(b, x, idx, w)
@@ -209,10 +211,10 @@ def test_interpreted_launches_leave_triton_language_as_they_found_it():
 
     b = block(**GROVE)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
-    run_op(x, *route(b.gate(x), b.spec), b)             # first use imports submodules lazily
+    run_op(x, *route(b.gate(x), b.spec.router, b.spec.top_k), b)             # first use imports submodules lazily
     namespaces = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.core.tensor_descriptor_base)
     before = [dict(vars(n)) for n in namespaces]
-    run_op(x, *route(b.gate(x), b.spec), b)
+    run_op(x, *route(b.gate(x), b.spec.router, b.spec.top_k), b)
     for n, was in zip(namespaces, before):
         changed = sorted(name for name, value in vars(n).items() if was.get(name, None) is not value)
         assert changed == [] and set(vars(n)) == set(was), (n, changed)

@@ -1,8 +1,6 @@
 """The tune loop: checkpoints and --resume, the adapter folder, refusals, the CLI, mlx-lm loading."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +8,14 @@ import pytest
 
 import checkpoints
 import moe_local
-from moe_local import data, tune, tune_folder
-from moe_local.adapter import read_adapter
+from helpers import BACKENDS, answerable, answerable_records, run_cli, run_main, task_records, unit_rows, write_jsonl
 from moe_local.errors import UserError
-from generation_helpers import BACKENDS
-from tune_helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+from moe_local.tuning import data, tune
+from moe_local.tuning import folder as tune_folder
+from moe_local.tuning.adapter import read_adapter
+from moe_local.tuning.report import TuneCallback
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
-
-
-def _records(m, n, seed=0):
-    return [data.parse_record(r, "t", i + 1) for i, r in enumerate(answerable(m, task_records(n, seed)))]
 
 
 def _task_file(m, folder, n):
@@ -29,13 +24,8 @@ def _task_file(m, folder, n):
     return path
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_local", *map(str, args)], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
-
-
 def test_lambda_warmup():
-    from moe_local.roma import lam_at
+    from moe_local.tuning.roma import lam_at
 
     assert [lam_at(s, 0.8, 4) for s in (1, 2, 4, 9)] == [0.2, 0.4, 0.8, 0.8]
     assert lam_at(1, 0.8, 0) == 0.8
@@ -45,11 +35,15 @@ class Interrupt(Exception):
     pass
 
 
-def _interrupt_at(stop):
-    def on_step(step, row):
-        if step == stop:
+class InterruptAt(TuneCallback):
+    """Stops a run by raising once step ``stop`` has been taken (as a kill would, after its update)."""
+
+    def __init__(self, stop: int = 1):
+        self.stop = stop
+
+    def on_step(self, step, row):
+        if step >= self.stop:
             raise Interrupt
-    return on_step
 
 
 def _rows(folder):
@@ -66,12 +60,12 @@ RESUMES = [(2, 1, 5, 4), (3, 2, 4, 3)]
 def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, log_every, stop, latest, olmoe_dir,
                                                           tmp_path):
     m = moe_local.load(str(olmoe_dir), backend=backend)
-    records, emb = _records(m, 10), unit_rows(10)
+    records, emb = answerable_records(m, 10), unit_rows(10)
     settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": save_every, "log_every": log_every})
     whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")   # 3 steps per epoch
 
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(stop), progress="off")
+        tune.tune(m, records, emb, settings, tmp_path / "cut", callbacks=[InterruptAt(stop)], progress="off")
     assert tune_folder.latest_checkpoint(tmp_path / "cut").name == f"step-{latest:08d}"
     with pytest.raises(UserError, match="exists and is not empty"):
         tune.tune(m, records, emb, settings, tmp_path / "cut", progress="off")
@@ -94,11 +88,11 @@ def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, l
 
 def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = _records(m, 10), unit_rows(10)
+    records, emb = answerable_records(m, 10), unit_rows(10)
     settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": 2})
     whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, settings, tmp_path / "cut", on_step=_interrupt_at(5), progress="off")
+        tune.tune(m, records, emb, settings, tmp_path / "cut", callbacks=[InterruptAt(5)], progress="off")
     state = tune_folder.latest_checkpoint(tmp_path / "cut") / "state.json"
     info = json.loads(state.read_text())
     assert info["epoch"] == 1             # stopped inside the second epoch, one step into it
@@ -110,7 +104,7 @@ def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe
 
 def test_adapter_folder_contents(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    result = tune.tune(m, _records(m, 6), unit_rows(6), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A",
+    result = tune.tune(m, answerable_records(m, 6), unit_rows(6), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A",
                        progress="off")
     assert sorted(p.name for p in (tmp_path / "A").iterdir()) == \
         ["adapter_config.json", "adapters.safetensors", "bank", "checkpoints", "metrics.jsonl"]
@@ -132,7 +126,7 @@ def test_adapter_folder_contents(olmoe_dir, tmp_path):
 
 def test_output_path_refusals(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = _records(m, 4), unit_rows(4)
+    records, emb = answerable_records(m, 4), unit_rows(4)
     settings = tune.TuneSettings(epochs=1, **SMALL)
     (tmp_path / "file").write_text("mine")
     with pytest.raises(UserError, match="is a file"):
@@ -169,7 +163,7 @@ def _files(folder):
 
 def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, capsys):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = _records(m, 4), unit_rows(4)
+    records, emb = answerable_records(m, 4), unit_rows(4)
     settings = tune.TuneSettings(epochs=1, **SMALL)
     for i, files in enumerate(LOOK_ALIKES):
         folder = tmp_path / f"user{i}"
@@ -190,18 +184,15 @@ def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, ca
 
 def test_overwrite_replaces_the_adapter_only_once_the_new_run_succeeds(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = _records(m, 6), unit_rows(6)   # 2 steps per epoch
+    records, emb = answerable_records(m, 6), unit_rows(6)   # 2 steps per epoch
     out = tmp_path / "A"
     first = tune.tune(m, records, emb, tune.TuneSettings(epochs=1, **SMALL), out, progress="off")
     (out / ".keep").write_text("mine")            # a hidden file of the user's stays with the folder
     before = _files(out)
     again = tune.TuneSettings(epochs=2, **{**SMALL, "lr": 0.05})
 
-    def stop(step, row):
-        raise Interrupt
-
     with pytest.raises(Interrupt):
-        tune.tune(m, records, emb, again, out, overwrite=True, on_step=stop, progress="off")
+        tune.tune(m, records, emb, again, out, overwrite=True, callbacks=[InterruptAt()], progress="off")
     assert _files(out) == before                  # the failed replacement left the old adapter whole
     assert [p.name for p in tmp_path.iterdir()] == ["A"]   # and nothing beside it
     second = tune.tune(m, records, emb, again, out, overwrite=True, progress="off")
@@ -222,17 +213,14 @@ def test_overwrite_replaces_the_adapter_only_once_the_new_run_succeeds(olmoe_dir
 
 def test_a_failed_run_leaves_only_what_the_next_run_can_use(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = _records(m, 6), unit_rows(6)
+    records, emb = answerable_records(m, 6), unit_rows(6)
     settings = tune.TuneSettings(epochs=1, **SMALL)
     with pytest.raises(UserError, match="6 records"):
         tune.tune(m, records, unit_rows(5), settings, tmp_path / "runs" / "A", progress="off")
     assert not (tmp_path / "runs").exists()       # the folders it made are gone
 
-    def stop(step, row):
-        raise Interrupt
-
     with pytest.raises(Interrupt):                # stopped before its first checkpoint
-        tune.tune(m, records, emb, settings, tmp_path / "A", on_step=stop, progress="off")
+        tune.tune(m, records, emb, settings, tmp_path / "A", callbacks=[InterruptAt()], progress="off")
     assert [p.name for p in (tmp_path / "A").iterdir()] == ["bank"]
     result = tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
     assert result.prepare_s == 0                  # the next run took the bank it left
@@ -240,7 +228,7 @@ def test_a_failed_run_leaves_only_what_the_next_run_can_use(olmoe_dir, tmp_path)
 
 def test_adapter_from_another_model_is_refused(olmoe_dir, qwen3_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    tune.tune(m, _records(m, 4), unit_rows(4), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off")
+    tune.tune(m, answerable_records(m, 4), unit_rows(4), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off")
     with pytest.raises(UserError, match="made for another model") as e:
         moe_local.load(str(qwen3_dir), backend="torch", adapter_path=tmp_path / "A")
     assert "\n" not in str(e.value)
@@ -259,7 +247,7 @@ def test_mlx_lm_loader_gives_the_same_logits(tmp_path):
     m = moe_local.load(str(folder), backend="torch")
     ids = np.array(m.tokenizer("What is 3 plus 4?\nAnswer:")["input_ids"])
     base = m.logits(ids)
-    tune.tune(m, _records(m, 8), unit_rows(8), tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1}), tmp_path / "A",
+    tune.tune(m, answerable_records(m, 8), unit_rows(8), tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1}), tmp_path / "A",
               progress="off")
     ours = moe_local.load(str(folder), backend="torch", adapter_path=tmp_path / "A").logits(ids)
     assert np.abs(ours - base).max() > 1e-3   # the adapter changes the model
@@ -337,7 +325,7 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
                                             pytest.param("mlx", "float32", marks=BACKENDS[1].marks)])
 def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     m = moe_local.load(str(olmoe_dir), backend=backend, dtype=dtype)
-    records, emb = _records(m, 6), unit_rows(6)
+    records, emb = answerable_records(m, 6), unit_rows(6)
     out = {}
     modes = ("memory", "disk", "recompute", "full") if dtype == "float32" else ("memory", "disk")
     for mode in modes:

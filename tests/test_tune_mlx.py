@@ -18,9 +18,11 @@ from mlx_lm.utils import load_model  # noqa: E402
 
 import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from moe_local import data, roma, tune, tune_folder  # noqa: E402
-from moe_local.adapter import read_adapter  # noqa: E402
-from tune_helpers import answerable, task_records, unit_rows  # noqa: E402
+from moe_local.tuning import data, roma, tune  # noqa: E402
+from moe_local.tuning import folder as tune_folder  # noqa: E402
+from moe_local.tuning.prepare import prepare  # noqa: E402
+from moe_local.tuning.adapter import read_adapter  # noqa: E402
+from helpers import answerable_records, recorded_routing, reference_scores, rel, unit_rows  # noqa: E402
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
 IDS = np.random.default_rng(2).integers(0, 128, (2, 12))
@@ -28,21 +30,14 @@ MASK = np.concatenate([np.zeros((1, 12), np.int64), np.ones((1, 12), np.int64)])
 MASK[0, 4:] = 1                        # row 0 left-padded by 4
 
 
-def rel(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def _records(m, n, seed=0):
-    return [data.parse_record(r, "t", i + 1) for i, r in enumerate(answerable(m, task_records(n, seed)))]
-
 
 def _step_inputs(m, n=6, seed=3):
     """A batch with a shorter sample of fewer choices (padding, MISSING_SCORE), its neighbour targets,
     and gate weights moved off the model's own."""
-    records = _records(m, n, seed)
+    records = answerable_records(m, n, seed)
     records[3] = data.Record("Which is larger, 7 or 9? Think about it.", ("7", "9"), 1, None, 4)
     layers = m.spec.last_moe_layers(2)
-    bank = tune.prepare(m, records, unit_rows(n, seed=seed), layers, progress="off")
+    bank = prepare(m, records, unit_rows(n, seed=seed), layers, progress="off")
     nb = roma.neighbours(bank.embeddings, bank.correct, 3, 0.4)
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(n))
     assert batch.mask.min() == 0       # some rows are padded
@@ -67,34 +62,22 @@ def _suffix_step(m, batch, layers, weights, targets, w, start):
 def _mlx_full_model_step(m, batch, layers, weights, targets, w, lam=0.8):
     """Reference: the whole mlx-lm model call (``MLXModel.logits``'s path: BatchKVCache for left padding)
     differentiated by ``mx.value_and_grad``, the tuned gates float ``nn.Linear`` layers holding the given
-    weights, routing read through the MoE blocks' ``on_routing`` hook, scores from the full logits."""
+    weights, routing read from the gates during the call, scores from the full logits."""
     saved = {i: m.moe_block(i).gate for i in layers}
-    captured = {}
 
     def loss(gates):
         for i in layers:
             linear = nn.Linear(m.spec.hidden_size, gates[i].shape[0], bias=False)
             linear.weight = gates[i]
             m.moe_block(i).gate = linear
-            m.moe_block(i).on_routing = lambda probs, i=i: captured.__setitem__(i, probs)
-        ids, caches = m.as_batch(batch.ids, batch.mask)
-        logp = nn.log_softmax(m.model(ids, cache=caches).astype(mx.float32), axis=-1)
-        rows = []
-        for b in range(batch.size):
-            row = []
-            for c in range(batch.cand_valid.shape[1]):
-                total = mx.array(data.MISSING_SCORE)
-                if batch.cand_valid[b, c]:
-                    total = mx.array(0.0)
-                    for l in np.flatnonzero(batch.cand_tokmask[b, c]):
-                        r = batch.cand_row[b, c, l]
-                        pos = (int(batch.head_seq[r]), int(batch.head_pos[r]), int(batch.cand_tok[b, c, l]))
-                        total = total + logp[pos]
-                row.append(total)
-            rows.append(mx.stack(row))
-        seq = batch.sample_seq
-        routing = mx.stack([captured[i][mx.array(seq), mx.array(batch.prompt_pos[seq])] for i in layers], axis=1)
-        value, _, _ = roma.roma_loss(mx.stack(rows), routing, mx.array(batch.answer_onehot()), mx.array(targets),
+        with recorded_routing(m, layers) as captured:
+            ids, caches = m.as_batch(batch.ids, batch.mask)
+            logp = nn.log_softmax(m.model(ids, cache=caches).astype(mx.float32), axis=-1)
+        scores = reference_scores(batch, logp, mx.stack, mx.array)
+        seq, T = batch.sample_seq, batch.ids.shape[1]
+        rows = mx.array((seq * T + batch.prompt_pos[seq]).astype(np.int32))
+        routing = mx.stack([captured[i][0][rows] for i in layers], axis=1)
+        value, _, _ = roma.roma_loss(scores, routing, mx.array(batch.answer_onehot()), mx.array(targets),
                                      mx.array(w), lam, 1.0, batch.size)
         return value
 
@@ -104,7 +87,6 @@ def _mlx_full_model_step(m, batch, layers, weights, targets, w, lam=0.8):
     finally:
         for i in layers:
             m.moe_block(i).gate = saved[i]
-            m.moe_block(i).on_routing = None
 
 
 def _check_step(loss, grads, ref_loss, ref_grads, layers, rel_tol=1e-4):
@@ -132,7 +114,7 @@ def test_mlx_prefix_cached_step_equals_full_model_and_torch_steps(fixture, reque
 
 
 def test_mlx_oracle_offsets_gradient_equals_torch(olmoe_dir):
-    from moe_local.evaluate import _ce_loss
+    from moe_local.tuning.evaluate import _ce_loss
 
     out = []
     for backend in ("mlx", "torch"):
@@ -152,7 +134,7 @@ def test_mlx_oracle_offsets_gradient_equals_torch(olmoe_dir):
 
 def test_hidden_host_round_trip_is_exact(olmoe_dir):
     m = moe_local.load(str(olmoe_dir), backend="mlx")
-    batch = data.make_batch(data.encode_records(m.tokenizer, _records(m, 2)), np.arange(2))
+    batch = data.make_batch(data.encode_records(m.tokenizer, answerable_records(m, 2)), np.arange(2))
     for h in m.prefix_hidden(batch, 2):
         host = m.hidden_to_host(h)
         assert host.dtype == np.float32 and host.shape == tuple(h.shape)
@@ -176,7 +158,7 @@ def tuned(tmp_path_factory):
     convert(str(folder), str(quantized), quantize=True, q_group_size=32, q_bits=4)
     settings = tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1})
     adapters = {}
-    records = _records(moe_local.load(str(folder), backend="mlx"), 8)
+    records = answerable_records(moe_local.load(str(folder), backend="mlx"), 8)
     for name, path, backend in (("torch", folder, "torch"), ("mlx", folder, "mlx"), ("mlx-q", quantized, "mlx")):
         m = moe_local.load(str(path), backend=backend)
         tune.tune(m, records, unit_rows(8), settings, root / name, progress="off")

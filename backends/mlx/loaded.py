@@ -1,4 +1,4 @@
-"""The loaded MLX model: the §9 interface over an mlx-lm model with the project's MoE blocks.
+"""The loaded MLX model: ``moe_local.loaded``'s interface over an mlx-lm model with the project's MoE blocks.
 
 Left padding: each row's real tokens must get the logits they get alone, so they need positions
 0, 1, ... from their first real token (the torch backend derives the same position ids from the
@@ -19,10 +19,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from moe_local.checkpoint import load_spec
+from moe_local.checkpoint import check_router_weights
 from moe_local.errors import UserError
+from moe_local.families import family, load_spec
+from moe_local.loaded import LoadedModel, TuningOps
 
-from .. import LoadedModel, check_router_weights, checked_batch, gate_name
+from ..shared import checked_batch
 from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
 from .moe import MOE_IMPLS
@@ -59,7 +61,7 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
 
 
 
-class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
+class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
     backend = "mlx"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
@@ -74,7 +76,7 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
         return self.model.model.norm.weight.dtype
 
     def moe_block(self, layer: int):
-        return self.model.model.layers[layer].mlp
+        return getattr(self.model.model.layers[layer], family(self.spec.family).mlx.block)
 
     def as_batch(self, ids, attention_mask=None):
         """(ids [B, L] int32 mx array, BatchKVCache list or None) after checking ids and mask."""
@@ -108,7 +110,7 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel):
         for i in layers:
             if self.spec.moe_at(i) is None:
                 raise UserError(f"layer {i} is not an MoE layer of this model")
-            out[gate_name(i)] = np.array(float_gate(self.moe_block(i).gate).astype(mx.float32))
+            out[self.spec.names.router_weight(i)] = np.array(float_gate(self.moe_block(i).gate).astype(mx.float32))
         return out
 
     def set_router_weights(self, weights: dict) -> None:

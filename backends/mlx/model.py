@@ -1,9 +1,8 @@
-"""Build mlx-lm's model classes with the project's MoE blocks and load a checkpoint into them.
+"""Build a family's mlx-lm model class with the project's MoE blocks and load a checkpoint into it.
 
-Attention, norms, RoPE and caches are mlx-lm's own (``mlx_lm.models.qwen3_moe`` / ``olmoe``); every
-MoE layer's ``mlp`` is replaced by :class:`MoEBlock`. GroveMoE is mlx-lm's Qwen3-MoE model with Grove
-blocks, loaded from GroveMoE-format folders. The models stay mlx-lm model objects (``__call__(inputs,
-cache)``, ``layers``, ``sanitize``), so mlx-lm's generation runs on them.
+Attention, norms, RoPE and caches are mlx-lm's own (the module the family names, ``Family.mlx``); every
+MoE layer's block is replaced by :class:`MoEBlock`. The models stay mlx-lm model objects
+(``__call__(inputs, cache)``, ``layers``, ``sanitize``), so mlx-lm's generation runs on them.
 
 Loading is mlx-lm's ``load_model`` with our classes and the config rebuilt from the spec (both
 spellings, so transformers-5-only folders load too): its quantization handling (per-layer bits,
@@ -12,18 +11,18 @@ mlx-lm's gate predicates) applies unchanged.
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-from mlx_lm.models import olmoe, qwen3_moe
 from mlx_lm.utils import load_model
 
-from moe_local.checkpoint import UNUSED_TENSORS
 from moe_local.errors import UserError
-from moe_local.spec import ModelSpec, config_for_writing
+from moe_local.families import config_for_writing, family
+from moe_local.spec import ModelSpec
 
 from .moe import MoEBlock
 
@@ -32,69 +31,62 @@ _PARTS = ("gate_proj", "up_proj", "down_proj")
 _SUFFIXES = ("weight", "scales", "biases")
 
 
-def _install_blocks(model, spec: ModelSpec, impl: str) -> None:
-    for moe in spec.moe:
-        layer = model.model.layers[moe.layer]
-        if not hasattr(layer.mlp, "switch_mlp"):
-            raise UserError(f"layer {moe.layer}: the spec says MoE, mlx-lm built a dense MLP")
-        layer.mlp = MoEBlock(moe, spec.hidden_size, impl)
-
-
-class _WithProjectBlocks:
-    """Mixed in before an mlx-lm model class: its MoE layers get the project's blocks."""
+class WithProjectBlocks:
+    """Mixed in before an mlx-lm model class: its MoE layers get the project's blocks, its sanitize
+    drops the checkpoint tensors no model reads and stacks GroveMoE's adjugates as mlx-lm stacks experts."""
 
     def __init__(self, args, spec: ModelSpec, impl: str):
         super().__init__(args)
         self.spec = spec
-        _install_blocks(self, spec, impl)
+        attribute = family(spec.family).mlx.block
+        for moe in spec.moe:
+            layer = self.model.layers[moe.layer]
+            if not hasattr(getattr(layer, attribute), "switch_mlp"):
+                raise UserError(f"layer {moe.layer}: the spec says MoE, mlx-lm built a dense MLP")
+            setattr(layer, attribute, MoEBlock(moe, spec.hidden_size, impl))
 
     def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if not UNUSED_TENSORS.search(k)}
-        return super().sanitize(weights)
+        weights = {k: v for k, v in weights.items() if not self.spec.names.is_unused(k)}
+        return stack_adjugates(super().sanitize(weights), self.spec)
 
 
-class Qwen3MoeModel(_WithProjectBlocks, qwen3_moe.Model):
-    pass
+def stack_adjugates(weights: dict, spec: ModelSpec) -> dict:
+    """``<block>.chunk_experts.J.*`` -> ``<block>.chunk_experts.*`` ([groups, out, in]), as mlx-lm does experts."""
+    for moe in spec.moe:
+        if moe.grove is None:
+            continue
+        prefix = f"{spec.names.block_prefix(moe.layer)}.{spec.names.adjugates}"
+        for part in _PARTS:
+            for suffix in _SUFFIXES:
+                if f"{prefix}.0.{part}.{suffix}" not in weights:
+                    continue
+                names = [f"{prefix}.{j}.{part}.{suffix}" for j in range(moe.num_groups)]
+                missing = [n for n in names if n not in weights]
+                if missing:
+                    raise KeyError(missing[0])   # reported like mlx-lm's own missing experts
+                weights[f"{prefix}.{part}.{suffix}"] = mx.stack([weights.pop(n) for n in names])
+    return weights
 
 
-class OlmoeModel(_WithProjectBlocks, olmoe.Model):
-    pass
-
-
-class GroveMoeModel(Qwen3MoeModel):
-    """GroveMoE: mlx-lm's Qwen3-MoE model whose MoE blocks run Grove's adjugate experts."""
-
-    def sanitize(self, weights):
-        """Stack ``mlp.chunk_experts.J.*`` into ``mlp.chunk_experts.*`` ([groups, out, in]), as mlx-lm does experts."""
-        weights = super().sanitize(weights)
-        for moe in self.spec.moe:
-            prefix = f"model.layers.{moe.layer}.mlp.chunk_experts"
-            for part in _PARTS:
-                for suffix in _SUFFIXES:
-                    if f"{prefix}.0.{part}.{suffix}" not in weights:
-                        continue
-                    names = [f"{prefix}.{j}.{part}.{suffix}" for j in range(moe.num_groups)]
-                    missing = [n for n in names if n not in weights]
-                    if missing:
-                        raise KeyError(missing[0])   # reported like mlx-lm's own missing experts
-                    weights[f"{prefix}.{part}.{suffix}"] = mx.stack([weights.pop(n) for n in names])
-        return weights
-
-
-CLASSES = {"qwen3_moe": (Qwen3MoeModel, qwen3_moe.ModelArgs), "olmoe": (OlmoeModel, olmoe.ModelArgs),
-           "grove_moe": (GroveMoeModel, qwen3_moe.ModelArgs)}
+def library_classes(spec: ModelSpec):
+    """(model class with the project's blocks, ModelArgs class) of the family's mlx-lm module."""
+    lib = family(spec.family).mlx
+    module = importlib.import_module(lib.module)
+    base = getattr(module, lib.model)
+    cls = type(f"{base.__name__}WithProjectBlocks", (WithProjectBlocks, base), {})
+    return cls, getattr(module, lib.config)
 
 
 def mlx_config(spec: ModelSpec) -> dict:
     """The config mlx-lm's ModelArgs read, from the spec (one parser: moe_local.spec)."""
     config = config_for_writing(spec)
-    config["model_type"] = "olmoe" if spec.family == "olmoe" else "qwen3_moe"
+    config["model_type"] = family(spec.family).mlx.model_type
     return config
 
 
 def load_mlx_model(folder: Path, spec: ModelSpec, impl: str, dtype):
     """The mlx-lm model with our MoE blocks, weights loaded (quantized as the folder is), cast to ``dtype``."""
-    cls, args_cls = CLASSES[spec.family]
+    cls, args_cls = library_classes(spec)
     config = mlx_config(spec)
     try:
         model, _ = load_model(Path(folder), model_config=config,

@@ -1,11 +1,7 @@
 """The project's MoE block for MLX: router, grouped expert execution, Grove adjugates.
 
-Routing follows the reference implementations (the same rules as the torch block):
-
-- qwen3_moe / olmoe: softmax in fp32 over all experts, top-k of the probabilities, optional
-  renormalisation, weights cast to the activations' dtype.
-- GroveMoE: top-k of ``sigmoid(logits)`` selects, the softmax probabilities of the selected experts
-  are always renormalised, and ``y = Σ w_i E_i(x) + λ Σ_groups (Σ_{i in group} w_i) A_group(x)``.
+Routing is the family's rule as data (router.py, the same rule as the torch block's), the weights
+cast to the activations' dtype. GroveMoE: ``y = Σ w_i E_i(x) + λ Σ_groups (Σ_{i in group} w_i) A_group(x)``.
 
 Parameter names are mlx-lm's (``gate``, ``switch_mlp.{gate,up,down}_proj`` stacked ``[E, out, in]``),
 so mlx-lm's ``sanitize`` and mlx-lm-quantized folders load as they are; Grove's adjugates are
@@ -27,7 +23,9 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from moe_local.spec import ROUTER_SIGMOID_SELECT, MoESpec
+from moe_local.spec import MoESpec
+
+from .router import route
 
 # "grouped": gather_mm / gather_qmm over expert-sorted rows (the default);
 # "reference": the per-slot loop of the reference formula with dense matmuls.
@@ -39,7 +37,7 @@ MOE_IMPLS = ("grouped", "reference")
 # gather_mm runs every row at the same ~1 GFLOP/s). mlx-lm's threshold was chosen on Metal; keep it.
 SORT_MIN_ROWS = 64
 
-# Adjugate strategies (DESIGN §3), all exact:
+# Adjugate strategies (docs/methods.md, GroveMoE), all exact:
 #   "per-slot":  adjugates ride in the experts' sorted rows: each (token, slot) row also runs its
 #                group's adjugate, weighted by w_i (Σ_i w_i λ A_g(i) = λ Σ_g (Σ_{i∈g} w_i) A_g).
 #                No second sort, no host read; an adjugate runs once per selected expert.
@@ -94,20 +92,6 @@ def dense(layer, e: int, x: mx.array) -> mx.array:
     return x @ expert_weight(layer, e).astype(x.dtype).T
 
 
-def route(logits: mx.array, probs: mx.array, moe: MoESpec) -> tuple[mx.array, mx.array]:
-    """(top-k expert ids [T, k], their fp32 weights [T, k]); ``probs`` = fp32 softmax of ``logits``."""
-    k = moe.top_k
-    if moe.router == ROUTER_SIGMOID_SELECT:
-        score = mx.sigmoid(logits.astype(mx.float32))
-    else:
-        score = probs
-    idx = mx.stop_gradient(mx.argpartition(-score, kth=k - 1, axis=-1)[..., :k])
-    weights = mx.take_along_axis(probs, idx, axis=-1)
-    if moe.renormalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    return idx, weights
-
-
 class GroupPlan(NamedTuple):
     """The distinct (token, group) pairs of a routing, as rows of the flattened [T, k] slots."""
 
@@ -150,22 +134,16 @@ class MoEBlock(nn.Module):
         self.impl = impl
         self.adjugate = "auto"               # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
         self.sort_min_rows = SORT_MIN_ROWS   # benchmarks set it to time always/never sorted rows
-        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
         self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
-        # Set by callers that need routing (RoMA): receives the fp32 router probabilities [..., E],
-        # inside the graph (differentiable in the gate).
-        self.on_routing = None
 
     def __call__(self, hidden_states: mx.array) -> mx.array:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = self.gate(x)
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
-        if self.on_routing is not None:
-            self.on_routing(probs.reshape(*shape[:-1], -1))
-        idx, weights = route(logits, probs, self.spec)
+        idx, weights = route(logits, self.spec.router, self.spec.top_k)
         weights = weights.astype(x.dtype)
         if self.impl == "reference":
             out = self._per_slot(x, idx, weights)

@@ -18,10 +18,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from moe_local.checkpoint import carried_tensor_names, write_model
+from moe_local.families import config_for_writing, family
 
 from .model import DTYPES
 
-_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$")
+_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
 def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
@@ -29,26 +30,34 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
     params = dict(tree_flatten(model.parameters()))
     quantized = any(name.endswith(".scales") for name in params)
     dtype = DTYPES[spec.dtype]
+    names = spec.names
+    block = re.escape(family(spec.family).mlx.block)
+    stacked = re.compile(rf"^model\.layers\.(\d+)\.{block}\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$")
+    router = re.compile(rf"^model\.layers\.(\d+)\.{block}\.gate\.(weight|bias)$")
     out = {}
     for name, value in params.items():
         if spec.tie_word_embeddings and name.startswith("lm_head."):
             continue
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
-        m = None if quantized else _STACKED.match(name)
+        m = None if quantized else stacked.match(name)
+        r = None if quantized else router.match(name)
         if m:
-            kind = "experts" if m.group(2) == "switch_mlp" else "chunk_experts"
+            layer, part = int(m.group(1)), _PARTS.index(m.group(3))
+            group = names.experts if m.group(2) == "switch_mlp" else names.adjugates
             for e in range(value.shape[0]):
-                out[f"{m.group(1)}.{kind}.{e}.{m.group(3)}.weight"] = value[e]
+                out[names.expert(layer, e, part, group=group)] = value[e]
+        elif r:
+            out[f"{names.block_prefix(int(r.group(1)))}.{names.router}.{r.group(2)}"] = value
         else:
             out[name] = value
     return out
 
 
-def carried_tensors(folder: Path) -> dict[str, mx.array]:
+def carried_tensors(folder: Path, spec) -> dict[str, mx.array]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for path, names in carried_tensor_names(folder).items():
+    for path, names in carried_tensor_names(folder, spec.names).items():
         arrays = mx.load(str(path))
         out.update({name: arrays[name] for name in names})
     return out
@@ -65,6 +74,7 @@ def quantization_config(config: dict, tensors: dict) -> dict:
 
 
 def save_model(loaded, out: Path) -> Path:
-    tensors = {**carried_tensors(loaded.folder), **checkpoint_tensors(loaded.model, loaded.spec)}
-    return write_model(out, loaded.spec, tensors, tokenizer_src=loaded.folder, dtype=loaded.spec.dtype,
-                       extra_config=quantization_config(dict(loaded.spec.config), tensors))
+    tensors = {**carried_tensors(loaded.folder, loaded.spec), **checkpoint_tensors(loaded.model, loaded.spec)}
+    config = config_for_writing(loaded.spec, loaded.spec.dtype)
+    config.update(quantization_config(dict(loaded.spec.config), tensors))
+    return write_model(out, config, tensors, tokenizer_src=loaded.folder)

@@ -1,4 +1,4 @@
-"""The tune/eval operations of the MLX backend (DESIGN §9; the contract is in backends/__init__.py).
+"""The tune/eval operations of the MLX backend (``moe_local.loaded.TuningOps``).
 
 The model is run in two halves around the first tuned layer: ``prefix_hidden`` (model dtype, ragged
 per sequence) and ``suffix_forward`` (differentiated by ``mx.value_and_grad``). Both drive mlx-lm's
@@ -6,8 +6,8 @@ own decoder layers the way its ``Qwen3MoeModel`` / ``OlmoeModel`` do, left paddi
 with padding gets mlx-lm's ``BatchKVCache`` per layer (RoPE offsets ``-padding``, a causal mask that
 hides the padding), as ``MLXModel.logits`` and mlx-lm's batched generation do. Only the gates of the
 tuned layers are swapped, for the duration of one call, for :class:`LiveGate`, which computes the
-router logits from the given float32 weights (plus the oracle's offsets) and records the fp32
-routing at each sample's last prompt token. MoE blocks stay in eval mode: our blocks call
+router logits from the given float32 weights (plus the oracle's offsets) and records the routing
+distribution (router.py, the block's own rule) at each sample's last prompt token. MoE blocks stay in eval mode: our blocks call
 ``gather_mm`` / ``gather_qmm`` directly, and their gradients need no training mode (checked by the
 tests against a full-model ``nn.value_and_grad`` and against the torch backend).
 """
@@ -21,28 +21,31 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
-from moe_local.data import MISSING_SCORE, Batch
+from moe_local.tuning.data import MISSING_SCORE, Batch
+
+from ..shared import check_suffix_layers, swapped_gate
+from .router import routing_distribution
 
 
 class LiveGate(nn.Module):
     """Stands in for a tuned layer's gate during one suffix call.
 
     logits = x.float32 @ weightᵀ (or the layer's own gate when ``weight`` is None), plus ``offsets``
-    [rows, E] added at ``offset_rows``; the fp32 softmax at ``capture_rows`` goes to ``sink``. Rows
-    index the flattened [sequences · T] tokens the MoE block sees.
+    [rows, E] added at ``offset_rows``; the routing distribution at ``capture_rows`` goes to ``sink``.
+    Rows index the flattened [sequences · T] tokens the MoE block sees.
     """
 
-    def __init__(self, base, weight, offset_rows, offsets, capture_rows, sink: list):
+    def __init__(self, base, rule, weight, offset_rows, offsets, capture_rows, sink: list):
         super().__init__()
         # Plain attributes, not module parameters: nothing here is the model's.
-        object.__setattr__(self, "_state", (base, weight, offset_rows, offsets, capture_rows, sink))
+        object.__setattr__(self, "_state", (base, rule, weight, offset_rows, offsets, capture_rows, sink))
 
     def __call__(self, x: mx.array) -> mx.array:
-        base, weight, offset_rows, offsets, capture_rows, sink = self._state
+        base, rule, weight, offset_rows, offsets, capture_rows, sink = self._state
         logits = base(x) if weight is None else x.astype(mx.float32) @ weight.T
         if offsets is not None:
             logits = logits.astype(mx.float32).at[offset_rows].add(offsets)
-        sink.append(mx.softmax(logits[capture_rows].astype(mx.float32), axis=-1, precise=True))
+        sink.append(routing_distribution(logits[capture_rows], rule))
         return logits
 
 
@@ -80,7 +83,7 @@ class MLXTuning:
         return out
 
     def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
-        self.check_suffix_layers(layer, layers)
+        check_suffix_layers(self.spec, layer, layers)
         S, T = batch.ids.shape
         flat = mx.concatenate(list(hidden)) if len(hidden) > 1 else hidden[0]
         # Each padded slot reads its real row; padding reads an extra zero row (as torch's zeros).
@@ -96,8 +99,9 @@ class MLXTuning:
             for n, i in enumerate(layers):
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n][seq_sample]
-                gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
-                stack.enter_context(self.swapped_gate(i, gate))
+                block = self.moe_block(i)
+                gate = LiveGate(block.gate, block.spec.router, weight, seq_rows, off, capture, sink[i])
+                stack.enter_context(swapped_gate(block, gate))
             out = self._run_layers(padded, self._padding(batch), layer, self.spec.num_layers)
         rows = out[mx.array(batch.head_seq.astype(np.int32)), mx.array(batch.head_pos.astype(np.int32))]
         logits = self._lm_head(self.model.model.norm(rows)).astype(mx.float32)

@@ -1,6 +1,7 @@
-"""PyTorch backend: transformers' models with the project's MoE blocks; CPU and CUDA."""
+"""PyTorch backend: transformers' models with the project's MoE blocks; CPU and CUDA (Triton)."""
 
-from .moe import MOE_IMPLS
+from . import distributed
 from .loaded import TorchModel, load
+from .moe import MOE_IMPLS
 
-__all__ = ["MOE_IMPLS", "TorchModel", "load"]
+__all__ = ["MOE_IMPLS", "TorchModel", "distributed", "load"]

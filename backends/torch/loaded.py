@@ -1,4 +1,4 @@
-"""The loaded PyTorch model: the §9 interface over a transformers causal LM with the project's MoE blocks."""
+"""The loaded PyTorch model: ``moe_local.loaded``'s interface over a transformers causal LM with the project's MoE blocks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_local.checkpoint import load_spec
+from moe_local.checkpoint import check_router_weights
 from moe_local.errors import UserError
+from moe_local.families import config_for_writing, family, load_spec
+from moe_local.loaded import LoadedModel, TuningOps
 
-from .. import LoadedModel, check_router_weights, checked_batch, gate_name
+from ..shared import checked_batch
 from .generation import TorchGeneration
 from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm
 from .moe import MOE_IMPLS
@@ -59,7 +61,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class TorchModel(TorchGeneration, TorchTuning, LoadedModel):
+class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
     backend = "torch"
 
     def __init__(self, model, spec, folder: Path, moe_impl: str, device: str):
@@ -74,7 +76,7 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel):
         return self.model.model.embed_tokens.weight.dtype
 
     def moe_block(self, layer: int):
-        return self.model.model.layers[layer].mlp
+        return getattr(self.model.model.layers[layer], family(self.spec.family).torch.block)
 
     def as_batch(self, ids, attention_mask=None):
         ids, mask = checked_batch(ids, attention_mask, self.spec.vocab_size)
@@ -94,14 +96,14 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel):
         from moe_local.checkpoint import write_model
 
         dtype = str(self.dtype).replace("torch.", "")
-        tensors = {**carried_tensors(self.folder), **checkpoint_tensors(self.model, self.spec)}
-        return write_model(out, self.spec, tensors, tokenizer_src=self.folder,
-                           dtype=dtype)
+        tensors = {**carried_tensors(self.folder, self.spec), **checkpoint_tensors(self.model, self.spec)}
+        return write_model(out, config_for_writing(self.spec, dtype), tensors, tokenizer_src=self.folder)
 
     def get_router_weights(self, layers=None) -> dict:
         layers = self.spec.moe_layers if layers is None else layers
         # A copy: the arrays must not alias the live parameters.
-        return {gate_name(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy() for i in layers}
+        return {self.spec.names.router_weight(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy()
+                for i in layers}
 
     @torch.no_grad()
     def set_router_weights(self, weights: dict) -> None:

@@ -1,58 +1,80 @@
-"""Build transformers' causal-LM classes with the project's MoE blocks and load a checkpoint into them.
+"""Build a family's transformers causal-LM class with the project's MoE blocks and load a checkpoint into it.
 
-Attention, norms, RoPE, caches and generation are transformers' own (``Qwen3MoeForCausalLM``,
-``OlmoeForCausalLM``); every MoE layer's ``mlp`` is replaced by :class:`MoEBlock`. GroveMoE is
-``GroveMoeForCausalLM``: transformers' Qwen3-MoE classes with Grove blocks, loaded from
-GroveMoE-format weights without ``trust_remote_code``.
+Attention, norms, RoPE, caches and generation are transformers' own (the classes the family module
+names, ``Family.torch``); every MoE layer's ``mlp`` is replaced by :class:`MoEBlock`. The model is
+built on the meta device and the checkpoint tensors are assigned into it, so no memory is spent on a
+random initialisation that would be thrown away.
 
-The model is built on the meta device and the checkpoint tensors are assigned into it, so no
-memory is spent on a random initialisation that would be thrown away.
+Names: outside the MoE blocks a checkpoint's names are the model's. Inside, the checkpoint spells
+them as the family's :class:`~moe_local.checkpoint.names.TensorNames` say (per expert), the model as
+transformers 5 does (``mlp.gate``, experts fused into ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]``); :func:`checkpoint_state` and :func:`checkpoint_tensors` translate both ways.
 """
 
 from __future__ import annotations
 
-import re
+import importlib
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moe_local.checkpoint import UNUSED_TENSORS, carried_tensor_names, is_quantized, tensor_index
+from moe_local.checkpoint import carried_tensor_names, is_quantized, tensor_index
 from moe_local.errors import UserError
-from moe_local.spec import ModelSpec, config_for_writing
+from moe_local.families import config_for_writing, family
+from moe_local.spec import ModelSpec
 
 from .moe import MoEBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.(?:experts|chunk_experts))\.(\d+)\.(gate|up|down)_proj\.weight$")
+PROJECTIONS = ("gate", "up", "down")
 
 
-
-class GroveMoeForCausalLM(Qwen3MoeForCausalLM):
-    """GroveMoE: transformers' Qwen3-MoE model whose MoE blocks run Grove's adjugate experts."""
+def library_classes(spec: ModelSpec):
+    """(causal-LM class, config class) the family names; the class is named for the family's own
+    architecture when the library's differs (GroveMoE runs as ``GroveMoeForCausalLM``)."""
+    f = family(spec.family)
+    module = importlib.import_module(f.torch.module)
+    model_cls, config_cls = getattr(module, f.torch.model), getattr(module, f.torch.config)
+    if f.architectures and f.architectures[0] != model_cls.__name__:
+        model_cls = type(f.architectures[0], (model_cls,), {"__doc__": f"{f.name} on {model_cls.__name__}."})
+    return model_cls, config_cls
 
 
 def hf_config(spec: ModelSpec, attn_implementation: str = "sdpa"):
-    """The transformers config object for a spec (Grove uses Qwen3-MoE's)."""
+    """The transformers config object for a spec (the library's model type, e.g. Grove's Qwen3-MoE)."""
+    _, config_cls = library_classes(spec)
     values = config_for_writing(spec)
     values.pop("architectures", None)
     values.pop("auto_map", None)
-    values["model_type"] = "olmoe" if spec.family == "olmoe" else "qwen3_moe"
-    cls = OlmoeConfig if spec.family == "olmoe" else Qwen3MoeConfig
+    values["model_type"] = family(spec.family).torch.model_type
     values["attn_implementation"] = attn_implementation
-    return cls(**values)
+    return config_cls(**values)
 
 
 def build(spec: ModelSpec, impl: str):
     """The causal LM on the meta device, MoE layers replaced by the project's blocks."""
+    model_cls, _ = library_classes(spec)
     config = hf_config(spec)
-    cls = {"qwen3_moe": Qwen3MoeForCausalLM, "olmoe": OlmoeForCausalLM, "grove_moe": GroveMoeForCausalLM}[spec.family]
     with torch.device("meta"):
-        model = cls(config)
+        model = model_cls(config)
         for moe in spec.moe:
-            model.model.layers[moe.layer].mlp = MoEBlock(moe, spec.hidden_size, impl)
+            setattr(model.model.layers[moe.layer], _block(spec), MoEBlock(moe, spec.hidden_size, impl))
     return model
+
+
+def _block(spec: ModelSpec) -> str:
+    return family(spec.family).torch.block
+
+
+def _model_name(spec: ModelSpec, name: str) -> str:
+    """A checkpoint's router tensor under the model's name (other names are the same on both sides)."""
+    names = spec.names
+    for moe in spec.moe:
+        prefix = f"{names.block_prefix(moe.layer)}.{names.router}."
+        if name.startswith(prefix):
+            return f"model.layers.{moe.layer}.{_block(spec)}.gate.{name[len(prefix):]}"
+    return name
 
 
 def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -63,32 +85,56 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     by_file: dict[Path, list[str]] = {}
     for name, (path, _, _) in index.items():
         by_file.setdefault(path, []).append(name)
+    per_expert = spec.names.per_expert()
     state, experts = {}, {}
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                if UNUSED_TENSORS.search(name):
+                if spec.names.is_unused(name):
                     continue
-                m = _PER_EXPERT.match(name)
+                m = per_expert.match(name)
                 if m:
-                    experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = f.get_tensor(name)
+                    part = PROJECTIONS[spec.names.projections.index(m.group(3))]
+                    experts.setdefault(m.group(1), {})[(int(m.group(2)), part)] = f.get_tensor(name)
                 else:
-                    state[name] = f.get_tensor(name).to(dtype)
+                    state[_model_name(spec, name)] = f.get_tensor(name).to(dtype)
     for prefix, parts in experts.items():
-        count = 1 + max(e for e, _ in parts)
-        try:
-            gate_up = [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(count)]
-            down = [parts[(e, "down")] for e in range(count)]
-        except KeyError as e:
-            raise UserError(f"{folder} lacks tensor {prefix}.{e.args[0][0]}.{e.args[0][1]}_proj.weight") from None
-        except RuntimeError:
-            raise UserError(f"{folder}: the gate and up projections of {prefix} differ in shape") from None
-        try:
-            state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up).to(dtype)
-            state[f"{prefix}.down_proj"] = torch.stack(down).to(dtype)
-        except RuntimeError:
-            raise UserError(f"{folder}: the experts of {prefix} differ in shape") from None
+        state.update(_fused_experts(folder, spec, prefix, parts, dtype))
     return state
+
+
+def _fused_experts(folder, spec, prefix: str, parts: dict, dtype) -> dict[str, torch.Tensor]:
+    """One group of per-expert tensors (checkpoint ``prefix``) as the model's fused pair."""
+    count = 1 + max(e for e, _ in parts)
+    try:
+        gate_up = [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(count)]
+        down = [parts[(e, "down")] for e in range(count)]
+    except KeyError as e:
+        e_index, part = e.args[0]
+        raise UserError(f"{folder} lacks tensor {prefix}.{e_index}.{_projection(spec, part)}.weight") from None
+    except RuntimeError:
+        raise UserError(f"{folder}: the gate and up projections of {prefix} differ in shape") from None
+    model_prefix = _model_prefix(spec, prefix)
+    try:
+        return {f"{model_prefix}.gate_up_proj": torch.stack(gate_up).to(dtype),
+                f"{model_prefix}.down_proj": torch.stack(down).to(dtype)}
+    except RuntimeError:
+        raise UserError(f"{folder}: the experts of {prefix} differ in shape") from None
+
+
+def _projection(spec: ModelSpec, part: str) -> str:
+    return spec.names.projections[PROJECTIONS.index(part)]
+
+
+def _model_prefix(spec: ModelSpec, checkpoint_prefix: str) -> str:
+    """``model.layers.L.<block>.<experts|adjugates>`` -> ``model.layers.L.mlp.<experts|chunk_experts>``."""
+    layer, group = checkpoint_prefix.split(".")[2], checkpoint_prefix.rsplit(".", 1)[1]
+    return f"model.layers.{layer}.{_block(spec)}.{'experts' if group == spec.names.experts else 'chunk_experts'}"
+
+
+def _checkpoint_prefix(spec: ModelSpec, model_prefix: str) -> str:
+    layer, group = model_prefix.split(".")[2], model_prefix.rsplit(".", 1)[1]
+    return f"{spec.names.block_prefix(int(layer))}.{spec.names.experts if group == 'experts' else spec.names.adjugates}"
 
 
 def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder: Path) -> None:
@@ -99,17 +145,17 @@ def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder:
         state.pop("lm_head.weight", None)
     missing = [n for n in expected if n not in state]
     if missing:
-        raise UserError(f"{folder} lacks tensor {_checkpoint_name(missing[0])}")
+        raise UserError(f"{folder} lacks tensor {_checkpoint_name(spec, missing[0])}")
     unexpected = [n for n in state if n not in expected]
     if unexpected:
         raise UserError(f"{folder} has tensor {unexpected[0]}, which a {spec.family} model with this config "
                         "does not have")
     for name, tensor in state.items():
-        if name.endswith(("_proj", )) and tensor.shape[0] != expected[name].shape[0]:
-            raise UserError(f"{folder} has {tensor.shape[0]} experts in {name.rsplit('.', 1)[0]}, "
+        if name.endswith("_proj") and tensor.shape[0] != expected[name].shape[0]:
+            raise UserError(f"{folder} has {tensor.shape[0]} experts in {_checkpoint_prefix(spec, name.rsplit('.', 1)[0])}, "
                             f"the config says {expected[name].shape[0]}")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{folder}: tensor {_checkpoint_name(name)} has shape {tuple(tensor.shape)}, "
+            raise UserError(f"{folder}: tensor {_checkpoint_name(spec, name)} has shape {tuple(tensor.shape)}, "
                             f"expected {_checkpoint_shape(name, expected[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     if spec.tie_word_embeddings:
@@ -118,12 +164,19 @@ def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
 
 
-def _checkpoint_name(name: str) -> str:
-    """How a fused parameter is spelled in a checkpoint, for error messages."""
-    if name.endswith(".gate_up_proj"):
-        return name[: -len("gate_up_proj")] + "0.gate_proj.weight"
-    if name.endswith(".down_proj"):
-        return name[: -len("down_proj")] + "0.down_proj.weight"
+def _checkpoint_name(spec: ModelSpec, name: str) -> str:
+    """How a model parameter is spelled in a checkpoint, for error messages (expert 0 for fused ones)."""
+    if name.endswith((".gate_up_proj", ".down_proj")):
+        prefix, fused = name.rsplit(".", 1)
+        part = 0 if fused == "gate_up_proj" else 2
+        return f"{_checkpoint_prefix(spec, prefix)}.0.{spec.names.projections[part]}.weight"
+    return _checkpoint_router_name(spec, name)
+
+
+def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[3] == _block(spec) and parts[4] == "gate" and spec.moe_at(int(parts[2])) is not None:
+        return f"{spec.names.block_prefix(int(parts[2]))}.{spec.names.router}.{'.'.join(parts[5:])}"
     return name
 
 
@@ -143,31 +196,31 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
     return model.requires_grad_(False).to(device).eval()
 
 
-def carried_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def carried_tensors(folder: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for path, names in carried_tensor_names(folder).items():
+    for path, names in carried_tensor_names(folder, spec.names).items():
         with safe_open(str(path), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in names})
     return out
 
 
 def checkpoint_tensors(model, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face checkpoint names (per-expert tensors, as transformers writes)."""
+    """The model's weights under the family's checkpoint names (per-expert tensors, as transformers writes)."""
     out = {}
     for name, tensor in model.state_dict().items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if name.endswith(".gate_up_proj"):
-            prefix = name[: -len(".gate_up_proj")]
-            for e, fused in enumerate(tensor):
-                gate, up = fused.chunk(2, dim=0)
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
-                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
-        elif name.endswith(".down_proj"):
-            prefix = name[: -len(".down_proj")]
-            for e, down in enumerate(tensor):
-                out[f"{prefix}.{e}.down_proj.weight"] = down.contiguous()
+        if name.endswith((".gate_up_proj", ".down_proj")):
+            prefix, fused = name.rsplit(".", 1)
+            prefix = _checkpoint_prefix(spec, prefix)
+            for e, weight in enumerate(tensor):
+                if fused == "gate_up_proj":
+                    gate, up = weight.chunk(2, dim=0)
+                    out[f"{prefix}.{e}.{spec.names.projections[0]}.weight"] = gate.contiguous()
+                    out[f"{prefix}.{e}.{spec.names.projections[1]}.weight"] = up.contiguous()
+                else:
+                    out[f"{prefix}.{e}.{spec.names.projections[2]}.weight"] = weight.contiguous()
         else:
-            out[name] = tensor
+            out[_checkpoint_router_name(spec, name)] = tensor
     return out

@@ -1,13 +1,8 @@
 """The project's MoE block for PyTorch: router, grouped expert execution, Grove adjugates.
 
-Routing semantics follow the reference implementations exactly:
-
-- qwen3_moe / olmoe (transformers' ``TopKRouter``): logits in the model dtype, softmax in fp32,
-  top-k of the probabilities, optional renormalisation, weights cast back to the model dtype.
-- GroveMoE (its released transformers code): top-k of ``sigmoid(logits)`` selects, the softmax
-  probabilities of the selected experts are always renormalised, and
-  ``y = Σ w_i E_i(x) + λ Σ_groups (Σ_{i in group} w_i) A_group(x)`` — each adjugate runs once per
-  (token, group) with the summed weight instead of once per selected expert.
+Routing is the family's rule as data (router.py). GroveMoE's adjugates follow its released code,
+``y = Σ w_i E_i(x) + λ Σ_groups (Σ_{i in group} w_i) A_group(x)``, with each adjugate run once per
+(token, group) with the summed weight instead of once per selected expert.
 
 Grouped execution: the (token, slot) rows are sorted by expert so that each expert present runs
 one matmul pair over a contiguous block; ``reference`` is the per-slot loop, kept for checking.
@@ -19,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local.spec import ROUTER_SIGMOID_SELECT, MoESpec
+from moe_local.spec import MoESpec
+
+from .router import Router, route
 
 # "grouped": rows sorted by expert, then a matmul pair per expert present. Without a gradient on the CPU,
 # one torch._grouped_mm per projection instead, for the experts up to GROUPED_MM_MAX_TOKENS tokens and
@@ -33,17 +30,6 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUPED_MM_MAX_TOKENS = 64
 
 
-class Router(nn.Module):
-    """The gate: a bias-free linear map from hidden states to expert logits (``mlp.gate.weight``)."""
-
-    def __init__(self, num_experts: int, hidden_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
 class Experts(nn.Module):
     """SwiGLU experts stored fused as transformers 5 does: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``."""
 
@@ -55,19 +41,6 @@ class Experts(nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
-
-
-def route(logits: torch.Tensor, moe: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k expert ids [T, k], their weights [T, k] in the logits' dtype)."""
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    if moe.router == ROUTER_SIGMOID_SELECT:
-        _, idx = torch.topk(torch.sigmoid(logits.float()), moe.top_k, dim=-1)
-        weights = probs.gather(-1, idx)
-    else:
-        weights, idx = torch.topk(probs, moe.top_k, dim=-1)
-    if moe.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return idx, weights.to(logits.dtype)
 
 
 def grouped_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor,
@@ -122,20 +95,16 @@ class MoEBlock(nn.Module):
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
         self.spec = moe
         self.impl = impl
-        self.gate = Router(moe.num_experts, hidden_size)
+        self.gate = Router(moe.num_experts, hidden_size, moe.router)
         self.experts = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
-        # Set by callers that need routing (RoMA): receives the fp32 router probabilities [..., E].
-        self.on_routing = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = self.gate(x)
-        if self.on_routing is not None:
-            self.on_routing(F.softmax(logits, dim=-1, dtype=torch.float32).reshape(*shape[:-1], -1))
-        idx, weights = route(logits, self.spec)
+        idx, weights = route(logits, self.spec.router, self.spec.top_k, self.gate.e_score_correction_bias)
         if self.impl == "reference":
             out = self._per_slot(x, idx, weights)
         elif self.impl == "triton" and not self._needs_grad(x, weights):

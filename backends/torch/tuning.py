@@ -1,12 +1,12 @@
-"""The tune/eval operations of the torch backend (DESIGN §9; the contract is in backends/__init__.py).
+"""The tune/eval operations of the torch backend (``moe_local.loaded.TuningOps``).
 
 The model is run in two halves around the first tuned layer: ``prefix_hidden`` (no grad, model
 dtype, ragged per sequence) and ``suffix_forward`` (grad enabled). The suffix drives transformers'
 own decoder layers with transformers' own causal mask and RoPE tables, the way
 ``Qwen3MoeModel.forward`` / ``OlmoeModel.forward`` do; only the gates of the tuned layers are swapped,
 for the duration of one call, for :class:`LiveGate`, which computes the router logits from the
-given float32 weights (and adds per-sample offsets for the oracle) and records the post-softmax
-routing at each sample's last prompt token.
+given float32 weights (and adds per-sample offsets for the oracle) and records the routing
+distribution (router.py, the block's own rule) at each sample's last prompt token.
 """
 
 from __future__ import annotations
@@ -19,20 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from moe_local.data import MISSING_SCORE, Batch
+from moe_local.tuning.data import MISSING_SCORE, Batch
+
+from ..shared import check_suffix_layers, swapped_gate
+from .router import routing_distribution
 
 
 class LiveGate(nn.Module):
     """Stands in for a tuned layer's ``Router`` during one suffix call.
 
     logits = x @ weightᵀ in float32 (or the layer's own gate when ``weight`` is None), plus
-    ``offsets`` added at ``offset_rows``; the fp32 softmax at ``capture_rows`` goes to ``sink``.
-    Rows index the flattened [sequences · T] tokens the MoE block sees.
+    ``offsets`` added at ``offset_rows``; the routing distribution at ``capture_rows`` goes to ``sink``.
+    Rows index the flattened [sequences · T] tokens the MoE block sees. The selection-only bias
+    stays the base gate's.
     """
 
     def __init__(self, base, weight, offset_rows, offsets, capture_rows, sink: list):
         super().__init__()
         self.base = base
+        self.e_score_correction_bias = base.e_score_correction_bias
         self.live_weight = weight
         self.offset_rows = offset_rows
         self.offsets = offsets
@@ -51,7 +56,7 @@ class LiveGate(nn.Module):
             logits = F.linear(x.to(self.live_weight.dtype), self.live_weight)
         if self.offsets is not None:
             logits = logits.float().index_add(0, self.offset_rows, self.offsets)
-        self.sink.append(F.softmax(logits.index_select(0, self.capture_rows), dim=-1, dtype=torch.float32))
+        self.sink.append(routing_distribution(logits.index_select(0, self.capture_rows), self.base.rule))
         return logits
 
 
@@ -92,7 +97,7 @@ class TorchTuning:
         return list(torch.split(flat, batch.lengths.tolist()))
 
     def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
-        self.check_suffix_layers(layer, layers)
+        check_suffix_layers(self.spec, layer, layers)
         S, T = batch.ids.shape
         mask = self._mask(batch)
         flat = torch.cat(list(hidden)) if len(hidden) > 1 else hidden[0]
@@ -106,8 +111,8 @@ class TorchTuning:
             for n, i in enumerate(layers):
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n].index_select(0, seq_sample)
-                stack.enter_context(self.swapped_gate(i, LiveGate(self.moe_block(i).gate, weight, seq_rows, off,
-                                                                   capture, sink[i])))
+                gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
+                stack.enter_context(swapped_gate(self.moe_block(i), gate))
             out = self._run_layers(padded, mask, layer, self.spec.num_layers)
         rows = out[torch.as_tensor(batch.head_seq, device=self.device),
                    torch.as_tensor(batch.head_pos, device=self.device)]

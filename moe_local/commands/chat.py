@@ -68,13 +68,12 @@ def chat(model, adapter_path, max_tokens, temp, top_p, seed, system_prompt, back
     """Chat with a model (and a router adapter): answers stream as they are generated, the conversation's
     KV cache is reused from turn to turn. q quits, r resets, h helps."""
     import moe_local
-    from moe_local.chat import Conversation, check_sampling
+    from moe_local.chat import check_sampling
 
     check_sampling(max_tokens, temp, top_p)
     interactive = sys.stdin.isatty()
     m = moe_local.load(model, backend=backend, adapter_path=adapter_path, device=device)
-    conversation = Conversation(m, system_prompt=system_prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                seed=seed)
+    conversation = m.chat(system_prompt=system_prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     if interactive:
         adapter = f" with adapter {adapter_path}" if adapter_path else ""
         click.echo(f"Chatting with {m.folder}{adapter} ({m.backend}). {HELP}", err=True)

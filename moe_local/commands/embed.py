@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from moe_local.data import embedding_text, read_records
-from moe_local.embeddings import compute_embeddings, default_embeddings_path
+from moe_local.tuning.data import embedding_text, read_records
+from moe_local.tuning.embeddings import compute_embeddings, default_embeddings_path
 from moe_local.errors import UserError
 from moe_local.files import atomic_write_bytes
 

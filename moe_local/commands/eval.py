@@ -53,10 +53,10 @@ def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle
           seed):
     """Accuracy of the base model or an adapter on a task file, overall and per task."""
     import moe_local
-    from moe_local.adapter import check_fingerprint, read_adapter
-    from moe_local.data import read_records
     from moe_local.distributed import session
-    from moe_local.evaluate import evaluate, format_result
+    from moe_local.tuning.adapter import check_fingerprint, read_adapter
+    from moe_local.tuning.data import read_records
+    from moe_local.tuning.evaluate import evaluate, format_result
 
     with session(device, backend) as (dist, device):   # under torchrun each rank scores its share of the file
         def check_report():   # the report is rank 0's: refused before any work, not after the evaluation

@@ -38,8 +38,9 @@ def generate(model, adapter_path, prompt, max_tokens, temp, top_p, seed, ignore_
     if prompt == "-":
         prompt = sys.stdin.read()
     m = moe_local.load(model, backend=backend, adapter_path=adapter_path, device=device)
-    for piece in m.stream(prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                          chat_template=not ignore_chat_template):
+    answer = m.stream(prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                      chat_template=not ignore_chat_template)
+    for piece in answer:
         click.echo(piece, nl=False)
     click.echo()
-    click.echo(m.last_stats.footer(), err=True)
+    click.echo(answer.stats.footer(), err=True)

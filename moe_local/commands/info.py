@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from moe_local.backends import auto_backend
-from moe_local.checkpoint import is_quantized, load_spec, resolve_model, tensor_index, weight_bytes
+from moe_local.checkpoint import is_quantized, resolve_model, tensor_index, weight_bytes
+from moe_local.families import load_spec
 from moe_local.sizing import estimate_memory
-from moe_local.spec import ROUTER_SIGMOID_SELECT
 
 from .options import ConfigCommand, model_option
 
@@ -41,10 +41,7 @@ def describe(spec, folder) -> list[str]:
     quantized = is_quantized(tensor_index(folder))
     # A quantized folder's weights are what it stores; a float one runs at its dtype.
     mem = estimate_memory(spec, weights=weight_bytes(folder) if quantized else None)
-    if m.router == ROUTER_SIGMOID_SELECT:
-        router = "top-k of sigmoid(logits) selects, softmax weights renormalised (GroveMoE)"
-    else:
-        router = "softmax, top-k" + (", renormalised" if m.norm_topk_prob else ", not renormalised")
+    router = m.router.describe()
     active = _params(counts["active_min"])
     if counts["active_max"] != counts["active_min"]:
         active = f"{_params(counts['active_min'])}-{_params(counts['active_max'])}"
@@ -58,6 +55,9 @@ def describe(spec, folder) -> list[str]:
         f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}",
         f"router:       {router}",
     ]
+    if m.shared:
+        lines.append(f"shared:       {m.shared.count} expert(s) of size {m.shared.size}"
+                     + (", gated by sigmoid(shared_expert_gate(x))" if m.shared.gated else ", ungated"))
     if m.grove:
         lines.append(f"adjugates:    {m.num_groups} groups of {m.grove.experts_per_group} experts, one adjugate "
                      f"of size {m.grove.adjugate_size} each, scale {m.grove.scale:g}")

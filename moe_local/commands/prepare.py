@@ -18,8 +18,8 @@ def data_options(f):
 
 def load_data(data, embeddings, need_embeddings: bool = True):
     """(records, unit-row embeddings or None) with one-line errors."""
-    from moe_local.data import read_records
-    from moe_local.embeddings import default_embeddings_path, load_embeddings
+    from moe_local.tuning.data import read_records
+    from moe_local.tuning.embeddings import default_embeddings_path, load_embeddings
 
     records = read_records(data)
     if embeddings is None and not need_embeddings and not default_embeddings_path(data).is_file():
@@ -41,17 +41,17 @@ def load_data(data, embeddings, need_embeddings: bool = True):
 def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
     import moe_local
-    from moe_local import roma
     from moe_local.distributed import session
-    from moe_local.tune import prepare as run_prepare
+    from moe_local.tuning.bank import check_bank_folder, write_bank
+    from moe_local.tuning.prepare import prepare as run_prepare
 
     bank = Path(bank)
     with session(device, backend) as (dist, device):   # under torchrun each rank runs its share of the records
-        dist.on_main(lambda: roma.check_bank_folder(bank, overwrite))   # the output is rank 0's
+        dist.on_main(lambda: check_bank_folder(bank, overwrite))   # the output is rank 0's
         records, emb = load_data(data, embeddings)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)
         if dist.is_main:
-            roma.write_bank(bank, result)
+            write_bank(bank, result)
             click.echo(f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
                        f"layers {result.layers}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moe_local.tune import CACHE_MODES, METHODS, TuneSettings
+from moe_local.tuning.tune import CACHE_MODES, METHODS, TuneSettings
 
 from .options import ConfigCommand, backend_option, device_option, model_option
 from .prepare import data_options, load_data
@@ -55,8 +55,8 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
     (--batch-size is the global batch)."""
     import moe_local
     from moe_local.distributed import session
-    from moe_local.tune import tune as run_tune
-    from moe_local.tune_folder import check_output, default_bank
+    from moe_local.tuning.folder import check_output, default_bank
+    from moe_local.tuning.tune import tune as run_tune
 
     with session(device, backend) as (dist, device):
         settings = TuneSettings(**hyper)

@@ -1,6 +1,7 @@
-"""Router adapter folders (DESIGN §9), loadable by ``mlx_lm ... --adapter-path`` as they are.
+"""Router adapter folders, loadable by ``mlx_lm ... --adapter-path`` as they are.
 
-``adapters.safetensors`` holds only ``model.layers.N.mlp.gate.weight`` tensors in float32;
+``adapters.safetensors`` holds only the tuned layers' router weights in float32, under the family's
+checkpoint names (``model.layers.N.mlp.gate.weight`` for Qwen3-MoE);
 ``adapter_config.json`` says ``"fine_tune_type": "full"`` (mlx-lm then loads the tensors as
 plain weights) and carries a ``"moe_local"`` object: the base model's fingerprint, the tuned
 layers, the method and every hyper-parameter.
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_save_numpy_safetensors, atomic_write_text
+from ..errors import UserError
+from ..files import atomic_save_numpy_safetensors, atomic_write_text
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -23,11 +24,9 @@ METRICS_FILE = "metrics.jsonl"
 
 def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperparameters: dict) -> None:
     """Write (atomically, file by file) the adapter of the given tuned layers."""
-    from moe_local.backends import gate_name
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = {gate_name(i) for i in layers}
+    names = {spec.names.router_weight(i) for i in layers}
     if set(weights) != names:
         raise ValueError(f"adapter weights {sorted(weights)} do not match the tuned layers {sorted(layers)}")
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
@@ -45,9 +44,8 @@ def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperp
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict]:
-    """(float32 numpy weights keyed by checkpoint names, the adapter_config.json object)."""
-    from moe_local.backends import layer_of_gate
-
+    """(float32 numpy weights keyed by checkpoint names, the adapter_config.json object); the names are
+    checked against a model when the adapter is applied (``check_router_weights``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
@@ -68,7 +66,6 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     except Exception:  # safetensors raises its own error types for corrupt files
         raise UserError(f"{weights_path} is not a readable safetensors file") from None
     for name, array in weights.items():
-        layer_of_gate(name)
         if array.dtype != np.float32:
             raise UserError(f"{weights_path}: {name} is {array.dtype}, adapters hold float32")
     return weights, config
@@ -99,4 +96,3 @@ def apply_adapter(loaded, folder: Path) -> None:
     weights, config = read_adapter(folder)
     check_fingerprint(config, loaded.spec, Path(folder))
     loaded.set_router_weights(weights)
-    loaded.adapter_path = Path(folder)

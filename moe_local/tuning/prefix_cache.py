@@ -1,6 +1,6 @@
 """The prefix cache: hidden states at the input of the first tuned layer, kept between tune steps.
 
-Everything below the first tuned layer is frozen (DESIGN §4.4), so its output is computed once (in the
+Everything below the first tuned layer is frozen, so its output is computed once (in the
 bank pass) and each step runs only the tuned suffix; when it would not fit the budget the prefix is
 recomputed under no-grad instead.
 """

@@ -18,17 +18,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import roma
+from .bank import BANK_META, BANK_TENSORS
 from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
-from .errors import UserError
-from .files import AtomicFolder, atomic_save_numpy_safetensors
+from ..errors import UserError
+from ..files import AtomicFolder, atomic_save_numpy_safetensors
 
 CHECKPOINTS = "checkpoints"
 BANK_DIR = "bank"
 CACHE_FILE = ".prefix-cache.bin"
 STEP_DIR = re.compile(r"step-\d+")
 CHECKPOINT_FILES = ("state.json", "state.safetensors")
-BANK_FILES = (roma.BANK_META, roma.BANK_TENSORS)
+BANK_FILES = (BANK_META, BANK_TENSORS)
 
 
 def _leftover(name: str) -> bool:
@@ -82,7 +82,7 @@ def _kind(entry: Path) -> str | None:
     if name == METRICS_FILE:
         return "ours" if entry.is_file() and _rows_of_ours(entry, "step") else None
     if name == BANK_DIR:
-        ok = entry.is_dir() and (entry / roma.BANK_META).is_file() and _holds_only(entry, BANK_FILES)
+        ok = entry.is_dir() and (entry / BANK_META).is_file() and _holds_only(entry, BANK_FILES)
         return "mark" if ok else None
     if name == CHECKPOINTS and entry.is_dir():
         steps = [e for e in entry.iterdir() if not _leftover(e.name)]
@@ -195,7 +195,7 @@ def default_bank(out: Path, bank, overwrite: bool):
     """(the bank to use, whether it is ``out/bank``): ``out/bank`` when no bank is given and one is there
     (made by ``moe-local prepare --bank A/bank`` or by an interrupted run), unless ``overwrite``."""
     bank_dir = Path(out) / BANK_DIR
-    if bank is None and not overwrite and (bank_dir / roma.BANK_META).is_file():
+    if bank is None and not overwrite and (bank_dir / BANK_META).is_file():
         bank = bank_dir
     keep = isinstance(bank, (str, Path)) and Path(bank).resolve() == bank_dir.resolve()
     return bank, keep

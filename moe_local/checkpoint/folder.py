@@ -1,27 +1,22 @@
-"""Read and write Hugging Face model folders: config.json, safetensors (one file or shards), tokenizer.
+"""Read Hugging Face model folders: config.json, safetensors (one file or shards), the tokenizer.
 
 Reading needs no framework: tensor names and shapes come from the safetensors headers, so the
 spec can be built and the checkpoint checked before torch or mlx is imported. Loading the tensors
-themselves is the backends' job (they know their array type); writing takes any array type.
+themselves is the backends' job (they know their array type).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
-from .errors import UserError
-from .files import AtomicFolder, refuse_existing
-from .spec import ModelSpec, config_for_writing, spec_from_config
+from ..errors import UserError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODELS = {"tiny": ASSETS / "tiny", "tiny-grove": ASSETS / "tiny-grove"}
 INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 5 * 1024**3
 # Files that travel with a model folder besides config and weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -103,17 +98,12 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
     return index
 
 
-# Checkpoint tensors inference does not use: GroveMoE's load-balancing bias and stale RoPE tables.
-UNUSED_TENSORS = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$|\.rotary_emb\.inv_freq$")
-# Of those, the ones the format has (GroveMoE's), carried unchanged into folders this package writes.
-CARRIED_TENSORS = re.compile(r"^model\.layers\.\d+\.mlp\.expert_bias$")
-
-
-def carried_tensor_names(folder: Path) -> dict[Path, list[str]]:
-    """The tensors to carry into a written folder, grouped by the file that holds them."""
+def carried_tensor_names(folder: Path, names) -> dict[Path, list[str]]:
+    """The tensors a written folder keeps although no model reads them (``names``: the family's
+    TensorNames), grouped by the file that holds them."""
     by_file: dict[Path, list[str]] = {}
     for name, (path, _, _) in tensor_index(folder).items():
-        if CARRIED_TENSORS.match(name):
+        if names.is_carried(name):
             by_file.setdefault(path, []).append(name)
     return by_file
 
@@ -138,14 +128,7 @@ def is_quantized(names: Iterable[str]) -> bool:
     return any(n.endswith(".scales") for n in names)
 
 
-def load_spec(folder: Path) -> ModelSpec:
-    folder = Path(folder)
-    index = tensor_index(folder) if _has_weights(folder) else {}
-    return spec_from_config(read_config(folder), {n: v[2] for n, v in index.items()},
-                            where=str(folder / "config.json"))
-
-
-def _has_weights(folder: Path) -> bool:
+def has_weights(folder: Path) -> bool:
     return (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
 
 
@@ -168,94 +151,3 @@ def load_tokenizer(folder: Path):
         hf_logging.set_verbosity(verbosity)
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
-
-def _nbytes(array) -> int:
-    if hasattr(array, "nbytes"):
-        return int(array.nbytes)
-    return array.numel() * array.element_size()  # torch
-
-
-def _save_tensors(tensors: Mapping, path: Path, metadata: dict) -> None:
-    first = next(iter(tensors.values()))
-    module = type(first).__module__.split(".")[0]
-    if module == "torch":
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    elif module == "mlx":
-        import mlx.core as mx
-
-        mx.save_safetensors(str(path), dict(tensors), metadata=metadata)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file(dict(tensors), str(path), metadata=metadata)
-
-
-def write_weights(folder: Path, tensors: Mapping, max_shard_bytes: int = SHARD_BYTES) -> None:
-    """model.safetensors, or numbered shards plus an index when above ``max_shard_bytes``."""
-    folder = Path(folder)
-    metadata = {"format": "pt"}
-    shards, current, size = [], {}, 0
-    for name in sorted(tensors):
-        n = _nbytes(tensors[name])
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensors[name]
-        size += n
-    if current:
-        shards.append(current)
-    if len(shards) == 1:
-        _save_tensors(shards[0], folder / "model.safetensors", metadata)
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_tensors(shard, folder / name, metadata)
-        for key in shard:
-            weight_map[key] = name
-            total += _nbytes(shard[key])
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-
-
-def carry_remote_code(config: dict, src: Path | None, dst: Path) -> None:
-    """Keep ``auto_map`` only with the code files it names (GroveMoE's own ecosystem loads through
-    them); this package never runs them. Without those files the entry would point nowhere: drop it."""
-    auto_map = config.get("auto_map")
-    if not auto_map:
-        return
-    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
-    files = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs}
-    if src is not None and all((Path(src) / f).is_file() for f in files):
-        for f in files:
-            shutil.copy2(Path(src) / f, Path(dst) / f)
-    else:
-        del config["auto_map"]
-
-
-def write_model(out: Path, spec: ModelSpec, tensors: Mapping, tokenizer_src: Path | None = None,
-                dtype: str | None = None, extra_config: Mapping | None = None,
-                max_shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write a complete model folder atomically; refuses an existing non-empty ``out``."""
-    out = Path(out)
-    refuse_existing(out)
-    config = config_for_writing(spec, dtype)
-    config.update(extra_config or {})
-    with AtomicFolder(out) as tmp:
-        write_weights(tmp, tensors, max_shard_bytes)
-        carry_remote_code(config, tokenizer_src, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_src is not None:
-            copy_tokenizer_files(tokenizer_src, tmp)
-    return out

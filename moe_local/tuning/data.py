@@ -1,6 +1,6 @@
 """Task files (JSONL) -> records, the one prompt renderer, candidate encoding and padded batches.
 
-Rules (DESIGN §9): one JSON object per non-blank line (blank lines are skipped and are not records);
+Rules (docs/architecture.md, task data): one JSON object per non-blank line (blank lines are skipped and are not records);
 ``question`` (str), ``choices`` (2-10 strings, lettered A, B, ...), ``answer`` (0-based int or a
 letter), optional ``task`` (or cais/mmlu's ``subject``); other keys are ignored. A bad line is a
 one-line error naming the file and line.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 LETTERS = "ABCDEFGHIJ"
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)

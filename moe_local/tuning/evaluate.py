@@ -1,10 +1,10 @@
 """Multiple-choice accuracy (overall and per task) and the oracle-routing gap with its control.
 
-Oracle (PAPERS §1): per sample, additive offsets on the tuned layers' router logits at the last prompt
+Oracle (docs/methods.md): per sample, additive offsets on the tuned layers' router logits at the last prompt
 token, optimised by Adam on the CE of the true label (``oracle_steps`` steps, ``oracle_lr``); top-k is
 re-selected at every step because each step re-routes with the offset logits. Its control
 ``oracle_wrong`` aims the same optimisation at a random wrong label and reports the share of samples
-that end on that label (FINDINGS: much of an oracle gain on unsure samples is steerability); like the
+that end on that label (much of an oracle gain on unsure samples is steerability); like the
 oracle's accuracy it counts samples that were there before the steps (compare each with the base).
 Offsets are per sample and Adam is elementwise, so optimising a batch at once equals optimising
 each sample alone (the loss is a sum over samples).
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..distributed import LOCAL
+from ..errors import UserError
+from ..progress import Progress
 from . import roma
 from .data import Record, batches, encode_records, predictions
-from .distributed import LOCAL
-from .errors import UserError
 from .optim import adam
-from .progress import Progress
 
 NO_TASK = "(none)"
 
@@ -55,7 +55,7 @@ class EvalResult:
     layers: tuple = ()
 
     def rows(self, model: str, split: str, method: str, seed: int, backend: str) -> list[dict]:
-        """Report rows (DESIGN §9)."""
+        """Report rows (docs/architecture.md, reports)."""
         out = [_row(model, split, method, self.accuracy, seed, backend)]
         if self.oracle is not None:
             out.append(_row(model, split, "oracle", self.oracle, seed, backend))
@@ -74,9 +74,7 @@ def router_weights_applied(model, weights: dict | None):
     if not weights:
         yield
         return
-    from .backends import layer_of_gate
-
-    saved = model.get_router_weights([layer_of_gate(k) for k in weights])
+    saved = model.get_router_weights([model.spec.names.layer_of_router(k) for k in weights])
     model.set_router_weights(weights)
     try:
         yield

@@ -1,0 +1,13 @@
+"""Router tuning, from task data to an adapter and its evaluation, written once against
+``moe_local.loaded.TuningOps``:
+
+    data.py          task files -> records, the prompt renderer, candidate encoding, padded batches
+    embeddings.py    task embeddings: precomputed .npy, or computed with a local sentence-transformers model
+    prepare.py       one base-model pass -> the routing bank (bank.py) and the prefix cache (prefix_cache.py)
+    roma.py          tuned layers, neighbours, Gaussian weights, λ warm-up, the loss
+    optim.py         AdamW on float32 numpy routers
+    tune.py          settings, setup, one step, the epochs; report.py reports them
+    folder.py        the output folder: what may be replaced, checkpoints, --resume
+    adapter.py       router adapter folders (mlx-lm compatible)
+    evaluate.py      multiple-choice accuracy, the oracle and its wrong-label control
+"""

@@ -1,0 +1,348 @@
+"""The RoMA tune loop, written once against ``moe_local.loaded.TuningOps``.
+
+    prepare (prepare.py): one base-model pass -> routing bank (correct, routing, embeddings) + prefix cache
+    tune:    epochs of router-only AdamW steps on CE + λ(t)·manifold, r_i live -> adapter folder
+
+Routers and optimiser state are float32 numpy arrays owned here (the backend returns gradients;
+optim.py steps them), so both backends take the same steps, checkpoints are backend-neutral, and
+``--resume`` continues bit-for-bit. A run is set up once (:func:`_setup`: bank, prefix cache,
+neighbours, optimiser), then each step is :func:`_step` (one global batch: gradients and metric sums)
+followed by the optimiser update and the reporting (report.py: metrics, progress, callbacks). The
+output folder, its checkpoints and what may be replaced are folder.py. Python API::
+
+    bank = prepare(model, records, embeddings, layers)
+    result = tune(model, records, embeddings, TuneSettings(...), out="adapter", bank=bank)
+
+Under torchrun, ``dist`` (a ``moe_local.distributed.Local``) makes the same run data parallel: each
+rank runs the records it owns, gradients and bank rows are summed across ranks, and only rank 0
+touches the output folder (moe_local/distributed.py says how the work is split).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..distributed import LOCAL
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..progress import Progress
+from . import roma
+from .adapter import METRICS_FILE, write_adapter
+from .bank import Bank, check_bank, read_bank, write_bank
+from .data import Record, batches, encode_records, make_batch, predictions
+from .evaluate import check_finite
+from .folder import (BANK_DIR, CACHE_FILE, RunFolder, check_output, check_resume, default_bank, latest_checkpoint,
+                     load_checkpoint, metrics_upto, rank_cache_path, save_checkpoint)
+from .optim import AdamW
+from .prefix_cache import CACHE_MODES, PrefixCache
+from .prepare import prepare, records_sha256
+from .report import METRIC_KEYS, Reporter, TuneCallback
+
+METHODS = ("roma", "router")
+
+
+@dataclass
+class TuneSettings:
+    """Every hyper-parameter of a tune run (the paper's released defaults where it has them)."""
+
+    method: str = "roma"
+    layers: int = 5
+    k: int = 3
+    lam: float = 0.8
+    sigma: float = 0.4
+    lr: float = 7e-5
+    epochs: int = 3
+    batch_size: int = 32
+    lam_warmup: int = 2000
+    seed: int = 0
+    weight_decay: float = 0.01
+    ce_weight: float = 1.0
+    # Run-time settings: they may change between an interrupted run and its --resume.
+    log_every: int = field(default=10, metadata={"runtime": True})
+    save_every: int = field(default=100, metadata={"runtime": True})
+    keep_checkpoints: int = field(default=2, metadata={"runtime": True})
+    prefix_cache: str = field(default="auto", metadata={"runtime": True})
+    cache_budget_gb: float = field(default=4.0, metadata={"runtime": True})
+
+    def hyperparameters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.prefix_cache not in CACHE_MODES:
+            raise UserError(f"--prefix-cache must be one of {', '.join(CACHE_MODES)}, got '{self.prefix_cache}'")
+        for name in ("epochs", "batch_size", "k", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "sigma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("lam", "weight_decay", "ce_weight", "cache_budget_gb"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+
+    @property
+    def effective_lam(self) -> float:
+        return self.lam if self.method == "roma" else 0.0
+
+
+@dataclass
+class TuneResult:
+    weights: dict                 # gate name -> float32 numpy, the tuned routers
+    layers: tuple
+    metrics: list                 # the metrics.jsonl rows
+    bank: Bank
+    steps: int
+    prepare_s: float              # the base-model pass (bank and prefix cache), 0 if reused
+    cache_s: float                # prefix-only pass when the bank was given, 0 otherwise
+    train_s: float
+    train_cpu_s: float            # process CPU time of the training loop (steadier than wall time on a busy host)
+    samples_per_s: float
+    peak_mem_gb: float
+
+
+@dataclass
+class _Run:
+    """What the steps of one run read, set up once by :func:`_setup`."""
+
+    model: object
+    records: list
+    settings: TuneSettings
+    layers: tuple
+    encoded: list
+    cache: PrefixCache
+    bank: Bank
+    neighbours: roma.Neighbours | None
+    data_file: object
+    dist: object
+
+    def gate(self, layer: int) -> str:
+        return self.model.spec.names.router_weight(layer)
+
+
+def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSettings, out,
+         bank=None, data_file=None, resume: bool = False, overwrite: bool = False,
+         callbacks=(), progress="auto", dist=LOCAL) -> TuneResult:
+    """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
+
+    ``bank``: a :class:`Bank`, a bank folder, or None (``out/bank``, made by :func:`prepare` here
+    unless a resumed run left one). ``callbacks``: :class:`TuneCallback` objects told of every step.
+    The model's own gates are not changed. ``dist``: the torchrun process group; N processes take the
+    steps one process takes. ``overwrite`` replaces an adapter only once the new run has succeeded
+    (folder.RunFolder).
+    """
+    settings.check()
+    layers = roma.tuned_layers(model.spec, settings.layers)
+    out = Path(out)
+    data_sha = records_sha256(records)
+    fingerprint = model.spec.fingerprint(layers)
+    folder = None
+
+    def open_output():   # the output folder is rank 0's: it checks and reads it for every rank
+        nonlocal folder
+        given, keep_bank = default_bank(out, bank, overwrite)
+        mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
+        ckpt = latest_checkpoint(out) if resume else None
+        ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
+        if ckpt:
+            check_resume(ckpt_info, settings.hyperparameters(), data_sha, fingerprint, out)
+        if isinstance(given, (str, Path)):
+            given = read_bank(given)
+        logged = metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
+        folder = RunFolder(out, mode, keep_bank)   # made once every check has passed
+        return given, ckpt_tensors, ckpt_info, logged
+
+    given, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
+    # Each rank caches the records it owns, in a file of its own when on disk.
+    cache_path = folder.work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
+    if settings.prefix_cache == "disk" and not dist.is_main:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
+    work = folder.work if dist.is_main else None
+    progress = progress if dist.is_main else "off"
+    encoded = encode_records(model.tokenizer, records)
+    cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path,
+                        owned=None if dist.world == 1 else dist.owned(len(records)))
+    try:
+        try:
+            run, timings = _setup(model, records, embeddings, settings, layers, encoded, cache, given, data_sha,
+                                  work, data_file, progress, dist)
+            result = _train(run, (ckpt_tensors, ckpt_info), logged, work, (data_sha, fingerprint), timings,
+                            callbacks, progress)
+        finally:
+            cache.close()
+        if folder is not None:
+            folder.finish()
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+    return result
+
+
+def _setup(model, records, embeddings, settings, layers, encoded, cache, bank, data_sha, work, data_file, progress,
+           dist) -> tuple[_Run, tuple[float, float]]:
+    """The bank (made here, filling the prefix cache, or checked and the cache filled) and the neighbours.
+    Returns the run and (prepare seconds, cache seconds)."""
+    prepare_s = cache_s = 0.0
+    if bank is None:
+        if embeddings is None:
+            raise UserError("tuning needs task embeddings (or a routing bank that holds them)")
+        t0 = time.perf_counter()
+        bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress,
+                       dist)
+        prepare_s = time.perf_counter() - t0
+        if dist.is_main:
+            write_bank(work / BANK_DIR, bank)
+    else:
+        check_bank(bank, model.spec, layers, data_sha, "given")
+        if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
+            raise UserError("the routing bank was made with other embeddings than those given; "
+                            "run `moe-local prepare` again")
+        if cache.stores:
+            t0 = time.perf_counter()
+            owned = dist.owned(len(records))
+            bar = Progress(len(owned), "cache", progress)
+            for batch in batches(encoded, owned, settings.batch_size):
+                cache.put(batch, model.prefix_hidden(batch, layers[0]))
+                if not cache.stores:   # auto mode found it over the budget: recompute instead
+                    break
+                bar.update(batch.size)
+            bar.close()
+            cache_s = time.perf_counter() - t0
+    nb = None
+    if settings.method == "roma" or bank.correct.any():
+        nb = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
+    run = _Run(model, records, settings, layers, encoded, cache, bank, nb, data_file, dist)
+    return run, (prepare_s, cache_s)
+
+
+def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, np.ndarray]:
+    """One global batch ``index`` on this rank: (the routers' gradients, summed over ranks, in layer order;
+    the metric sums loss·size, Σ CE, Σ manifold, correct answers over the whole batch).
+
+    Each rank runs the records of the batch it owns (all of them in one process). The loss is a sum
+    over samples divided by the global batch size, so the sum of the ranks' gradients is the
+    one-process gradient whatever the shard sizes: a last batch that does not divide evenly (or leaves
+    a rank nothing) needs no reweighting. The metric sums add up the same way.
+    """
+    settings, layers, size = run.settings, run.layers, len(index)
+    mine = run.dist.shard(index)
+    grads = {i: np.zeros_like(opt.params[run.gate(i)]) for i in layers}
+    sums = np.zeros(4)
+    if len(mine):
+        batch = make_batch([run.encoded[i] for i in mine], mine)
+        targets, weights = _targets(run.bank, run.neighbours, batch.index)
+        loss_fn = functools.partial(_step_loss, lam=lam, ce_weight=settings.ce_weight, global_batch=size)
+        loss, aux, grads = run.model.suffix_value_and_grad(
+            run.cache.get(batch), batch, run.cache.start_layer, layers, loss_fn,
+            {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
+            router_weights={i: opt.params[run.gate(i)] for i in layers})
+        check_finite(aux["scores"], aux["routing"], batch, run.records, run.data_file)
+        if not math.isfinite(loss):
+            raise UserError(f"the loss is {loss} at step {opt.step_count + 1}: the routing bank or the model "
+                            "holds NaN or infinite values")
+        sums = np.array([loss * size, aux["ce"].sum(), aux["manifold"].sum(),
+                         (predictions(aux["scores"]) == batch.answers).sum()], dtype=np.float64)
+    *summed, sums = run.dist.sum([grads[i] for i in layers] + [sums])
+    return summed, sums
+
+
+def _train(run: _Run, checkpoint, logged, work, identity, timings, callbacks, progress) -> TuneResult:
+    """The epochs of steps from the optimiser's state (fresh, or a checkpoint's), then the adapter."""
+    model, settings, layers, dist = run.model, run.settings, run.layers, run.dist
+    ckpt_tensors, ckpt_info = checkpoint
+    data_sha, fingerprint = identity
+    opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
+    if ckpt_info:
+        opt.load(ckpt_tensors, ckpt_info["optimizer"])
+    if dist.is_main:
+        atomic_write_text(work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in logged))
+    n = len(run.records)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    info_base = {"hyperparameters": settings.hyperparameters(), "data_sha256": data_sha,
+                 "fingerprint": fingerprint, "layers": list(layers), "method": settings.method}
+    lam_final = settings.effective_lam
+    reporter = Reporter(work / METRICS_FILE if dist.is_main else None, logged, total, opt.step_count,
+                        settings.log_every, progress, ckpt_info.get("window"))
+    model.reset_peak_memory()
+    t_train, cpu_train = time.perf_counter(), time.process_time()
+    trained_samples = 0
+    with reporter:
+        while opt.step_count < total:
+            epoch, at = divmod(opt.step_count, steps_per_epoch)
+            saved = ckpt_info.get("rng") if ckpt_info.get("epoch") == epoch and at else None
+            order, rng_state = _epoch_order(settings.seed, epoch, n, saved)
+            for index in _global_batches(order[at * settings.batch_size:], settings.batch_size):
+                step = opt.step_count + 1
+                lam = roma.lam_at(step, lam_final, settings.lam_warmup)
+                grads, sums = _step(run, opt, index, lam)
+                opt.step({run.gate(i): g for i, g in zip(layers, grads)})
+                trained_samples += len(index)
+                row = reporter.step(step, len(index), sums, settings.lr, lam, run.neighbours is not None,
+                                    model.peak_memory_gb)
+                if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
+                    save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state,
+                                                "window": reporter.window.state()}, settings.keep_checkpoints)
+                for callback in callbacks:
+                    callback.on_step(step, row)
+                if opt.step_count >= total:
+                    break
+    train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
+    reporter.bar.close()
+    weights = {run.gate(i): opt.params[run.gate(i)].copy() for i in layers}
+    hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
+             "betas": list(opt.betas), "eps": opt.eps}
+    if dist.is_main:
+        write_adapter(work, weights, model.spec, layers, settings.method, hyper)
+    prepare_s, cache_s = timings
+    return TuneResult(weights=weights, layers=layers, metrics=reporter.rows, bank=run.bank, steps=opt.step_count,
+                      prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
+                      samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
+                      peak_mem_gb=model.peak_memory_gb())
+
+
+def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, global_batch):
+    loss, ce, manifold = roma.roma_loss(scores, routing, onehot, targets, weights, lam, ce_weight, global_batch)
+    return loss, {"ce": ce, "manifold": manifold}
+
+
+def _epoch_order(seed: int, epoch: int, n: int, state: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(the epoch's record order, the generator state it is drawn from). The state is derived from the
+    seed and epoch; ``state``, a checkpoint's, draws the interrupted epoch's order again on ``--resume``."""
+    rng = np.random.default_rng([seed, epoch])
+    if state is not None:
+        rng.bit_generator.state = state
+    state = rng.bit_generator.state
+    return rng.permutation(n), state
+
+
+def _global_batches(order: np.ndarray, batch_size: int):
+    """The record indices of each step's global batch (the last one may be smaller)."""
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _gates(model, layers) -> dict:
+    """The model's current gates of ``layers``, float32, keyed by checkpoint name."""
+    weights = model.get_router_weights(layers)
+    names = [model.spec.names.router_weight(i) for i in layers]
+    return {name: np.asarray(weights[name], dtype=np.float32) for name in names}
+
+
+def _targets(bank: Bank, nb, rows):
+    if nb is None:   # --method router and no successful sample: nothing to measure the manifold against
+        width = bank.routing.shape[1] * bank.routing.shape[2]
+        return np.zeros((len(rows), 1, width), np.float32), np.zeros((len(rows), 1), np.float32)
+    return roma.neighbour_targets(bank.routing, nb, rows)
+
+
+__all__ = ["METRIC_KEYS", "METHODS", "TuneCallback", "TuneResult", "TuneSettings", "prepare", "tune"]
