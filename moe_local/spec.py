@@ -8,8 +8,8 @@ Pure Python: importing this module never imports torch or mlx.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .checkpoint.names import TensorNames
 from .errors import UserError
@@ -57,7 +57,9 @@ class RouterSpec:
         for name, allowed in (("scoring", SCORINGS), ("order", ORDERS), ("selection", SELECTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RouterSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.order == "topk-score" and (self.scoring != "softmax" or self.selection_bias or self.groups > 1):
+        if self.order == "topk-score" and (
+            self.scoring != "softmax" or self.selection != "scores" or self.selection_bias or self.groups > 1
+        ):
             raise ValueError("a topk-score router takes a softmax over the k largest logits, nothing else")
         if not 1 <= self.groups_kept <= self.groups:
             raise ValueError(f"RouterSpec: groups_kept {self.groups_kept} must lie in 1..groups ({self.groups})")
@@ -127,23 +129,23 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str                     # the name of its module in moe_local/families/
+    family: str  # the name of its module in moe_local/families/
     num_layers: int
     hidden_size: int
     vocab_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    dense_size: int | None          # intermediate size of the dense MLP layers, if any
-    moe: tuple[MoESpec, ...]        # one per MoE layer, in layer order
-    attention_parameters: int       # per decoder layer: projections, their biases, q/k norms
+    dense_size: int | None  # intermediate size of the dense MLP layers, if any
+    moe: tuple[MoESpec, ...]  # one per MoE layer, in layer order
+    attention_parameters: int  # per decoder layer: projections, their biases, q/k norms
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
     max_position_embeddings: int
     attention_bias: bool
-    dtype: str                      # the checkpoint's dtype name: float32, bfloat16, float16
-    names: TensorNames = field(default=TensorNames(), compare=False, repr=False)   # its checkpoint tensor names
+    dtype: str  # the checkpoint's dtype name: float32, bfloat16, float16
+    names: TensorNames = field(default=TensorNames(), compare=False, repr=False)  # its checkpoint tensor names
     config: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # the config.json
 
     # -- layers -------------------------------------------------------------------------------
@@ -180,8 +182,7 @@ class ModelSpec:
             if m is None:
                 raise UserError(f"layer {layer} is not an MoE layer of this model")
             gates[str(layer)] = [m.num_experts, self.hidden_size]
-        return {"family": self.family, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "gates": gates}
+        return {"family": self.family, "hidden_size": self.hidden_size, "num_layers": self.num_layers, "gates": gates}
 
     # -- size ---------------------------------------------------------------------------------
     def parameter_counts(self) -> dict:

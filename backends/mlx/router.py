@@ -54,11 +54,13 @@ def route(logits: mx.array, rule: RouterSpec, top_k: int, selection_bias: mx.arr
 
 
 def best_groups_only(choice: mx.array, groups: int, kept: int) -> mx.array:
-    """``choice`` with the experts outside each token's ``kept`` best groups set to 0 (DeepSeek-V3's
-    group-limited routing: a group is scored by the sum of its two highest choice scores)."""
+    """``choice`` with the experts outside each token's ``kept`` best groups set to -inf (DeepSeek-V3's
+    group-limited routing: a group is scored by the sum of its two highest choice scores). -inf, as
+    DeepSeek's own code and transformers (mlx-lm writes 0, which lets dropped groups win when biased
+    scores fall below 0)."""
     if kept == groups:
         return choice
     grouped = choice.reshape(*choice.shape[:-1], groups, -1)
-    group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1, keepdims=True)   # [T, groups, 1]
-    dropped = mx.argpartition(group_scores, kth=groups - kept - 1, axis=-2)[..., :groups - kept, :]
-    return mx.put_along_axis(grouped, mx.stop_gradient(dropped), mx.array(0.0), axis=-2).reshape(choice.shape)
+    group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1, keepdims=True)  # [T, groups, 1]
+    dropped = mx.argpartition(group_scores, kth=groups - kept - 1, axis=-2)[..., : groups - kept, :]
+    return mx.put_along_axis(grouped, mx.stop_gradient(dropped), mx.array(-mx.inf), axis=-2).reshape(choice.shape)

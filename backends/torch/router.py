@@ -18,7 +18,7 @@ class Router(nn.Module):
     """The gate: ``logits = x @ weightᵀ (+ bias)``, with DeepSeek-V3's selection-only bias as a buffer
     (``e_score_correction_bias``) when the rule has one. Parameter names are transformers'."""
 
-    def __init__(self, num_experts: int, hidden_size: int, rule: RouterSpec = RouterSpec()):
+    def __init__(self, num_experts: int, hidden_size: int, rule: RouterSpec):
         super().__init__()
         self.rule = rule
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
@@ -52,8 +52,9 @@ def routing_distribution(logits: torch.Tensor, rule: RouterSpec) -> torch.Tensor
     return s if rule.scoring == "softmax" else s / s.sum(dim=-1, keepdim=True)
 
 
-def route(logits: torch.Tensor, rule: RouterSpec, top_k: int,
-          selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, rule: RouterSpec, top_k: int, selection_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids [T, k], their weights [T, k] in the logits' dtype) of logits [T, E]."""
     if rule.order == "topk-score":
         top, idx = torch.topk(logits, top_k, dim=-1)
@@ -75,10 +76,11 @@ def route(logits: torch.Tensor, rule: RouterSpec, top_k: int,
 
 
 def best_groups_only(choice: torch.Tensor, groups: int, kept: int) -> torch.Tensor:
-    """``choice`` with the experts outside each token's ``kept`` best groups set to 0 (DeepSeek-V3's
-    group-limited routing: a group is scored by the sum of its two highest choice scores)."""
+    """``choice`` with the experts outside each token's ``kept`` best groups set to -inf (DeepSeek-V3's
+    group-limited routing: a group is scored by the sum of its two highest choice scores). -inf, as
+    DeepSeek's own code and transformers: with biased scores below 0, a 0 would let dropped groups win."""
     tokens, experts = choice.shape
     grouped = choice.view(tokens, groups, experts // groups)
     group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(kept, dim=-1).indices, True)
-    return grouped.masked_fill(~keep.unsqueeze(-1), 0.0).view(tokens, experts)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(tokens, experts)
