@@ -17,4 +17,6 @@ demo: venv
 	$(BIN)/moe-local demo
 
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

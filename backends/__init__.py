@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import platform
 import sys
-from pathlib import Path
 
 from ..checkpoint import resolve_model
 from ..errors import UserError

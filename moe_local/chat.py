@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .errors import UserError
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_STOP = "\nUser:"   # a base model in the plain format goes on to write the user's next line
-_WARNED_PLAIN: set = set()   # model folders whose missing chat template was reported (once per process)
+PLAIN_STOP = "\nUser:"  # a base model in the plain format goes on to write the user's next line
+_WARNED_PLAIN: set = set()  # model folders whose missing chat template was reported (once per process)
 
 
 @dataclass
@@ -33,12 +33,14 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
-    finish_reason: str = ""           # "stop" (end token or stop text) or "length"
+    finish_reason: str = ""  # "stop" (end token or stop text) or "length"
 
     def footer(self) -> str:
-        return (f"[{self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | prompt "
-                f"{self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | peak memory "
-                f"{self.peak_memory_gb:.2f} GiB]")
+        return (
+            f"[{self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | prompt "
+            f"{self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | peak memory "
+            f"{self.peak_memory_gb:.2f} GiB]"
+        )
 
 
 def check_sampling(max_tokens: int, temp: float, top_p: float) -> None:
@@ -53,6 +55,7 @@ def check_sampling(max_tokens: int, temp: float, top_p: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
+
 
 def as_messages(prompt) -> list[dict]:
     """A string is one user message; a list of ``{"role", "content"}`` dicts is a conversation."""
@@ -82,12 +85,17 @@ def render(model, messages: list[dict], chat_template: bool = True) -> tuple[str
         try:
             return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
         except Exception as e:  # jinja2 raises its own errors for templates that reject a conversation
-            raise UserError(f"the chat template of {model.folder} rejects this conversation: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UserError(
+                f"the chat template of {model.folder} rejects this conversation: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
     if chat_template and model.folder not in _WARNED_PLAIN:
         _WARNED_PLAIN.add(model.folder)
-        print(f"moe-local: warning: the tokenizer of {model.folder} has no chat template; "
-              "using a plain 'User:'/'Assistant:' format", file=sys.stderr)
+        print(
+            f"moe-local: warning: the tokenizer of {model.folder} has no chat template; "
+            "using a plain 'User:'/'Assistant:' format",
+            file=sys.stderr,
+        )
     return plain_text(messages), True
 
 
@@ -125,6 +133,7 @@ def eos_token_ids(model) -> frozenset[int]:
 # Text from tokens
 # ---------------------------------------------------------------------------------------------
 
+
 class Detokenizer:
     """Text pieces from tokens as they come: each piece is the difference between decoding the window
     since the last emitted piece with and without the new tokens, held back while it ends in an
@@ -140,18 +149,18 @@ class Detokenizer:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
     def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 def split_stop(text: str, stops) -> tuple[str, str, bool]:
@@ -166,7 +175,7 @@ def split_stop(text: str, stops) -> tuple[str, str, bool]:
             if text.endswith(s[:n]):
                 hold = max(hold, n)
                 break
-    return text[:len(text) - hold], text[len(text) - hold:], False
+    return text[: len(text) - hold], text[len(text) - hold :], False
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -182,6 +191,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 # Conversations
 # ---------------------------------------------------------------------------------------------
 
+
 class Conversation:
     """A multi-turn chat over one KV cache. ``ask`` streams an answer and records the turn; ``complete``
     streams a continuation of any token ids, reusing the cache for the prefix it shares with them.
@@ -194,23 +204,31 @@ class Conversation:
     prefix it shares with it.
     """
 
-    def __init__(self, model, system_prompt: str | None = None, max_tokens: int = 256, temp: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, chat_template: bool = True):
+    def __init__(
+        self,
+        model,
+        system_prompt: str | None = None,
+        max_tokens: int = 256,
+        temp: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        chat_template: bool = True,
+    ):
         check_sampling(max_tokens, temp, top_p)
         self.model, self.system_prompt, self.chat_template = model, system_prompt, chat_template
         self.max_tokens, self.temp, self.top_p, self.seed = max_tokens, temp, top_p, seed
         self.eos_ids = eos_token_ids(model)
-        self.stats = GenerationStats()     # of the last answer
-        self.answer_ids: list[int] = []    # the last answer's tokens (end token excluded)
+        self.stats = GenerationStats()  # of the last answer
+        self.answer_ids: list[int] = []  # the last answer's tokens (end token excluded)
         self.cache = None
-        self.tokens: list[int] = []        # the tokens whose keys and values the cache holds
+        self.tokens: list[int] = []  # the tokens whose keys and values the cache holds
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays) and restart the sampler's seed."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self._pending_seed = self.seed
-        self._history = None               # (text so far, the token ids the model saw for it)
+        self._history = None  # (text so far, the token ids the model saw for it)
         if self.cache is not None:
             self.model.trim_cache(self.cache, 0)
         self.tokens = []
@@ -218,7 +236,7 @@ class Conversation:
     def turn_ids(self, messages: list[dict]) -> tuple[str, list[int]]:
         text, specials = render(self.model, messages, self.chat_template)
         if self._history is not None and text.startswith(self._history[0]):
-            rest = text[len(self._history[0]):]
+            rest = text[len(self._history[0]) :]
             return text, self._history[1] + self.model.tokenizer.encode(rest, add_special_tokens=False)
         return text, self.model.tokenizer.encode(text, add_special_tokens=specials)
 
@@ -234,7 +252,7 @@ class Conversation:
         answer = "".join(pieces)
         self.messages = messages + [{"role": "assistant", "content": answer}]
         same = self.model.tokenizer.decode(self.answer_ids, skip_special_tokens=True) == answer
-        self._history = (prompt + answer, ids + self.answer_ids) if same else None   # not after a stop text
+        self._history = (prompt + answer, ids + self.answer_ids) if same else None  # not after a stop text
 
     def complete(self, ids: list[int], stops=(), eos_ids=None) -> Iterator[str]:
         model, ids = self.model, [int(i) for i in ids]
@@ -242,22 +260,25 @@ class Conversation:
         if not ids:
             raise UserError("the prompt is empty")
         if len(ids) >= context:
-            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens"
-                            + (" (r resets the conversation)" if len(self.messages) > 1 else ""))
+            raise UserError(
+                f"the prompt is {len(ids)} tokens; the model's context is {context} tokens"
+                + (" (r resets the conversation)" if len(self.messages) > 1 else "")
+            )
         max_tokens = min(self.max_tokens, context - len(ids))
         eos_ids = self.eos_ids if eos_ids is None else frozenset(eos_ids)
         if self.cache is None:
             self.cache = model.new_cache()
-        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)   # at least one token to prefill
+        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)  # at least one token to prefill
         model.trim_cache(self.cache, keep)
         self.tokens = self.tokens[:keep]
         stats = GenerationStats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
-        seed, self._pending_seed = self._pending_seed, None     # seeded once per conversation
+        seed, self._pending_seed = self._pending_seed, None  # seeded once per conversation
         detok, held, generated, ended = Detokenizer(model.tokenizer), "", [], []
         start = time.perf_counter()
         first = None
-        tokens = model.stream_tokens(ids, self.cache, max_tokens=max_tokens, temp=self.temp, top_p=self.top_p,
-                                     seed=seed, eos_ids=eos_ids)
+        tokens = model.stream_tokens(
+            ids, self.cache, max_tokens=max_tokens, temp=self.temp, top_p=self.top_p, seed=seed, eos_ids=eos_ids
+        )
         stats.finish_reason, stopped = "length", False
         try:
             for token in tokens:
@@ -274,7 +295,7 @@ class Conversation:
                 if stopped:
                     stats.finish_reason = "stop"
                     break
-            if not stopped:   # the end of the answer: what was held back is not a stop string after all
+            if not stopped:  # the end of the answer: what was held back is not a stop string after all
                 text = held + detok.flush()
                 emit, _, hit = split_stop(text, stops)
                 emit = emit if hit else text
@@ -307,7 +328,7 @@ class TextStream:
     """One answer's text pieces, as ``model.stream`` returns them: iterate it; once it ends, ``stats``
     (:class:`GenerationStats`) and ``answer_ids`` (the generated tokens, end token excluded) are the run's."""
 
-    def __init__(self, conversation: "Conversation", pieces: Iterator[str]):
+    def __init__(self, conversation: Conversation, pieces: Iterator[str]):
         self._conversation = conversation
         self._pieces = pieces
 
@@ -332,8 +353,9 @@ class TextStream:
 
 def stream(model, prompt, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True) -> TextStream:
     """``model.stream``: one answer on a fresh cache."""
-    conversation = Conversation(model, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                                chat_template=chat_template)
+    conversation = Conversation(
+        model, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, chat_template=chat_template
+    )
     ids = prompt_ids(model, prompt, chat_template)
     # The plain format (no template, or a conversation fed without one) stops at the next "User:" line.
     templated = chat_template and has_chat_template(model.tokenizer)

@@ -52,7 +52,7 @@ def cli():
 
 def main(argv=None) -> None:
     debug = bool(os.environ.get("MOE_LOCAL_DEBUG"))
-    if hasattr(signal, "SIGPIPE"):   # `moe-local … | head` ends quietly, as Unix tools do
+    if hasattr(signal, "SIGPIPE"):  # `moe-local … | head` ends quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = cli.main(args=argv, prog_name="moe-local", standalone_mode=False)
@@ -72,8 +72,10 @@ def main(argv=None) -> None:
         if debug:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
-        print(f"moe-local: unexpected error: {type(e).__name__}: {first} "
-              "(run with MOE_LOCAL_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"moe-local: unexpected error: {type(e).__name__}: {first} (run with MOE_LOCAL_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -2,8 +2,8 @@
 
 For each built-in model: prepare (one base pass: bank + prefix cache) -> tune with ``router`` (CE only)
 and ``roma`` -> evaluate ``base`` (with its oracle and the oracle's wrong-label control), ``router`` and
-``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``, ``report.png``
-and the adapters. Settings come from ``assets/demo.yaml`` (chosen on ``val_unseen`` only).
+``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``,
+``report.png`` and the adapters. Settings come from ``assets/demo.yaml`` (chosen on ``val_unseen`` only).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ CONTROLS = ("oracle", "oracle_wrong")
 class DemoSettings:
     """What the demo runs; one YAML file beside the assets."""
 
-    tune: dict                       # TuneSettings fields shared by router and roma (method aside)
+    tune: dict  # TuneSettings fields shared by router and roma (method aside)
     eval_splits: tuple = ("test_seen", "test_unseen")
     train_split: str = "train"
     oracle_steps: int = 20
     oracle_lr: float = 0.1
     batch_size: int = 32
-    models: dict = field(default_factory=dict)   # per-model overrides of ``tune``
+    models: dict = field(default_factory=dict)  # per-model overrides of ``tune``
 
 
 def read_settings(path: Path | None = None) -> DemoSettings:
@@ -77,15 +77,16 @@ def expert_usage(model, records, layers, router_weights=None, batch_size: int = 
         for batch in batches(encoded, np.arange(len(records)), batch_size):
             hidden = model.prefix_hidden(batch, layers[0])
             _, routing = model.suffix_scores(hidden, batch, layers[0], layers)
-            chosen = np.argsort(-routing, axis=-1, kind="stable")[..., :top_k]      # [B, n, k]
+            chosen = np.argsort(-routing, axis=-1, kind="stable")[..., :top_k]  # [B, n, k]
             hits = np.zeros_like(routing)
             np.put_along_axis(hits, chosen, 1.0, axis=-1)
             counts = hits.sum(0) if counts is None else counts + hits.sum(0)
     return counts / counts.sum(-1, keepdims=True)
 
 
-def run_model(name: str, settings: DemoSettings, out: Path, backend: str, seed: int, progress="auto",
-              log=print) -> tuple[list[dict], dict]:
+def run_model(
+    name: str, settings: DemoSettings, out: Path, backend: str, seed: int, progress="auto", log=print
+) -> tuple[list[dict], dict]:
     """Prepare, tune router and roma, evaluate; returns (report rows, expert usage before/after)."""
     import moe_local
 
@@ -105,21 +106,41 @@ def run_model(name: str, settings: DemoSettings, out: Path, backend: str, seed: 
     bank = prepare(model, train, train_emb, layers, batch_size=settings.batch_size, progress=progress)
     adapters = {}
     for method in ("router", "roma"):
-        result = tune(model, train, train_emb, TuneSettings(**{**tune_values, "method": method}),
-                      out / "adapters" / f"{name}-{method}", bank=bank, progress=progress)
+        result = tune(
+            model,
+            train,
+            train_emb,
+            TuneSettings(**{**tune_values, "method": method}),
+            out / "adapters" / f"{name}-{method}",
+            bank=bank,
+            progress=progress,
+        )
         adapters[method] = result.weights
         log(f"[{name}] tuned {method}: {result.steps} steps in {result.train_s:.1f}s")
     rows = []
     for split, records in splits.items():
         for method in METHODS:
-            result = evaluate(model, records, layers, settings.batch_size, router_weights=adapters.get(method),
-                              oracle=method == "base", oracle_steps=settings.oracle_steps,
-                              oracle_lr=settings.oracle_lr, seed=seed, progress=progress)
+            result = evaluate(
+                model,
+                records,
+                layers,
+                settings.batch_size,
+                router_weights=adapters.get(method),
+                oracle=method == "base",
+                oracle_steps=settings.oracle_steps,
+                oracle_lr=settings.oracle_lr,
+                seed=seed,
+                progress=progress,
+            )
             rows += result.rows(name, split, method, seed, backend_name)
     test = settings.eval_splits[-1]
-    usage = {"layers": list(layers), "split": test,
-             **{m: expert_usage(model, splits[test], layers, adapters.get(m), settings.batch_size).tolist()
-                for m in METHODS}}
+    usage = {
+        "layers": list(layers),
+        "split": test,
+        **{
+            m: expert_usage(model, splits[test], layers, adapters.get(m), settings.batch_size).tolist() for m in METHODS
+        },
+    }
     log(f"[{name}] done in {time.perf_counter() - start:.0f}s")
     return rows, usage
 
@@ -132,8 +153,11 @@ def table(rows: list[dict]) -> list[str]:
     for model, split in keys:
         cells = {r["method"]: r for r in rows if r["model"] == model and r["split"] == split}
         n = next(iter(cells.values()))["n"]
-        lines.append(f"| {model} | {split} | {n} | " +
-                     " | ".join(f"{cells[m]['accuracy']:.3f}" if m in cells else "" for m in methods) + " |")
+        lines.append(
+            f"| {model} | {split} | {n} | "
+            + " | ".join(f"{cells[m]['accuracy']:.3f}" if m in cells else "" for m in methods)
+            + " |"
+        )
     return lines
 
 
@@ -155,11 +179,12 @@ def write_plot(path: Path, rows: list[dict], usage: dict) -> bool:
         ax = axes[i][0]
         width = 0.8 / len(methods)
         for j, method in enumerate(methods):
-            values = [next((r["accuracy"] for r in mine if r["split"] == s and r["method"] == method), 0)
-                      for s in splits]
+            values = [
+                next((r["accuracy"] for r in mine if r["split"] == s and r["method"] == method), 0) for s in splits
+            ]
             ax.bar(np.arange(len(splits)) + j * width, values, width, label=method)
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
-        ax.set_ylim(0, 1.15)               # headroom for the legend above the bars
+        ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: accuracy by method and split")
@@ -167,7 +192,7 @@ def write_plot(path: Path, rows: list[dict], usage: dict) -> bool:
         ax = axes[i][1]
         u = usage[name]
         experts = len(u["base"][0])
-        for j, method in enumerate(METHODS):
+        for method in METHODS:
             flat = np.asarray(u[method]).reshape(-1)
             ax.plot(np.arange(len(flat)), flat, marker=".", label=method)
         for k in range(1, len(u["layers"])):
@@ -192,8 +217,9 @@ def default_out() -> Path:
     return out
 
 
-def run_demo(out: Path | None, backend: str = "auto", models=("tiny", "tiny-grove"), seed: int = 0,
-             progress="auto", log=print) -> tuple[Path, list[dict]]:
+def run_demo(
+    out: Path | None, backend: str = "auto", models=("tiny", "tiny-grove"), seed: int = 0, progress="auto", log=print
+) -> tuple[Path, list[dict]]:
     from .files import refuse_existing
 
     settings = read_settings()
@@ -211,17 +237,26 @@ def run_demo(out: Path | None, backend: str = "auto", models=("tiny", "tiny-grov
         atomic_write_text(tmp / "report.json", json.dumps(rows, indent=2) + "\n")
         lines = table(rows)
         plotted = write_plot(tmp / "report.png", rows, usage)
-        md = ["# moe-local demo", "",
-              f"seed {seed}, backend {rows[0]['backend']}, {time.perf_counter() - start:.0f} s", "", *lines, "",
-              "oracle: per-sample router offsets at the last prompt token, optimised with the true label "
-              "(an upper bound); oracle_wrong: the share the same oracle flips to a random wrong label — "
-              "only the oracle's gain above it is a routing gap.", ""]
+        md = [
+            "# moe-local demo",
+            "",
+            f"seed {seed}, backend {rows[0]['backend']}, {time.perf_counter() - start:.0f} s",
+            "",
+            *lines,
+            "",
+            "oracle: per-sample router offsets at the last prompt token, optimised with the true label "
+            "(an upper bound); oracle_wrong: the share the same oracle flips to a random wrong label — "
+            "only the oracle's gain above it is a routing gap.",
+            "",
+        ]
         if plotted:
             md += ["![accuracy and expert usage](report.png)", ""]
         atomic_write_text(tmp / "report.md", "\n".join(md))
         atomic_write_text(tmp / "usage.json", json.dumps(usage) + "\n")
     for line in lines:
         log(line)
-    log(f"wrote {out}/report.json, report.md" + (", report.png" if plotted else "") + " and adapters/ "
-        f"in {time.perf_counter() - start:.0f} s")
+    log(
+        f"wrote {out}/report.json, report.md" + (", report.png" if plotted else "") + " and adapters/ "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     return out, rows

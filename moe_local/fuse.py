@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import is_quantized, resolve_model, tensor_index
-from .families import load_spec
-from .tuning.adapter import check_fingerprint, read_adapter
 from .errors import UserError
+from .families import load_spec
 from .files import refuse_existing
+from .tuning.adapter import check_fingerprint, read_adapter
 
 
 def fuse(model, adapter_path, save_path, backend: str = "auto", device: str | None = None) -> Path:
@@ -29,12 +29,12 @@ def fuse(model, adapter_path, save_path, backend: str = "auto", device: str | No
     refuse_existing(out, "--save-path")
     if adapter_path is None:
         raise UserError("fuse needs --adapter-path (the router adapter to fuse)")
-    _, config = read_adapter(adapter_path)       # checked before a large model is loaded
+    _, config = read_adapter(adapter_path)  # checked before a large model is loaded
     check_fingerprint(config, load_spec(folder), Path(adapter_path))
     name = resolve_backend(backend)
     if name == "torch":
         if is_quantized(tensor_index(folder)):
             raise UserError(f"{folder} is a quantized MLX model: quantized MLX models fuse with --backend mlx")
-        device = device or "cpu"   # the weights are written from host memory anyway
+        device = device or "cpu"  # the weights are written from host memory anyway
     loaded = moe_local.load(folder, backend=name, adapter_path=adapter_path, device=device)
     return loaded.save(out)

@@ -16,8 +16,8 @@ backend without looking inside.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .checkpoint import load_tokenizer
 
@@ -69,13 +69,19 @@ class LoadedModel(ABC):
 
         return stream(self, prompt, max_tokens, temp, top_p, seed, chat_template)
 
-    def chat(self, system_prompt: str | None = None, max_tokens=256, temp=0.0, top_p=1.0, seed=0,
-             chat_template=True):
+    def chat(self, system_prompt: str | None = None, max_tokens=256, temp=0.0, top_p=1.0, seed=0, chat_template=True):
         """A multi-turn :class:`moe_local.chat.Conversation` over one KV cache kept across turns."""
         from .chat import Conversation
 
-        return Conversation(self, system_prompt=system_prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                            seed=seed, chat_template=chat_template)
+        return Conversation(
+            self,
+            system_prompt=system_prompt,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            seed=seed,
+            chat_template=chat_template,
+        )
 
     @abstractmethod
     def new_cache(self):
@@ -144,8 +150,18 @@ class TuningOps(ABC):
         """
 
     @abstractmethod
-    def suffix_value_and_grad(self, hidden, batch, layer: int, layers, loss_fn, inputs: dict,
-                              router_weights=None, offsets=None, wrt: str = "router_weights"):
+    def suffix_value_and_grad(
+        self,
+        hidden,
+        batch,
+        layer: int,
+        layers,
+        loss_fn,
+        inputs: dict,
+        router_weights=None,
+        offsets=None,
+        wrt: str = "router_weights",
+    ):
         """One differentiable suffix pass: ``loss, aux = loss_fn(scores, routing, **inputs)``.
 
         inputs: numpy arrays, converted to backend arrays before the call. loss_fn uses only

@@ -24,15 +24,22 @@ class MemoryEstimate:
     tune_layers: int
 
 
-def estimate_memory(spec, dtype: str | None = None, chat_context: int = 4096, tune_batch: int = 32,
-                    tune_seq: int = 256, tune_layers: int = 5, weights: int | None = None) -> MemoryEstimate:
+def estimate_memory(
+    spec,
+    dtype: str | None = None,
+    chat_context: int = 4096,
+    tune_batch: int = 32,
+    tune_seq: int = 256,
+    tune_layers: int = 5,
+    weights: int | None = None,
+) -> MemoryEstimate:
     """``weights``: the checkpoint's own weight bytes when known (quantized folders), else counted."""
     b = BYTES[dtype or spec.dtype]
     counts = spec.parameter_counts()
     weights = counts["total"] * b if weights is None else weights
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * b
     kv_cache = kv_per_token * chat_context
-    chat = weights + kv_cache + spec.vocab_size * 4 * 2   # plus fp32 logits of the last step
+    chat = weights + kv_cache + spec.vocab_size * 4 * 2  # plus fp32 logits of the last step
     layers = spec.last_moe_layers(min(tune_layers, len(spec.moe)))
     tokens = tune_batch * tune_seq
     h = spec.hidden_size
@@ -48,10 +55,18 @@ def estimate_memory(spec, dtype: str | None = None, chat_context: int = 4096, tu
             if moe.grove:
                 mlp += min(moe.top_k, moe.num_groups) * 3 * moe.grove.adjugate_size * b
             if layer in layers:
-                router_state += 4 * moe.num_experts * h * 4   # fp32 weight, grad, two AdamW moments
+                router_state += 4 * moe.num_experts * h * 4  # fp32 weight, grad, two AdamW moments
         else:
             mlp = (h + 3 * (spec.dense_size or 0)) * b
         activations += tokens * (attn + mlp)
     tune = weights + activations + router_state + tune_batch * spec.vocab_size * 4
-    return MemoryEstimate(weights=weights, kv_cache=kv_cache, chat=chat, tune=tune, chat_context=chat_context,
-                          tune_batch=tune_batch, tune_seq=tune_seq, tune_layers=len(layers))
+    return MemoryEstimate(
+        weights=weights,
+        kv_cache=kv_cache,
+        chat=chat,
+        tune=tune,
+        chat_context=chat_context,
+        tune_batch=tune_batch,
+        tune_seq=tune_seq,
+        tune_layers=len(layers),
+    )

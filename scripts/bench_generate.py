@@ -34,17 +34,42 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-            num_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=1024,
-            vocab_size=512, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-TINY = dict(WIDE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            num_experts=8, moe_intermediate_size=32, intermediate_size=96, vocab_size=512)
+WIDE = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=256,
+    intermediate_size=1024,
+    vocab_size=512,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+TINY = dict(
+    WIDE,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    moe_intermediate_size=32,
+    intermediate_size=96,
+    vocab_size=512,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
+
 
 def write_random_model(folder: Path, shape: dict, seed: int = 0) -> Path:
     """A random Qwen3-MoE saved by transformers, both config spellings, a trained byte-level BPE tokenizer."""
@@ -54,7 +79,7 @@ def write_random_model(folder: Path, shape: dict, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape))
-    with torch.no_grad():   # a wider spread than the init, so routing is not uniform
+    with torch.no_grad():  # a wider spread than the init, so routing is not uniform
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
     model.save_pretrained(str(folder))
@@ -63,16 +88,22 @@ def write_random_model(folder: Path, shape: dict, seed: int = 0) -> Path:
     config["rope_theta"] = (config.get("rope_parameters") or {}).get("rope_theta", 1e6)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     rng = random.Random(seed)
-    text = [" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(12))
-            for _ in range(400)]
+    text = [
+        " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(12))
+        for _ in range(400)
+    ]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=shape["vocab_size"], special_tokens=["<unk>", "<|end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape["vocab_size"],
+        special_tokens=["<unk>", "<|end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(text, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
-                            pad_token="<pad>").save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>"
+    ).save_pretrained(str(folder))
     return folder
 
 
@@ -94,13 +125,14 @@ def median_rates(runs: dict, repeats: int) -> dict:
     """Median (prompt tok/s, decode tok/s) per path; the paths take turns in each repeat, so a load
     that drifts during the run (a shared machine) touches them alike."""
     for run in runs.values():
-        run()   # warm-up
+        run()  # warm-up
     samples = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             samples[name].append(run())
-    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-            for name, rs in samples.items()}
+    return {
+        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in samples.items()
+    }
 
 
 def rates(n_prompt: int, n_new: int, start: float, first: float, end: float) -> tuple[float, float]:
@@ -110,6 +142,7 @@ def rates(n_prompt: int, n_new: int, start: float, first: float, end: float) -> 
 # ---------------------------------------------------------------------------------------------
 # torch
 # ---------------------------------------------------------------------------------------------
+
 
 def torch_section(args, root: Path) -> None:
     import torch
@@ -135,8 +168,9 @@ def torch_section(args, root: Path) -> None:
             pass
 
     def library_run(model, ids):
-        config = GenerationConfig(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
+        config = GenerationConfig(
+            max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         x = torch.tensor([ids])
         clock = Clock()
         start = time.perf_counter()
@@ -151,8 +185,10 @@ def torch_section(args, root: Path) -> None:
         assert chat.stats.generation_tokens == args.new
         return chat.stats.prompt_tps, chat.stats.generation_tps
 
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU; "
-          f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, median of {args.repeats}")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU; "
+        f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, median of {args.repeats}"
+    )
     print()
     print("| model | path | prompt tok/s | decode tok/s | decode vs transformers |")
     print("|---|---|---|---|---|")
@@ -160,11 +196,14 @@ def torch_section(args, root: Path) -> None:
         m = moe_local.load(folder, backend="torch", device="cpu")
         ids = prompt(m.tokenizer, args.prompt)
         hf = Qwen3MoeForCausalLM.from_pretrained(str(folder)).eval()
-        results = median_rates({
-            "transformers generate (its MoE)": lambda: library_run(hf, ids),
-            "transformers generate, our blocks": lambda: library_run(m.model, ids),
-            "moe-local (Conversation, streamed)": lambda: ours_run(m, ids),
-        }, args.repeats)
+        results = median_rates(
+            {
+                "transformers generate (its MoE)": lambda: library_run(hf, ids),
+                "transformers generate, our blocks": lambda: library_run(m.model, ids),
+                "moe-local (Conversation, streamed)": lambda: ours_run(m, ids),
+            },
+            args.repeats,
+        )
         base = results["transformers generate (its MoE)"][1]
         for path, (p, d) in results.items():
             print(f"| {name} | {path} | {p:.0f} | {d:.1f} | {d / base:.2f}x |")
@@ -174,6 +213,7 @@ def torch_section(args, root: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # MLX
 # ---------------------------------------------------------------------------------------------
+
 
 def mlx_section(args, root: Path) -> None:
     import mlx.core as mx

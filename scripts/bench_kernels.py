@@ -50,14 +50,20 @@ class Shape:
     k: int
     H: int
     I: int
-    G: int = 0          # adjugate experts (Grove), one per E // G experts
+    G: int = 0  # adjugate experts (Grove), one per E // G experts
     Ia: int = 0
     scale: float = 0.0
 
     def spec(self) -> MoESpec:
         grove = GroveSpec(self.E // self.G, self.Ia, self.scale) if self.G else None
-        return MoESpec(layer=0, num_experts=self.E, top_k=self.k, expert_size=self.I,
-                       router=GROVE_ROUTER if grove else RouterSpec(renormalize=True), grove=grove)
+        return MoESpec(
+            layer=0,
+            num_experts=self.E,
+            top_k=self.k,
+            expert_size=self.I,
+            router=GROVE_ROUTER if grove else RouterSpec(renormalize=True),
+            grove=grove,
+        )
 
 
 SHAPES = {
@@ -66,7 +72,7 @@ SHAPES = {
     "grove": Shape("GroveMoE", E=128, k=8, H=2048, I=768, G=64, Ia=128, scale=0.05),
 }
 TOKENS = (1, 8, 64, 512, 4096)
-GRAPH_MAX_TOKENS = 64        # CUDA-graph timings where launch overhead matters (decode, small batches)
+GRAPH_MAX_TOKENS = 64  # CUDA-graph timings where launch overhead matters (decode, small batches)
 
 
 class Layer:
@@ -82,15 +88,22 @@ class Layer:
         s, ex, adj = self.shape, self.experts, self.adjugates
         out = {
             "triton": lambda x, idx, w, config=None: moe_forward(
-                x, idx, w, ex.gate_up_proj, ex.down_proj,
+                x,
+                idx,
+                w,
+                ex.gate_up_proj,
+                ex.down_proj,
                 *((adj.gate_up_proj, adj.down_proj) if adj else ()),
-                **(dict(experts_per_group=s.E // s.G, scale=s.scale) if adj else {}), config=config),
+                **(dict(experts_per_group=s.E // s.G, scale=s.scale) if adj else {}),
+                config=config,
+            ),
             "torch": self.torch_path,
         }
         if adj:
             out["two-launch"] = lambda x, idx, w: (
                 moe_forward(x, idx, w, ex.gate_up_proj, ex.down_proj)
-                + moe_forward(x, idx // (s.E // s.G), w * s.scale, adj.gate_up_proj, adj.down_proj))
+                + moe_forward(x, idx // (s.E // s.G), w * s.scale, adj.gate_up_proj, adj.down_proj)
+            )
         return out
 
     def torch_path(self, x, idx, w):
@@ -146,7 +159,7 @@ class Timer:
 
     def per_call(self, fn, inputs) -> float:
         for i in range(self.warmup):
-            fn(*inputs[i % len(inputs)])                   # compile and warm up
+            fn(*inputs[i % len(inputs)])  # compile and warm up
         results = []
         for _ in range(self.trials):
             calls = [inputs[i % len(inputs)] for i in range(self.reps)]
@@ -196,11 +209,21 @@ def roofs(device, dtype, timer: Timer, copy_bytes: int = 1 << 30, matmul_n: int 
     a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
     b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
     matmul = timer.per_call(lambda: a @ b, [()])
-    return 2 * src.numel() * src.element_size() / copy, 2 * matmul_n ** 3 / matmul
+    return 2 * src.numel() * src.element_size() / copy, 2 * matmul_n**3 / matmul
 
 
-def bench(shapes, tokens, device, dtype, timer: Timer, pool: int, bandwidth: float, flops_per_s: float,
-          graphs: bool = True, tune: bool = False) -> list[dict]:
+def bench(
+    shapes,
+    tokens,
+    device,
+    dtype,
+    timer: Timer,
+    pool: int,
+    bandwidth: float,
+    flops_per_s: float,
+    graphs: bool = True,
+    tune: bool = False,
+) -> list[dict]:
     """One row per (shape, tokens, method): µs per call, work, % of the roof."""
     rows = []
     element = torch.empty((), dtype=dtype).element_size()
@@ -216,9 +239,18 @@ def bench(shapes, tokens, device, dtype, timer: Timer, pool: int, bandwidth: flo
             with torch.no_grad():
                 for name, fn in methods.items():
                     seconds = timer.per_call(fn, inputs)
-                    row = dict(shape=shape.name, dims=(shape.E, shape.k, shape.H, shape.I), grove=bool(shape.G),
-                               tokens=t, method=name, us=seconds * 1e6, bytes=nbytes,
-                               flops=nflops, roof_us=roof * 1e6, roof_pct=100 * roof / seconds)
+                    row = dict(
+                        shape=shape.name,
+                        dims=(shape.E, shape.k, shape.H, shape.I),
+                        grove=bool(shape.G),
+                        tokens=t,
+                        method=name,
+                        us=seconds * 1e6,
+                        bytes=nbytes,
+                        flops=nflops,
+                        roof_us=roof * 1e6,
+                        roof_pct=100 * roof / seconds,
+                    )
                     if name == "triton" and graphs and t <= GRAPH_MAX_TOKENS:
                         g = timer.graph_per_call(fn, inputs)
                         row["graph_us"] = None if g is None else g * 1e6
@@ -230,27 +262,39 @@ def bench(shapes, tokens, device, dtype, timer: Timer, pool: int, bandwidth: flo
 
 def _tune_row(shape, tokens, fused, inputs, timer) -> dict:
     """The fastest of triton_configs.CONFIGS for this point."""
-    times = {name: timer.per_call(lambda x, idx, w, c=cfg: fused(x, idx, w, config=c), inputs)
-             for name, cfg in triton_configs.CONFIGS.items()}
+    times = {
+        name: timer.per_call(lambda x, idx, w, c=cfg: fused(x, idx, w, config=c), inputs)
+        for name, cfg in triton_configs.CONFIGS.items()
+    }
     best = min(times, key=times.get)
-    return dict(shape=shape.name, tokens=tokens, method=f"tune:{best}", us=times[best] * 1e6,
-                table_key=(shape.E, shape.I, shape.H), times_us={n: s * 1e6 for n, s in times.items()})
+    return dict(
+        shape=shape.name,
+        tokens=tokens,
+        method=f"tune:{best}",
+        us=times[best] * 1e6,
+        table_key=(shape.E, shape.I, shape.H),
+        times_us={n: s * 1e6 for n, s in times.items()},
+    )
 
 
 def table(rows: list[dict]) -> str:
     """Rows side by side, with the ratio to the torch path of the same point."""
     torch_us = {(r["shape"], r["tokens"]): r["us"] for r in rows if r["method"] == "torch"}
-    lines = [f"{'shape':<15} {'T':>5} {'method':<12} {'µs':>10} {'graph µs':>9} {'vs torch':>9} "
-             f"{'MB':>8} {'GFLOP':>8} {'roof µs':>8} {'% roof':>7}"]
+    lines = [
+        f"{'shape':<15} {'T':>5} {'method':<12} {'µs':>10} {'graph µs':>9} {'vs torch':>9} "
+        f"{'MB':>8} {'GFLOP':>8} {'roof µs':>8} {'% roof':>7}"
+    ]
     for r in rows:
         if "roof_us" not in r:
             continue
         graph = "n/a" if r.get("graph_us") is None else f"{r['graph_us']:.1f}"
         ref = torch_us.get((r["shape"], r["tokens"]))
         ratio = "" if ref is None else f"{ref / r['us']:.2f}x"
-        lines.append(f"{r['shape']:<15} {r['tokens']:>5} {r['method']:<12} {r['us']:>10.1f} {graph:>9} "
-                     f"{ratio:>9} {r['bytes'] / 1e6:>8.1f} {r['flops'] / 1e9:>8.2f} {r['roof_us']:>8.1f} "
-                     f"{r['roof_pct']:>6.1f}%")
+        lines.append(
+            f"{r['shape']:<15} {r['tokens']:>5} {r['method']:<12} {r['us']:>10.1f} {graph:>9} "
+            f"{ratio:>9} {r['bytes'] / 1e6:>8.1f} {r['flops'] / 1e9:>8.2f} {r['roof_us']:>8.1f} "
+            f"{r['roof_pct']:>6.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -266,16 +310,21 @@ def grove_aims(rows: list[dict]) -> list[str]:
         extra = g["roof_us"] / plain["roof_us"] - 1
         limit = plain["us"] * (1 + extra + 0.03)
         verdict = "met" if g["us"] <= limit else "missed"
-        out.append(f"{g['shape']} T={t}: {g['us']:.1f} µs vs {plain['shape']} {plain['us']:.1f} µs × "
-                   f"(1 + {extra:.3f} + 0.03) = {limit:.1f} µs: {verdict}")
+        out.append(
+            f"{g['shape']} T={t}: {g['us']:.1f} µs vs {plain['shape']} {plain['us']:.1f} µs × "
+            f"(1 + {extra:.3f} + 0.03) = {limit:.1f} µs: {verdict}"
+        )
     return out
 
 
 def overheads(rows: list[dict]) -> list[str]:
     """Launch overhead of the fused op per point: eager time minus CUDA-graph replay time."""
-    return [f"{r['shape']} T={r['tokens']}: launch overhead {r['us'] - r['graph_us']:.1f} µs per layer "
-            f"(eager {r['us']:.1f}, graph {r['graph_us']:.1f})"
-            for r in rows if r["method"] == "triton" and r.get("graph_us") is not None]
+    return [
+        f"{r['shape']} T={r['tokens']}: launch overhead {r['us'] - r['graph_us']:.1f} µs per layer "
+        f"(eager {r['us']:.1f}, graph {r['graph_us']:.1f})"
+        for r in rows
+        if r["method"] == "triton" and r.get("graph_us") is not None
+    ]
 
 
 def tune_lines(rows: list[dict]) -> list[str]:
@@ -299,16 +348,29 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="also time triton_configs' named configs per point")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device here, nothing to time. The kernels' correctness is tested in "
-              "Triton's interpreter (tests/test_triton_*.py).")
+        print(
+            "bench_kernels: no CUDA device here, nothing to time. The kernels' correctness is tested in "
+            "Triton's interpreter (tests/test_triton_*.py)."
+        )
         return 0
     device, dtype = "cuda", torch.bfloat16
     timer = Timer(device, args.reps)
     bandwidth, flops_per_s = roofs(device, dtype, timer)
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
-          f"bf16 matmul {flops_per_s / 1e12:.0f} TFLOP/s")
-    rows = bench([SHAPES[s] for s in args.shapes], args.tokens, device, dtype, timer, args.pool,
-                 bandwidth, flops_per_s, tune=args.tune)
+    print(
+        f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
+        f"bf16 matmul {flops_per_s / 1e12:.0f} TFLOP/s"
+    )
+    rows = bench(
+        [SHAPES[s] for s in args.shapes],
+        args.tokens,
+        device,
+        dtype,
+        timer,
+        args.pool,
+        bandwidth,
+        flops_per_s,
+        tune=args.tune,
+    )
     print(table(rows))
     for line in grove_aims(rows) + overheads(rows):
         print(line)

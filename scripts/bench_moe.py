@@ -31,7 +31,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
         fn()  # warm-up
     names, times = list(fns), {name: [] for name in fns}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
@@ -49,8 +49,11 @@ class Roofs:
         self.nbytes = self.src.numel() * self.src.element_size()
 
     def probes(self) -> dict:
-        return {"roof:sum": lambda: self.src.sum(), "roof:copy": lambda: self.dst.copy_(self.src),
-                "roof:matmul": lambda: self.a @ self.b}
+        return {
+            "roof:sum": lambda: self.src.sum(),
+            "roof:copy": lambda: self.dst.copy_(self.src),
+            "roof:matmul": lambda: self.a @ self.b,
+        }
 
     def rates(self, t: dict) -> tuple[float, float]:
         """(read bytes/s, FLOP/s) from the probes' medians."""
@@ -82,16 +85,26 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
 
     torch.manual_seed(0)
     roofs = Roofs(torch)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU; medians of {repeats} "
-          "rounds, peers and roof probes interleaved")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on the CPU; medians of {repeats} "
+        "rounds, peers and roof probes interleaved"
+    )
     print()
-    print("| shape | T | ours ms | ours, per-expert loop ms | hf eager ms | hf grouped_mm ms | roof ms | "
-          "read GB/s | GFLOP/s | roof/ours | ours vs best hf |")
+    print(
+        "| shape | T | ours ms | ours, per-expert loop ms | hf eager ms | hf grouped_mm ms | roof ms | "
+        "read GB/s | GFLOP/s | roof/ours | ours vs best hf |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def make_block(num_experts, top_k, hidden, size, grove_spec=None):
-        spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size,
-                       router=GROVE_ROUTER if grove_spec else RouterSpec(renormalize=True), grove=grove_spec)
+        spec = MoESpec(
+            layer=0,
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_size=size,
+            router=GROVE_ROUTER if grove_spec else RouterSpec(renormalize=True),
+            grove=grove_spec,
+        )
         block = moe_ops.MoEBlock(spec, hidden).eval()
         with torch.no_grad():
             for name, p in block.named_parameters():
@@ -101,8 +114,9 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
     for name in shapes:
         e, k, h, size = SHAPES[name]
         block = make_block(e, k, h, size)
-        config = Qwen3MoeConfig(hidden_size=h, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=size,
-                                norm_topk_prob=True)
+        config = Qwen3MoeConfig(
+            hidden_size=h, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=size, norm_topk_prob=True
+        )
         hf = Qwen3MoeSparseMoeBlock(config).eval()
         hf.gate.weight = block.gate.weight
         hf.experts.gate_up_proj = block.experts.gate_up_proj
@@ -111,23 +125,30 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
             x = torch.randn(1, tokens, h)
             with torch.inference_mode():
                 idx, _ = route(block.gate(x[0]), block.spec.router, block.spec.top_k)
-                t = interleaved_medians({"ours": lambda: block(x), "loop": lambda: per_expert_loop(block, x),
-                                         **{impl: lambda impl=impl: hf_call(hf, config, impl, x)
-                                            for impl in ("eager", "grouped_mm")},
-                                         **roofs.probes()}, repeats)
+                t = interleaved_medians(
+                    {
+                        "ours": lambda: block(x),
+                        "loop": lambda: per_expert_loop(block, x),
+                        **{impl: lambda impl=impl: hf_call(hf, config, impl, x) for impl in ("eager", "grouped_mm")},
+                        **roofs.probes(),
+                    },
+                    repeats,
+                )
             bandwidth, flops_rate = roofs.rates(t)
             flops, nbytes = layer_work(idx, e, h, size, k)
             roof = max(flops / flops_rate, nbytes / bandwidth)
             best_hf = min(t["eager"], t["grouped_mm"])
-            print(f"| {name} | {tokens} | {t['ours'] * 1e3:.2f} | {t['loop'] * 1e3:.2f} | {t['eager'] * 1e3:.2f} | "
-                  f"{t['grouped_mm'] * 1e3:.2f} | {roof * 1e3:.2f} | {bandwidth / 1e9:.1f} | {flops_rate / 1e9:.0f} | "
-                  f"{roof / t['ours']:.2f} | {best_hf / t['ours']:.2f}x |", flush=True)
+            print(
+                f"| {name} | {tokens} | {t['ours'] * 1e3:.2f} | {t['loop'] * 1e3:.2f} | {t['eager'] * 1e3:.2f} | "
+                f"{t['grouped_mm'] * 1e3:.2f} | {roof * 1e3:.2f} | {bandwidth / 1e9:.1f} | {flops_rate / 1e9:.0f} | "
+                f"{roof / t['ours']:.2f} | {best_hf / t['ours']:.2f}x |",
+                flush=True,
+            )
         del block, hf
     if not grove:
         return
     print()
-    print("| GroveMoE shape | T | grove ms | plain ms | per-slot loop ms | overhead | FLOP ratio | "
-          "grove vs loop |")
+    print("| GroveMoE shape | T | grove ms | plain ms | per-slot loop ms | overhead | FLOP ratio | grove vs loop |")
     print("|---|---|---|---|---|---|---|---|")
     e, k, h, size, adjugate = GROVE
     grove_block = make_block(e, k, h, size, GroveSpec(experts_per_group=2, adjugate_size=adjugate, scale=0.05))
@@ -140,14 +161,22 @@ def torch_section(tokens_list, repeats, shapes, grove=True):
         x = torch.randn(1, tokens, h)
         with torch.inference_mode():
             idx, _ = route(grove_block.gate(x[0]), grove_block.spec.router, grove_block.spec.top_k)
-            t = interleaved_medians({"grove": lambda: grove_block(x), "plain": lambda: plain(x),
-                                     "loop": lambda: reference_block(grove_block, x)}, repeats)
+            t = interleaved_medians(
+                {
+                    "grove": lambda: grove_block(x),
+                    "plain": lambda: plain(x),
+                    "loop": lambda: reference_block(grove_block, x),
+                },
+                repeats,
+            )
         t_grove, t_plain, t_loop = t["grove"], t["plain"], t["loop"]
         grove_flops, _ = layer_work(idx, e, h, size, k, groups=e // 2, adjugate=adjugate)
         plain_flops, _ = layer_work(idx, e, h, size, k)
-        print(f"| grove | {tokens} | {t_grove * 1e3:.2f} | {t_plain * 1e3:.2f} | {t_loop * 1e3:.2f} | "
-              f"{(t_grove / t_plain - 1) * 100:+.1f}% | {(grove_flops / plain_flops - 1) * 100:+.1f}% | "
-              f"{t_loop / t_grove:.2f}x |")
+        print(
+            f"| grove | {tokens} | {t_grove * 1e3:.2f} | {t_plain * 1e3:.2f} | {t_loop * 1e3:.2f} | "
+            f"{(t_grove / t_plain - 1) * 100:+.1f}% | {(grove_flops / plain_flops - 1) * 100:+.1f}% | "
+            f"{t_loop / t_grove:.2f}x |"
+        )
 
 
 def per_expert_loop(block, x):

@@ -39,16 +39,21 @@ LONG_RUN_S = 5.0
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default=None,
-                        help="comma-separated token counts (default 1,16,128,512 on a GPU, 1,16 on a CPU, "
-                             "where MLX runs at ~1 GFLOP/s and T=512 takes about a minute per call)")
+    parser.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated token counts (default 1,16,128,512 on a GPU, 1,16 on a CPU, "
+        "where MLX runs at ~1 GFLOP/s and T=512 takes about a minute per call)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
     parser.add_argument("--no-grove", action="store_true", help="skip the Grove rows")
-    parser.add_argument("--variants", action="store_true",
-                        help="also time our block with rows always / never sorted by expert")
-    parser.add_argument("--loop-max-tokens", type=int, default=1,
-                        help="time the per-slot loop only up to this many tokens (it is slow)")
+    parser.add_argument(
+        "--variants", action="store_true", help="also time our block with rows always / never sorted by expert"
+    )
+    parser.add_argument(
+        "--loop-max-tokens", type=int, default=1, help="time the per-slot loop only up to this many tokens (it is slow)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -68,7 +73,7 @@ def timed(fns: dict, repeats: int, mx) -> tuple[dict, dict]:
         times[name] = [seconds] if seconds > LONG_RUN_S else []
     for round_ in range(repeats - min(len(t) for t in times.values())):
         # Alternate the order so that no implementation always runs right after the same neighbour.
-        for name, fn in (list(fns.items()) if round_ % 2 == 0 else list(fns.items())[::-1]):
+        for name, fn in list(fns.items()) if round_ % 2 == 0 else list(fns.items())[::-1]:
             if len(times[name]) >= repeats:
                 continue
             start = time.perf_counter()
@@ -91,8 +96,10 @@ def random_params(block, mx, seed: int, gate_std: float = 0.02):
     mx.random.seed(seed)
     # Uniform with the intended standard deviation: MLX's CPU normal sampler takes ~1 min for the
     # 600 M weights of the Qwen3 shape, uniform a quarter of that.
-    params = [(name, mx.random.uniform(-1, 1, p.shape) * 3**0.5 * (gate_std if name.startswith("gate") else 0.02))
-              for name, p in tree_flatten(block.parameters())]
+    params = [
+        (name, mx.random.uniform(-1, 1, p.shape) * 3**0.5 * (gate_std if name.startswith("gate") else 0.02))
+        for name, p in tree_flatten(block.parameters())
+    ]
     block.load_weights(params)
     mx.eval(block.parameters())
 
@@ -102,8 +109,10 @@ def rel_err(out, ref, mx) -> float:
 
 
 class Table:
-    HEADER = ("| shape | T | routing | implementation | median ms | vs baseline | GFLOP/s | % roof | "
-              "FLOP ratio | max rel err |")
+    HEADER = (
+        "| shape | T | routing | implementation | median ms | vs baseline | GFLOP/s | % roof | "
+        "FLOP ratio | max rel err |"
+    )
 
     def __init__(self, roof: float):
         self.roof = roof
@@ -113,8 +122,11 @@ class Table:
     def row(self, shape, tokens, routing, name, seconds, baseline, flops, flop_ratio, err):
         rate = flops / seconds
         ratio = "baseline" if seconds is baseline else f"{seconds / baseline:.2f}x"
-        print(f"| {shape} | {tokens} | {routing} | {name} | {seconds * 1e3:.1f} | {ratio} | {rate / 1e9:.2f} | "
-              f"{100 * rate / self.roof:.0f}% | {flop_ratio} | {err:.1e} |", flush=True)
+        print(
+            f"| {shape} | {tokens} | {routing} | {name} | {seconds * 1e3:.1f} | {ratio} | {rate / 1e9:.2f} | "
+            f"{100 * rate / self.roof:.0f}% | {flop_ratio} | {err:.1e} |",
+            flush=True,
+        )
 
 
 def expert_flops(tokens: int, k: int, hidden: int, size: int) -> int:
@@ -128,12 +140,13 @@ def sorted_rows(block, min_rows):
             return block(x)
         finally:
             block.sort_min_rows = default
+
     return run
 
 
 def plain_section(table, shapes, tokens_list, repeats, seed, mx, variants=False, loop_max_tokens=16):
-    from mlx_lm.models.qwen3_moe import ModelArgs, Qwen3MoeSparseMoeBlock
     from mlx.utils import tree_flatten
+    from mlx_lm.models.qwen3_moe import ModelArgs, Qwen3MoeSparseMoeBlock
 
     from moe_local.backends.mlx.moe import MoEBlock
     from moe_local.spec import MoESpec, RouterSpec
@@ -144,13 +157,29 @@ def plain_section(table, shapes, tokens_list, repeats, seed, mx, variants=False,
         ours = MoEBlock(spec, h)
         random_params(ours, mx, seed)
         loop = MoEBlock(spec, h, impl="reference")
-        theirs = Qwen3MoeSparseMoeBlock(ModelArgs(
-            model_type="qwen3_moe", hidden_size=h, num_hidden_layers=1, intermediate_size=size,
-            num_attention_heads=16, num_experts=e, num_experts_per_tok=k, decoder_sparse_step=1,
-            mlp_only_layers=[], moe_intermediate_size=size, rms_norm_eps=1e-6, vocab_size=8,
-            num_key_value_heads=4, head_dim=128, rope_theta=1e6, tie_word_embeddings=False,
-            max_position_embeddings=4096, norm_topk_prob=True))
-        shared = tree_flatten(ours.parameters())     # the same arrays, no copies
+        theirs = Qwen3MoeSparseMoeBlock(
+            ModelArgs(
+                model_type="qwen3_moe",
+                hidden_size=h,
+                num_hidden_layers=1,
+                intermediate_size=size,
+                num_attention_heads=16,
+                num_experts=e,
+                num_experts_per_tok=k,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                moe_intermediate_size=size,
+                rms_norm_eps=1e-6,
+                vocab_size=8,
+                num_key_value_heads=4,
+                head_dim=128,
+                rope_theta=1e6,
+                tie_word_embeddings=False,
+                max_position_embeddings=4096,
+                norm_topk_prob=True,
+            )
+        )
+        shared = tree_flatten(ours.parameters())  # the same arrays, no copies
         theirs.load_weights(shared)
         loop.load_weights(shared)
         for tokens in tokens_list:
@@ -167,8 +196,9 @@ def plain_section(table, shapes, tokens_list, repeats, seed, mx, variants=False,
             base = seconds["ours (grouped)"]
             reference = outs.get("per-slot loop (reference)", outs["mlx-lm SwitchGLU block"])
             for name in fns:
-                table.row(shape, tokens, "random", name, seconds[name], base, flops, "",
-                          rel_err(outs[name], reference, mx))
+                table.row(
+                    shape, tokens, "random", name, seconds[name], base, flops, "", rel_err(outs[name], reference, mx)
+                )
         del ours, loop, theirs, shared
 
 
@@ -197,18 +227,20 @@ def grove_section(table, tokens_list, repeats, seed, mx, loop_max_tokens=16):
     merged.switch_mlp.gate_proj.weight = mx.concatenate([ex.gate_proj.weight, rep(adj.gate_proj.weight)], axis=1)
     merged.switch_mlp.up_proj.weight = mx.concatenate([ex.up_proj.weight, rep(adj.up_proj.weight)], axis=1)
     merged.switch_mlp.down_proj.weight = mx.concatenate(
-        [ex.down_proj.weight, grove_spec.scale * rep(adj.down_proj.weight)], axis=2)
+        [ex.down_proj.weight, grove_spec.scale * rep(adj.down_proj.weight)], axis=2
+    )
     mx.eval(merged.parameters())
-    co_gate = mx.repeat(grove.gate.weight[: e // 2], 2, axis=0)   # experts 2g and 2g+1 score equally
+    co_gate = mx.repeat(grove.gate.weight[: e // 2], 2, axis=0)  # experts 2g and 2g+1 score equally
     random_gate = grove.gate.weight
     mx.eval(co_gate)
-    loop = MoEBlock(spec, h, impl="reference")       # the per-slot loop on the same modules
+    loop = MoEBlock(spec, h, impl="reference")  # the per-slot loop on the same modules
     loop.gate, loop.switch_mlp, loop.chunk_experts = grove.gate, grove.switch_mlp, grove.chunk_experts
 
     def with_strategy(strategy):
         def run(x):
             grove.adjugate = strategy
             return grove(x)
+
         return run
 
     for routing, gate in (("random", random_gate), ("co-activated", co_gate)):
@@ -220,10 +252,12 @@ def grove_section(table, tokens_list, repeats, seed, mx, loop_max_tokens=16):
             groups_per_token = np.mean([len(set((row // 2).tolist())) for row in np.array(idx)])
             auto = choose_adjugate("auto", tokens * k)
             mark = lambda strategy: " (auto)" if strategy == auto else ""  # noqa: E731
-            fns = {"plain MoE, same shape": lambda: plain(x),
-                   "grove per-slot" + mark("per-slot"): lambda: with_strategy("per-slot")(x),
-                   "grove per-group" + mark("per-group"): lambda: with_strategy("per-group")(x),
-                   "grove merged weights": lambda: merged(x)}
+            fns = {
+                "plain MoE, same shape": lambda: plain(x),
+                "grove per-slot" + mark("per-slot"): lambda: with_strategy("per-slot")(x),
+                "grove per-group" + mark("per-group"): lambda: with_strategy("per-group")(x),
+                "grove merged weights": lambda: merged(x),
+            }
             if tokens <= loop_max_tokens:
                 fns["grove per-slot loop (reference)"] = lambda: loop(x)
             seconds, outs = timed(fns, repeats, mx)
@@ -235,11 +269,9 @@ def grove_section(table, tokens_list, repeats, seed, mx, loop_max_tokens=16):
             base = seconds["plain MoE, same shape"]
             for name in fns:
                 strategy = "per-group" if "per-group" in name else "per-slot"
-                flops = plain_flops if name.startswith("plain") else \
-                    plain_flops + adj_rows[strategy] * 6 * h * adjugate
+                flops = plain_flops if name.startswith("plain") else plain_flops + adj_rows[strategy] * 6 * h * adjugate
                 err = 0.0 if name.startswith("plain") else rel_err(outs[name], reference, mx)
-                table.row("grove", tokens, routing, name, seconds[name], base, flops,
-                          f"{flops / plain_flops:.3f}", err)
+                table.row("grove", tokens, routing, name, seconds[name], base, flops, f"{flops / plain_flops:.3f}", err)
     grove.gate.weight = random_gate
     grove.adjugate = "auto"
 
@@ -260,8 +292,10 @@ def main(argv=None):
         print("# On Linux this times MLX's CPU build only: these numbers say nothing about Apple silicon (Metal).")
     roof = matmul_roof(mx)
     print(f"# roof: dense fp32 matmul [512,2048]x[2048,2048] = {roof / 1e9:.1f} GFLOP/s, measured in this run")
-    print(f"# medians of {args.repeats} interleaved runs after a warm-up; 'vs baseline' = time / the first row "
-          "of its group (ours, or the plain MoE for Grove); FLOP ratio = Grove FLOPs / plain FLOPs")
+    print(
+        f"# medians of {args.repeats} interleaved runs after a warm-up; 'vs baseline' = time / the first row "
+        "of its group (ours, or the plain MoE for Grove); FLOP ratio = Grove FLOPs / plain FLOPs"
+    )
     print()
     table = Table(roof)
     plain_section(table, shapes, tokens_list, args.repeats, args.seed, mx, args.variants, args.loop_max_tokens)

@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega"
+).split()
 
 
 def build_model(folder: Path, args) -> None:
@@ -46,13 +48,24 @@ def build_model(folder: Path, args) -> None:
 
     torch.manual_seed(0)
     h = args.hidden
-    config = Qwen3MoeConfig(hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
-                            num_key_value_heads=max(1, h // 128), head_dim=64, vocab_size=args.vocab,
-                            num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=h,
-                            intermediate_size=2 * h, norm_topk_prob=True, decoder_sparse_step=1,
-                            max_position_embeddings=2048, tie_word_embeddings=False)
+    config = Qwen3MoeConfig(
+        hidden_size=h,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, h // 64),
+        num_key_value_heads=max(1, h // 128),
+        head_dim=64,
+        vocab_size=args.vocab,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=h,
+        intermediate_size=2 * h,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():   # a wider spread than the default init, so routing is not uniform
+    with torch.no_grad():  # a wider spread than the default init, so routing is not uniform
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.05)
@@ -64,11 +77,15 @@ def build_model(folder: Path, args) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=["<unk>", "<|end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab,
+        special_tokens=["<unk>", "<|end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 20 + [" A B C D Answer:"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
-                            pad_token="<pad>").save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>"
+    ).save_pretrained(str(folder))
 
 
 def make_records(n: int, words: int, seed: int = 0):
@@ -77,7 +94,7 @@ def make_records(n: int, words: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        length = int(rng.integers(words // 2, words + 1))   # ragged prompt lengths
+        length = int(rng.integers(words // 2, words + 1))  # ragged prompt lengths
         question = " ".join(rng.choice(WORDS, length)) + "?"
         choices = tuple(" ".join(rng.choice(WORDS, 3)) for _ in range(4))
         out.append(Record(question, choices, int(rng.integers(0, 4)), None, i + 1))
@@ -87,13 +104,21 @@ def make_records(n: int, words: int, seed: int = 0):
 def settings(args, mode: str):
     from moe_local.tuning.tune import TuneSettings
 
-    return TuneSettings(layers=args.tuned, epochs=1, batch_size=args.batch_size, lr=1e-3, lam_warmup=0,
-                        log_every=10**6, save_every=10**6, prefix_cache=mode, cache_budget_gb=1e6)
+    return TuneSettings(
+        layers=args.tuned,
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        lam_warmup=0,
+        log_every=10**6,
+        save_every=10**6,
+        prefix_cache=mode,
+        cache_budget_gb=1e6,
+    )
 
 
 def child(args) -> None:
     """One variant: tune one epoch from the shared bank, print the numbers as JSON."""
-    import moe_local
     from moe_local.tuning import bank as banks
     from moe_local.tuning.tune import tune
 
@@ -105,25 +130,52 @@ def child(args) -> None:
     model = load(args, work / "model")
     records = make_records(args.samples, args.prompt_words)
     bank = banks.read_bank(work / "bank")
-    if args.warmup:   # one short run first: kernels, allocator, thread pools
-        few = records[:args.batch_size * 2]
-        tune(model, few, None, settings(args, args.child), work / f"warm-{args.child}", bank=_sub_bank(bank, few),
-             overwrite=True, progress="off")
+    if args.warmup:  # one short run first: kernels, allocator, thread pools
+        few = records[: args.batch_size * 2]
+        tune(
+            model,
+            few,
+            None,
+            settings(args, args.child),
+            work / f"warm-{args.child}",
+            bank=_sub_bank(bank, few),
+            overwrite=True,
+            progress="off",
+        )
     model.reset_peak_memory()
     t0 = time.perf_counter()
-    result = tune(model, records, None, settings(args, args.child), work / f"adapter-{args.child}", bank=bank,
-                  overwrite=True, progress="off")
+    result = tune(
+        model,
+        records,
+        None,
+        settings(args, args.child),
+        work / f"adapter-{args.child}",
+        bank=bank,
+        overwrite=True,
+        progress="off",
+    )
     wall = time.perf_counter() - t0
-    print(json.dumps({"mode": args.child, "samples_per_s": result.samples_per_s, "train_s": result.train_s,
-                      "samples_per_cpu_s": args.samples / result.train_cpu_s, "train_cpu_s": result.train_cpu_s,
-                      "cache_s": result.cache_s, "wall_s": wall, "peak_mem_gb": result.peak_mem_gb,
-                      "steps": result.steps}))
+    print(
+        json.dumps(
+            {
+                "mode": args.child,
+                "samples_per_s": result.samples_per_s,
+                "train_s": result.train_s,
+                "samples_per_cpu_s": args.samples / result.train_cpu_s,
+                "train_cpu_s": result.train_cpu_s,
+                "cache_s": result.cache_s,
+                "wall_s": wall,
+                "peak_mem_gb": result.peak_mem_gb,
+                "steps": result.steps,
+            }
+        )
+    )
 
 
 def load(args, folder: Path):
     import moe_local
 
-    device = args.device or ("cpu" if args.backend == "torch" else None)   # MLX: the GPU where there is one
+    device = args.device or ("cpu" if args.backend == "torch" else None)  # MLX: the GPU where there is one
     return moe_local.load(str(folder), backend=args.backend, device=device, moe_impl=args.moe_impl, dtype=args.dtype)
 
 
@@ -133,8 +185,9 @@ def _sub_bank(bank, records):
     from moe_local.tuning.prepare import records_sha256
 
     n = len(records)
-    return banks.Bank(bank.correct[:n], bank.routing[:n], bank.embeddings[:n],
-                     {**bank.meta, "data_sha256": records_sha256(records)})
+    return banks.Bank(
+        bank.correct[:n], bank.routing[:n], bank.embeddings[:n], {**bank.meta, "data_sha256": records_sha256(records)}
+    )
 
 
 def main() -> None:
@@ -179,17 +232,19 @@ def main() -> None:
         bank = prepare(model, records, emb, args.tuned, args.batch_size, progress="off")
         prepare_s = time.perf_counter() - t0
         if not bank.correct.any():
-            bank.correct[::2] = 1   # a random model: give the neighbour search successful samples
+            bank.correct[::2] = 1  # a random model: give the neighbour search successful samples
         banks.write_bank(work / "bank", bank)
         tokens = sum(len(model.tokenizer(r.question)["input_ids"]) for r in records) / len(records)
         device = model.device
         del model
-        print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}; "
-              f"tuning the last {args.tuned}; {args.samples} samples (~{tokens:.0f} question tokens), "
-              f"batch {args.batch_size}; backend {args.backend}, device {device}, moe_impl {args.moe_impl}")
+        print(
+            f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}; "
+            f"tuning the last {args.tuned}; {args.samples} samples (~{tokens:.0f} question tokens), "
+            f"batch {args.batch_size}; backend {args.backend}, device {device}, moe_impl {args.moe_impl}"
+        )
         print(f"bank (base-model pass, both variants share it): {prepare_s:.2f} s; best of {args.repeats} runs below")
         runs = {"memory": [], "full": []}
-        for _ in range(args.repeats):   # interleaved, so that load from other work hits both alike
+        for _ in range(args.repeats):  # interleaved, so that load from other work hits both alike
             for mode in runs:
                 cmd = [sys.executable, __file__, "--child", mode, "--work", str(work)] + sys.argv[1:]
                 run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -197,27 +252,41 @@ def main() -> None:
                     sys.exit(f"{mode} run failed:\n{run.stderr[-3000:]}")
                 runs[mode].append(json.loads(run.stdout.strip().splitlines()[-1]))
     for mode, rs in runs.items():
-        print(f"{mode:>6} runs, samples/s: " + ", ".join(f"{r['samples_per_s']:.1f}" for r in rs)
-              + "; samples per CPU-second: " + ", ".join(f"{r['samples_per_cpu_s']:.1f}" for r in rs))
+        print(
+            f"{mode:>6} runs, samples/s: "
+            + ", ".join(f"{r['samples_per_s']:.1f}" for r in rs)
+            + "; samples per CPU-second: "
+            + ", ".join(f"{r['samples_per_cpu_s']:.1f}" for r in rs)
+        )
     c, f = (max(rs, key=lambda r: r["samples_per_s"]) for rs in runs.values())
     c = dict(c, cache_s=min(r["cache_s"] for r in runs["memory"]))
     print(f"{'variant':<34}{'samples/s':>10}{'epoch s':>10}{'peak GB':>10}")
-    print(f"{f'prefix cache ({args.tuned} layers fwd+bwd)':<34}{c['samples_per_s']:>10.1f}{c['train_s']:>10.2f}"
-          f"{c['peak_mem_gb']:>10.3f}")
-    print(f"{'full model fwd, routers trainable':<34}{f['samples_per_s']:>10.1f}{f['train_s']:>10.2f}"
-          f"{f['peak_mem_gb']:>10.3f}")
-    print(f"prefix cache build (prefix-only pass, reported apart): {c['cache_s']:.2f} s; "
-          f"epoch incl. build {c['train_s'] + c['cache_s']:.2f} s vs {f['train_s']:.2f} s")
+    print(
+        f"{f'prefix cache ({args.tuned} layers fwd+bwd)':<34}{c['samples_per_s']:>10.1f}{c['train_s']:>10.2f}"
+        f"{c['peak_mem_gb']:>10.3f}"
+    )
+    print(
+        f"{'full model fwd, routers trainable':<34}{f['samples_per_s']:>10.1f}{f['train_s']:>10.2f}"
+        f"{f['peak_mem_gb']:>10.3f}"
+    )
+    print(
+        f"prefix cache build (prefix-only pass, reported apart): {c['cache_s']:.2f} s; "
+        f"epoch incl. build {c['train_s'] + c['cache_s']:.2f} s vs {f['train_s']:.2f} s"
+    )
     L, T = args.layers, args.tuned
     bound = (L + 2 * T) / (T + 2 * T)
     cpu_c = max(r["samples_per_cpu_s"] for r in runs["memory"])
     cpu_f = max(r["samples_per_cpu_s"] for r in runs["full"])
-    print(f"per CPU-second (steadier on a shared host): cache {cpu_c:.1f}, full {cpu_f:.1f} samples -> "
-          f"{cpu_c / cpu_f:.2f}x")
-    print(f"speed-up {c['samples_per_s'] / f['samples_per_s']:.2f}x per epoch (without the build); "
-          f"bound ({L} fwd + {T} bwd) / ({T} fwd + {T} bwd) with bwd = 2 fwd: {bound:.2f}x "
-          f"(with bwd = 1 fwd, as when no weight gradient is needed: {(L + T) / (2 * T):.2f}x); "
-          f"peak memory ratio full/cache {f['peak_mem_gb'] / c['peak_mem_gb']:.2f}")
+    print(
+        f"per CPU-second (steadier on a shared host): cache {cpu_c:.1f}, full {cpu_f:.1f} samples -> "
+        f"{cpu_c / cpu_f:.2f}x"
+    )
+    print(
+        f"speed-up {c['samples_per_s'] / f['samples_per_s']:.2f}x per epoch (without the build); "
+        f"bound ({L} fwd + {T} bwd) / ({T} fwd + {T} bwd) with bwd = 2 fwd: {bound:.2f}x "
+        f"(with bwd = 1 fwd, as when no weight gradient is needed: {(L + T) / (2 * T):.2f}x); "
+        f"peak memory ratio full/cache {f['peak_mem_gb'] / c['peak_mem_gb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

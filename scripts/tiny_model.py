@@ -10,6 +10,7 @@ same function: RMSNorm, q/k-norm, default RoPE, GQA, causal attention, softmax r
 Training extras (not part of the checkpoint): ``route_bias={layer: [B, T, E]}`` is added to the router
 logits for selection and weights (forced routing), and the router logits are returned per layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         if rep > 1:
             k = k.repeat_interleave(rep, 1)
             v = v.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd ** -0.5)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd**-0.5)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -108,7 +109,7 @@ class MoE(nn.Module):
         start = 0
         for e, cnt in enumerate(counts):
             if cnt:
-                sl = order[start:start + cnt]
+                sl = order[start : start + cnt]
                 tok = sl // k
                 out = out.index_add(0, tok, experts[e](h[tok]) * flat_w[sl, None])
                 start += cnt
@@ -159,7 +160,7 @@ class TinyMoE(nn.Module):
         self.layers = nn.ModuleList([Layer(c, grove) for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.theta = c.rope_parameters["rope_theta"]
-        for n, p in self.named_parameters():
+        for _, p in self.named_parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=c.initializer_range)
 
@@ -172,7 +173,7 @@ class TinyMoE(nn.Module):
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = causal[None] & attention_mask.bool()[:, None, :]
-        mask = (mask | torch.eye(T, dtype=torch.bool)[None])[:, None]   # padded rows attend to themselves
+        mask = (mask | torch.eye(T, dtype=torch.bool)[None])[:, None]  # padded rows attend to themselves
         cos, sin = rope_cos_sin(self.c.head_dim, self.theta, pos)
         cos, sin = cos[:, None], sin[:, None]
         x = self.embed_tokens(ids)
@@ -186,7 +187,7 @@ class TinyMoE(nn.Module):
         return {"model." + k: v.detach().clone().contiguous() for k, v in self.state_dict().items()}
 
     def load_hf(self, sd, strict=True):
-        own = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.") and "expert_bias" not in k}
+        own = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.") and "expert_bias" not in k}
         missing, unexpected = self.load_state_dict(own, strict=False)
         assert not unexpected, unexpected
         if strict:

@@ -18,6 +18,7 @@ Usage:
     python scripts/train_tiny.py [--out moe_local/assets/tiny] [--steps 3000] [--seed 0]
 Deterministic for a given seed and thread count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ import build_suite as bs  # noqa: E402
 from tiny_model import TinyMoE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-N_FAMILY = len(bs.FAMILY_NAMES)        # experts 0..5: one per family
-N_GENERIC = 2                          # experts 6, 7: every other token
+N_FAMILY = len(bs.FAMILY_NAMES)  # experts 0..5: one per family
+N_GENERIC = 2  # experts 6, 7: every other token
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,17 +58,31 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(docs + [" A B C D"] * 200, trainer)
-    for L in bs.LETTERS:   # the answer candidates must be single tokens
+    for L in bs.LETTERS:  # the answer candidates must be single tokens
         assert len(tok.encode(" " + L).ids) == 1, L
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-           "pad_token": "<|endoftext|>", "unk_token": None, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-           "add_bos_token": False, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-           "model_max_length": 512, "chat_template": CHAT_TEMPLATE}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "chat_template": CHAT_TEMPLATE,
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return tok
 
@@ -76,13 +91,30 @@ def make_config(vocab_size: int, args, eos_id: int, pad_id: int):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
-        head_dim=args.hidden // args.heads, num_experts=N_FAMILY + N_GENERIC, num_experts_per_tok=args.top_k,
-        moe_intermediate_size=args.expert_size, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=1e-6, tie_word_embeddings=True, router_aux_loss_coef=0.0, output_router_logits=False,
-        initializer_range=0.02, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        head_dim=args.hidden // args.heads,
+        num_experts=N_FAMILY + N_GENERIC,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.expert_size,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        router_aux_loss_coef=0.0,
+        output_router_logits=False,
+        initializer_range=0.02,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -117,10 +149,12 @@ def augmented_item(rng: random.Random, vocab: list[str]) -> dict:
     not depend on the exact wording."""
     family = rng.choice(bs.FAMILY_NAMES)
     r = bs.make_item(family, rng.choice(bs.PHRASINGS[family]["seen"]), rng.choice(bs.FAMILIES[family][1]))
+
     def noise():
         if rng.random() < 0.5:
             return rng.choice(bs.FILLER)
         return " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))
+
     u = rng.random()
     q = r["question"]
     if u < 0.4:
@@ -173,8 +207,8 @@ class Batcher:
         ids = torch.full((n, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, T), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         return ids, mask, meta
 
 
@@ -184,7 +218,7 @@ def probe(model, tok, recs, letter_ids, tuned, bsz=128):
     """(accuracy, share of samples whose last-token top-1 expert is the family expert in every tuned layer)."""
     hits, routed = [], []
     for s in range(0, len(recs), bsz):
-        chunk = recs[s:s + bsz]
+        chunk = recs[s : s + bsz]
         h, router = model(*_left_padded(tok, chunk))
         logits = model.head(h[:, -1])[:, letter_ids]
         fam = torch.tensor([bs.FAMILY_NAMES.index(r["task"]) for r in chunk])
@@ -220,11 +254,15 @@ def parse_args(argv=None):
     ap.add_argument("--p-nonsense", type=float, default=0.15)
     ap.add_argument("--p-augment", type=float, default=0.2)
     ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--grove-from", metavar="DIR",
-                    help="upcycle the plain model in DIR into its GroveMoE twin and train it briefly (--steps)")
+    ap.add_argument(
+        "--grove-from",
+        metavar="DIR",
+        help="upcycle the plain model in DIR into its GroveMoE twin and train it briefly (--steps)",
+    )
     ap.add_argument("--adjugate-size", type=int, default=32, help="Grove: intermediate size of each adjugate")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="results are deterministic per thread count; the shipped models used 1")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="results are deterministic per thread count; the shipped models used 1"
+    )
     return ap.parse_args(argv)
 
 
@@ -236,8 +274,9 @@ def main(argv=None):
     out = Path(args.out)
     t0 = time.time()
     splits = bs.build_splits()
-    exclude = {bs.render_prompt(r) for recs in splits.values() for r in recs if r["group"] != "seen"} | \
-        {bs.render_prompt(r) for r in splits["test_seen"]}
+    exclude = {bs.render_prompt(r) for recs in splits.values() for r in recs if r["group"] != "seen"} | {
+        bs.render_prompt(r) for r in splits["test_seen"]
+    }
     if args.grove_from:
         model, cfg, tok = upcycle(Path(args.grove_from), args, out)
     else:
@@ -250,8 +289,7 @@ def main(argv=None):
         save_grove(model, cfg, out, tok, splits, args)
     else:
         save(model, cfg, out, tok, splits)
-    meta = {"seed": args.seed, "args": vars(args), "wall_s": round(time.time() - t0, 1), "params": nparams,
-            "log": log}
+    meta = {"seed": args.seed, "args": vars(args), "wall_s": round(time.time() - t0, 1), "params": nparams, "log": log}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"saved to {out} in {time.time() - t0:.0f}s")
 
@@ -312,13 +350,16 @@ def train(model, cfg, tok, args, splits, exclude, t0) -> list[dict]:
         q = (s - warm) / max(1, args.steps - warm)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * q)))
 
-    batcher = Batcher(tok, stream(args.seed, exclude, args.p_plain, args.p_nonsense, args.p_augment), letter_ids,
-                      pad_id, eos_id)
+    batcher = Batcher(
+        tok, stream(args.seed, exclude, args.p_plain, args.p_nonsense, args.p_augment), letter_ids, pad_id, eos_id
+    )
     crng = random.Random(args.seed + 7)
     letters = torch.tensor(letter_ids)
-    probes = {"test_seen": splits["test_seen"],
-              "train_tune": [r for r in splits["train"] if r["group"] == "tune"][:300],
-              "val_unseen": splits["val_unseen"]}
+    probes = {
+        "test_seen": splits["test_seen"],
+        "train_tune": [r for r in splits["train"] if r["group"] == "tune"][:300],
+        "val_unseen": splits["val_unseen"],
+    }
     log = []
     model.train()
     for step in range(args.steps):
@@ -327,7 +368,7 @@ def train(model, cfg, tok, args, splits, exclude, t0) -> list[dict]:
         ids, mask, meta = batcher.next(args.batch)
         B, T = ids.shape
         # counterfactual routing: a wrong expert at the answer position in the tuned layers
-        forced, pinned = {}, {}   # wrong expert forced (uniform answer) / family expert forced (augmented)
+        forced, pinned = {}, {}  # wrong expert forced (uniform answer) / family expert forced (augmented)
         for i, m in enumerate(meta):
             if m is not None and m[1] >= 0 and crng.random() < args.cf_prob:
                 forced[i] = crng.choice([e for e in range(E) if e != m[1]])
@@ -347,7 +388,7 @@ def train(model, cfg, tok, args, splits, exclude, t0) -> list[dict]:
         for i, m in enumerate(meta):
             if m is None:
                 continue
-            weight[i, :m[0]] *= args.prompt_weight
+            weight[i, : m[0]] *= args.prompt_weight
             weight[i, m[0]] = 0.0
             ans_rows.append(i)
             ans_pos.append(m[0])
@@ -370,7 +411,7 @@ def train(model, cfg, tok, args, splits, exclude, t0) -> list[dict]:
             if li in tuned:
                 lsm = torch.log_softmax(lg, -1)
                 other = flat.clone()
-                for i, m in enumerate(meta):   # augmented items: no router supervision at the answer position
+                for i, m in enumerate(meta):  # augmented items: no router supervision at the answer position
                     if m is not None and m[3]:
                         other[i * T + m[0]] = False
                 loss_l = torch.tensor(0.0)
@@ -396,16 +437,21 @@ def train(model, cfg, tok, args, splits, exclude, t0) -> list[dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f} lm {lm_loss.item():.3f} ans {ans_loss.item():.3f} "
-                  f"route {route_loss.item():.3f} bal {bal_loss.item():.3f} t {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} lm {lm_loss.item():.3f} ans {ans_loss.item():.3f} "
+                f"route {route_loss.item():.3f} bal {bal_loss.item():.3f} t {time.time() - t0:.0f}s",
+                flush=True,
+            )
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             model.eval()
             row = {"step": step + 1}
             for name, recs in probes.items():
                 row[name] = probe(model, tok, recs, letter_ids, tuned)
             model.train()
-            print("  eval " + " ".join(f"{k} acc {v[0]:.3f} routed {v[1]:.3f}" for k, v in row.items() if k != "step"),
-                  flush=True)
+            print(
+                "  eval " + " ".join(f"{k} acc {v[0]:.3f} routed {v[1]:.3f}" for k, v in row.items() if k != "step"),
+                flush=True,
+            )
             log.append(row)
     return log
 
@@ -481,8 +527,8 @@ def _left_padded(tok, recs):
     ids = torch.zeros((len(enc), T), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = 1
+        ids[i, T - len(e) :] = torch.tensor(e)
+        mask[i, T - len(e) :] = 1
     return ids, mask
 
 

@@ -11,17 +11,41 @@ from pathlib import Path
 
 import torch
 
-BASE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
-QWEN3 = dict(BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
-             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+QWEN3 = dict(
+    BASE,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    intermediate_size=96,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 OLMOE = dict(BASE, num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False)
 OLMOE.pop("head_dim")
 
-TEXT = ["What is 3 plus 4?", "Answer: A B C D", "The quick brown fox jumps over the lazy dog.",
-        "user assistant system", "Which is larger, 7 or 9?"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXT = [
+    "What is 3 plus 4?",
+    "Answer: A B C D",
+    "The quick brown fox jumps over the lazy dog.",
+    "user assistant system",
+    "Which is larger, 7 or 9?",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def randomize(model: torch.nn.Module, seed: int, std: float = 0.15) -> None:
@@ -42,11 +66,13 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size - 40])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[: vocab_size - 40],
+    )
     tok.train_from_iterator(TEXT, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
 
@@ -94,8 +120,14 @@ def make_olmoe(folder: Path, seed: int = 0, spelling: str = "v5", tokenizer: boo
     return _save(model, folder, spelling, tokenizer)
 
 
-def make_grove(folder: Path, seed: int = 0, adjugate_size: int = 16, write_grove_keys: bool = False,
-               tokenizer: bool = True, **overrides) -> Path:
+def make_grove(
+    folder: Path,
+    seed: int = 0,
+    adjugate_size: int = 16,
+    write_grove_keys: bool = False,
+    tokenizer: bool = True,
+    **overrides,
+) -> Path:
     """A GroveMoE-format folder as GroveMoE releases it: Qwen3-MoE weights plus
     ``mlp.chunk_experts.J.*`` (one per pair of experts) and an unused ``mlp.expert_bias``;
     config.json names ``GroveMoeForCausalLM`` and (by default) omits the grove_* keys."""

@@ -20,14 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 from moe_local.checkpoint import TensorNames
 from moe_local.families import load_spec
 from moe_local.tuning.adapter import write_adapter
 
+import checkpoints
+
 # The backends to parametrize over: torch, and MLX where mlx-lm is installed.
-BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx_lm") is None,
-                                                                  reason="mlx-lm is not installed"))]
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx_lm") is None, reason="mlx-lm is not installed")
+    ),
+]
 
 
 def gate_name(layer: int) -> str:
@@ -44,8 +49,14 @@ def rel(a, b) -> float:
 def run_cli(*args, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m moe_local ARGS`` in a new process, offline, on two threads."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moe_local", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moe_local", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 # -- task data ---------------------------------------------------------------------------------
@@ -57,8 +68,9 @@ def task_records(n: int, seed: int = 0, choices: int = 4) -> list[dict]:
         opts = [str(a + b + d) for d in range(choices)]
         answer = int(rng.integers(0, choices))
         opts[0], opts[answer] = opts[answer], opts[0]
-        out.append({"question": f"What is {a} plus {b}?", "choices": opts, "answer": answer,
-                    "task": ["add", "larger"][i % 2]})
+        out.append(
+            {"question": f"What is {a} plus {b}?", "choices": opts, "answer": answer, "task": ["add", "larger"][i % 2]}
+        )
     return out
 
 
@@ -93,8 +105,11 @@ def single_token_letters_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = [" A B C D E F"] * 50 + ["What is 3 plus 4?\nAnswer:"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|end|>", "<pad>"],
-                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size - 30])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<|end|>", "<pad>"],
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[: vocab_size - 30],
+    )
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>", pad_token="<pad>")
     fast.save_pretrained(str(folder))
@@ -184,9 +199,15 @@ def hf_reference(folder, family, adapter=None):
 
 def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
     x = torch.tensor([ids])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                         eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
-    new = out[0, len(ids):].tolist()
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=sorted(eos),
+        pad_token_id=sorted(eos)[0],
+    )
+    new = out[0, len(ids) :].tolist()
     return new[:-1] if new and new[-1] in eos else new
 
 
@@ -248,6 +269,7 @@ def endless(model_dir: Path, out: Path) -> Path:
 
 # -- a full-model reference tune step ----------------------------------------------------------
 
+
 @contextlib.contextmanager
 def recorded_routing(model, layers):
     """``{layer: [routing distribution [tokens, E] of each call]}`` of ``layers`` while the context is open,
@@ -281,6 +303,7 @@ def recorded_routing(model, layers):
                 logits = gate(x)
                 captured[layer].append(routing_distribution(logits, model.moe_block(layer).spec.router))
                 return logits
+
     for i in layers:
         saved[i] = model.moe_block(i).gate
     try:

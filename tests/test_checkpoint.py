@@ -1,20 +1,18 @@
 """Spec parsing, checkpoint reading and writing, and one-line errors for bad folders."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoints
-from helpers import run_cli
 import moe_local
 from moe_local.checkpoint import write_weights
-from moe_local.families import load_spec
-from moe_local.families import spec_from_config
+from moe_local.families import load_spec, spec_from_config
+
+import checkpoints
+from helpers import run_cli
 
 
 def test_both_spellings_give_the_same_spec(tmp_path):
@@ -34,16 +32,19 @@ def test_layer_layout_from_sparse_step_and_mlp_only_layers():
     assert olmoe.moe_layers == (0, 1, 2, 3) and olmoe.head_dim == 16
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"model_type": "llama"}, "model_type 'llama' is not supported"),
-    ({"num_local_experts": 4}, "inconsistent 'num_experts'=8, 'num_local_experts'=4"),
-    ({"hidden_size": None}, "has no 'hidden_size'"),
-    ({"num_experts_per_tok": 9}, "'num_experts_per_tok' (9) exceeds"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
-    ({"num_hidden_layers": "4"}, "'num_hidden_layers' must be an integer"),
-    ({"mlp_only_layers": [0, 1, 2, 3]}, "no layer is an MoE layer"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+        ({"num_local_experts": 4}, "inconsistent 'num_experts'=8, 'num_local_experts'=4"),
+        ({"hidden_size": None}, "has no 'hidden_size'"),
+        ({"num_experts_per_tok": 9}, "'num_experts_per_tok' (9) exceeds"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+        ({"num_hidden_layers": "4"}, "'num_hidden_layers' must be an integer"),
+        ({"mlp_only_layers": [0, 1, 2, 3]}, "no layer is an MoE layer"),
+    ],
+)
 def test_bad_configs_name_the_key(change, message):
     config = {**checkpoints.QWEN3, "model_type": "qwen3_moe", **change}
     with pytest.raises(moe_local.UserError) as e:
@@ -56,8 +57,9 @@ def test_grove_adjugate_size_from_tensors_or_config():
     config = dict(checkpoints.QWEN3, architectures=["GroveMoeForCausalLM"], model_type="grove_moe")
     shapes = {"model.layers.0.mlp.chunk_experts.0.gate_proj.weight": (24, 64)}
     assert spec_from_config(config, shapes).moe[0].grove.adjugate_size == 24
-    assert spec_from_config(dict(config, grove_adjugate_intermediate_size=12, grove_scale=0.1)).moe[0].grove.scale \
-        == 0.1
+    assert (
+        spec_from_config(dict(config, grove_adjugate_intermediate_size=12, grove_scale=0.1)).moe[0].grove.scale == 0.1
+    )
     with pytest.raises(moe_local.UserError, match="no adjugate experts for layer 0"):
         spec_from_config(config, {"model.layers.0.mlp.gate.weight": (8, 64)})
     with pytest.raises(moe_local.UserError, match="no checkpoint tensors"):
@@ -65,8 +67,8 @@ def test_grove_adjugate_size_from_tensors_or_config():
 
 
 def test_written_folder_loads_in_transformers_and_mlx_lm(qwen3_dir, tmp_path):
-    from mlx_lm.utils import load_model
     import mlx.core as mx
+    from mlx_lm.utils import load_model
     from transformers import AutoModelForCausalLM
 
     ours = moe_local.load(qwen3_dir, backend="torch")
@@ -79,8 +81,9 @@ def test_written_folder_loads_in_transformers_and_mlx_lm(qwen3_dir, tmp_path):
     expected = ours.logits(ids)
     hf = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
     with torch.no_grad():
-        np.testing.assert_allclose(hf(torch.as_tensor(ids)).logits.numpy(), expected, rtol=0,
-                                   atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            hf(torch.as_tensor(ids)).logits.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        )
     mlx_model, _ = load_model(out)
     mlx_logits = np.array(mlx_model(mx.array(ids)).astype(mx.float32))
     np.testing.assert_allclose(mlx_logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
@@ -102,8 +105,9 @@ def test_sharded_weights_load_through_the_index(qwen3_dir, tmp_path):
     write_weights(folder, load_file(str(qwen3_dir / "model.safetensors")), max_shard_bytes=200_000)
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
     ids = np.arange(8)[None]
-    np.testing.assert_array_equal(moe_local.load(folder, backend="torch").logits(ids),
-                                  moe_local.load(qwen3_dir, backend="torch").logits(ids))
+    np.testing.assert_array_equal(
+        moe_local.load(folder, backend="torch").logits(ids), moe_local.load(qwen3_dir, backend="torch").logits(ids)
+    )
 
 
 def _broken_copy(src, dst, edit):
@@ -115,13 +119,16 @@ def _broken_copy(src, dst, edit):
     return dst
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing-config", "has no config.json"),
-    ("unknown-type", "model_type 'gpt2' is not supported"),
-    ("missing-tensor", "lacks tensor model.layers.1.mlp.experts.3.up_proj.weight"),
-    ("misshaped-tensor", "tensor model.layers.1.self_attn.q_proj.weight has shape (64, 32)"),
-    ("not-json", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing-config", "has no config.json"),
+        ("unknown-type", "model_type 'gpt2' is not supported"),
+        ("missing-tensor", "lacks tensor model.layers.1.mlp.experts.3.up_proj.weight"),
+        ("misshaped-tensor", "tensor model.layers.1.self_attn.q_proj.weight has shape (64, 32)"),
+        ("not-json", "is not valid JSON"),
+    ],
+)
 def test_bad_folders_exit_2_with_one_line(case, message, qwen3_dir, tmp_path):
     folder = tmp_path / case
     if case == "missing-config":
@@ -133,8 +140,9 @@ def test_bad_folders_exit_2_with_one_line(case, message, qwen3_dir, tmp_path):
     elif case == "missing-tensor":
         _broken_copy(qwen3_dir, folder, lambda s: s.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
     else:
-        _broken_copy(qwen3_dir, folder, lambda s: s.update(
-            {"model.layers.1.self_attn.q_proj.weight": torch.zeros(64, 32)}))
+        _broken_copy(
+            qwen3_dir, folder, lambda s: s.update({"model.layers.1.self_attn.q_proj.weight": torch.zeros(64, 32)})
+        )
     # info reads only headers; the python API loads the weights too
     with pytest.raises(moe_local.UserError) as e:
         moe_local.load(folder, backend="torch")
@@ -188,5 +196,6 @@ def test_keys_left_out_of_config_take_transformers_defaults(family, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(moe_local.load(folder, backend="torch").logits(ids), expected, rtol=0,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        moe_local.load(folder, backend="torch").logits(ids), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )

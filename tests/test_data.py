@@ -8,38 +8,46 @@ import pytest
 import torch
 
 import moe_local
-from moe_local.tuning import data
 from moe_local.errors import UserError
+from moe_local.tuning import data
+
 from helpers import single_token_letters_tokenizer, task_records, write_jsonl
 
 
 def test_rules_blank_lines_letters_and_subject(tmp_path):
-    rows = [{"question": "Q1", "choices": ["a", "b"], "answer": 1, "subject": "math", "extra": 3},
-            {"question": "Q2", "choices": ["a", "b", "c"], "answer": "C"},
-            {"question": "Q3", "choices": list("abcdefghij"), "answer": "b", "task": "t"}]
+    rows = [
+        {"question": "Q1", "choices": ["a", "b"], "answer": 1, "subject": "math", "extra": 3},
+        {"question": "Q2", "choices": ["a", "b", "c"], "answer": "C"},
+        {"question": "Q3", "choices": list("abcdefghij"), "answer": "b", "task": "t"},
+    ]
     records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows, blank_lines=True))
     assert [r.answer for r in records] == [1, 2, 1]
     assert [r.task for r in records] == ["math", None, "t"]
-    assert [r.line for r in records] == [1, 3, 5]   # blank lines are skipped, not counted as records
+    assert [r.line for r in records] == [1, 3, 5]  # blank lines are skipped, not counted as records
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"question": "Q", "choices": ["a", "b"], "answer": 0', "2: not valid JSON"),
-    ('{"choices": ["a", "b"], "answer": 0}', "2: missing field 'question'"),
-    ('{"question": "Q", "answer": 0}', "2: missing field 'choices'"),
-    ('{"question": "Q", "choices": ["a", "b"]}', "2: missing field 'answer'"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": 2}', "2: answer 2 is out of range for 2 choices"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": "C"}', "2: answer 'C' is out of range"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": -1}', "out of range"),
-    ('{"question": "Q", "choices": ["a"], "answer": 0}', "2: 'choices' has 1 entries; 2 to 10"),
-    ('{"question": "Q", "choices": ' + json.dumps(list("abcdefghijk")) + ', "answer": 0}', "has 11 entries"),
-    ('{"question": "Q", "choices": ["a", 2], "answer": 0}', "list of strings"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": true}', "0-based integer or a letter"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": "1"}', "'answer' must be a 0-based integer or a letter "
-                                                                 "(0-1 or A-B), got '1'"),
-    ('{"question": "Q", "choices": ["a", "b"], "answer": "AB"}', "must be a 0-based integer or a letter"),
-    ('["not", "an", "object"]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question": "Q", "choices": ["a", "b"], "answer": 0', "2: not valid JSON"),
+        ('{"choices": ["a", "b"], "answer": 0}', "2: missing field 'question'"),
+        ('{"question": "Q", "answer": 0}', "2: missing field 'choices'"),
+        ('{"question": "Q", "choices": ["a", "b"]}', "2: missing field 'answer'"),
+        ('{"question": "Q", "choices": ["a", "b"], "answer": 2}', "2: answer 2 is out of range for 2 choices"),
+        ('{"question": "Q", "choices": ["a", "b"], "answer": "C"}', "2: answer 'C' is out of range"),
+        ('{"question": "Q", "choices": ["a", "b"], "answer": -1}', "out of range"),
+        ('{"question": "Q", "choices": ["a"], "answer": 0}', "2: 'choices' has 1 entries; 2 to 10"),
+        ('{"question": "Q", "choices": ' + json.dumps(list("abcdefghijk")) + ', "answer": 0}', "has 11 entries"),
+        ('{"question": "Q", "choices": ["a", 2], "answer": 0}', "list of strings"),
+        ('{"question": "Q", "choices": ["a", "b"], "answer": true}', "0-based integer or a letter"),
+        (
+            '{"question": "Q", "choices": ["a", "b"], "answer": "1"}',
+            "'answer' must be a 0-based integer or a letter (0-1 or A-B), got '1'",
+        ),
+        ('{"question": "Q", "choices": ["a", "b"], "answer": "AB"}', "must be a 0-based integer or a letter"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     good = json.dumps({"question": "Q", "choices": ["a", "b"], "answer": 0})
     path = tmp_path / "bad.jsonl"
@@ -72,7 +80,7 @@ def _reference_scores(hf, tokenizer, record):
     out = []
     for cand in data.candidates(len(record.choices)):
         whole = tokenizer(prompt + cand, add_special_tokens=False)["input_ids"]
-        assert whole[:len(ctx)] == ctx
+        assert whole[: len(ctx)] == ctx
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].float(), -1)
         out.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
@@ -93,11 +101,11 @@ def _check_scores(folder, rows, single_token: bool):
     assert len(batch.ids) == len(records)
     ref = [_reference_scores(hf, m.tokenizer, r) for r in records]
     last = m.spec.moe_layers[-1]
-    for start in (0, last):   # the whole model, and a prefix + suffix split
+    for start in (0, last):  # the whole model, and a prefix + suffix split
         scores, routing = m.suffix_scores(m.prefix_hidden(batch, start), batch, start, (last,))
         for b, r in enumerate(records):
-            np.testing.assert_allclose(scores[b, :len(r.choices)], ref[b], atol=1e-4)
-            assert (scores[b, len(r.choices):] == data.MISSING_SCORE).all()
+            np.testing.assert_allclose(scores[b, : len(r.choices)], ref[b], atol=1e-4)
+            assert (scores[b, len(r.choices) :] == data.MISSING_SCORE).all()
         np.testing.assert_allclose(routing.sum(-1), 1.0, atol=1e-5)
 
 
@@ -124,6 +132,7 @@ def test_candidates_with_different_lengths_use_their_own_sequences():
             def enc(t):
                 ids = [ord(c) for c in t.replace(" B", "\x01\x02").replace(" A", "\x03")]
                 return ids
+
             if isinstance(texts, str):
                 return {"input_ids": enc(texts)}
             return {"input_ids": [enc(t) for t in texts]}

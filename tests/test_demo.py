@@ -5,22 +5,24 @@ default shows is not (these stand-ins are random).
 """
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-import checkpoints
 import moe_local
 from moe_local import checkpoint, demo
+
+import checkpoints
 from helpers import answerable, run_main, single_token_letters_tokenizer, task_records, unit_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def stand_in_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    models = {"tiny": checkpoints.make_qwen3_moe(root / "tiny", seed=7, tokenizer=False),
-              "tiny-grove": checkpoints.make_grove(root / "tiny-grove", seed=7, tokenizer=False)}
+    models = {
+        "tiny": checkpoints.make_qwen3_moe(root / "tiny", seed=7, tokenizer=False),
+        "tiny-grove": checkpoints.make_grove(root / "tiny-grove", seed=7, tokenizer=False),
+    }
     for folder in models.values():
         single_token_letters_tokenizer(folder, 128)
     suite = root / "suite"
@@ -33,7 +35,8 @@ def stand_in_assets(tmp_path_factory):
     (root / "demo.yaml").write_text(
         "tune: {layers: 2, k: 2, lam: 1.0, sigma: 0.5, lr: 0.01, epochs: 1, batch_size: 8, lam_warmup: 0}\n"
         "eval_splits: [test_seen, test_unseen]\noracle_steps: 3\nbatch_size: 8\n"
-        "models: {tiny-grove: {layers: 1}}\n")
+        "models: {tiny-grove: {layers: 1}}\n"
+    )
     return root, models
 
 
@@ -77,8 +80,9 @@ def test_demo_command_refuses_an_existing_folder(assets, tmp_path, capsys):
 
 
 def test_demo_command_runs_one_model(assets, tmp_path, capsys):
-    code, out, err = run_main(capsys, "demo", "--out", tmp_path / "one", "--model", "tiny", "--backend", "torch",
-                              "--progress", "off")
+    code, out, err = run_main(
+        capsys, "demo", "--out", tmp_path / "one", "--model", "tiny", "--backend", "torch", "--progress", "off"
+    )
     assert code == 0, err
     assert "| tiny | test_unseen | 9 |" in out
     assert {r["model"] for r in json.loads((tmp_path / "one" / "report.json").read_text())} == {"tiny"}

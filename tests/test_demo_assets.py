@@ -15,8 +15,8 @@ import torch
 import moe_local
 from moe_local import demo
 from moe_local.checkpoint import ASSETS, BUILTIN_MODELS
-from moe_local.tuning.data import embedding_text, read_records, render_prompt
 from moe_local.spec import GroveSpec
+from moe_local.tuning.data import embedding_text, read_records, render_prompt
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,8 +27,10 @@ SPLIT_GROUPS = {"train": {"seen", "tune"}, "test_seen": {"seen"}, "val_unseen": 
 
 
 def suite_prompts(n_per_split=12):
-    records = read_records(ASSETS / "suite" / "test_unseen.jsonl")[:n_per_split] + \
-        read_records(ASSETS / "suite" / "test_seen.jsonl")[:n_per_split]
+    records = (
+        read_records(ASSETS / "suite" / "test_unseen.jsonl")[:n_per_split]
+        + read_records(ASSETS / "suite" / "test_seen.jsonl")[:n_per_split]
+    )
     return [render_prompt(r) for r in records]
 
 
@@ -38,7 +40,7 @@ def left_padded(tokenizer, prompts):
     ids = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     return ids, mask
 
 
@@ -99,24 +101,27 @@ def test_tiny_is_a_qwen3_moe_that_transformers_and_mlx_lm_run_alike():
     hf = AutoModelForCausalLM.from_pretrained(str(BUILTIN_MODELS["tiny"]), attn_implementation="eager").eval()
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     with torch.no_grad():
-        got = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                 position_ids=torch.as_tensor(positions)).logits.numpy()
+        got = hf(
+            input_ids=torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(positions),
+        ).logits.numpy()
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-5 * np.abs(expected).max())
-    mlx_model, _ = load_model(BUILTIN_MODELS["tiny"])       # mlx-lm's own model, one prompt at a time
+    mlx_model, _ = load_model(BUILTIN_MODELS["tiny"])  # mlx-lm's own model, one prompt at a time
     for i in range(3):
         row = ids[i, mask[i] == 1][None]
         mlx_logits = np.array(mlx_model(mx.array(row)).astype(mx.float32))
-        np.testing.assert_allclose(mlx_logits[0], expected[i, mask[i] == 1], rtol=0,
-                                   atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(mlx_logits[0], expected[i, mask[i] == 1], rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_tiny_tokenizer_has_single_token_letters_and_a_chat_template():
     tokenizer = moe_local.load("tiny", backend="torch").tokenizer
     for letter in "ABCD":
         assert len(tokenizer.encode(" " + letter, add_special_tokens=False)) == 1
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -128,11 +133,14 @@ def test_tiny_grove_is_the_upcycled_twin_and_follows_the_reference_formula():
     grove = moe_local.load("tiny-grove", backend="torch")
     assert grove.spec.family == "grove_moe"
     assert all(m.grove == GroveSpec(experts_per_group=2, adjugate_size=32, scale=0.05) for m in grove.spec.moe)
-    plain, twin = load_file(str(BUILTIN_MODELS["tiny"] / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    plain, twin = (
+        load_file(str(BUILTIN_MODELS["tiny"] / "model.safetensors")),
+        load_file(str(folder / "model.safetensors")),
+    )
     assert set(plain) < set(twin)
     assert {k.split(".mlp.")[1].split(".")[0] for k in set(twin) - set(plain)} == {"chunk_experts", "expert_bias"}
     ids, mask = left_padded(grove.tokenizer, suite_prompts(4))
-    ids = ids[:, -int(mask.sum(1).min()):]                  # the transcription takes unpadded rows
+    ids = ids[:, -int(mask.sum(1).min()) :]  # the transcription takes unpadded rows
     with torch.no_grad():
         reference = _transcribed_model(folder)(torch.as_tensor(ids)).logits.numpy()
     scale = np.abs(reference).max()
@@ -145,8 +153,9 @@ def test_tiny_grove_is_the_upcycled_twin_and_follows_the_reference_formula():
 def test_demo_on_the_embedded_default_shows_the_routing_gap_and_its_repair(tmp_path):
     """Seed 0 of the shipped demo on `tiny`: unseen phrasings are misrouted and near chance; tuning only
     the last two routers on the reference set repairs most of it (README has the 3-seed numbers)."""
-    out, rows = demo.run_demo(tmp_path / "run", backend="torch", models=("tiny",), seed=0, progress="off",
-                              log=lambda *_: None)
+    out, rows = demo.run_demo(
+        tmp_path / "run", backend="torch", models=("tiny",), seed=0, progress="off", log=lambda *_: None
+    )
     acc = {(r["split"], r["method"]): r["accuracy"] for r in rows}
     assert acc["test_seen", "base"] > 0.8
     assert acc["test_unseen", "base"] < 0.4
@@ -162,11 +171,27 @@ def test_asset_scripts_run_end_to_end_on_a_miniature(tmp_path):
     import subprocess
 
     script = str(ROOT / "scripts" / "train_tiny.py")
-    small = ["--steps", "2", "--batch", "4", "--hidden", "32", "--heads", "2", "--expert-size", "16",
-             "--eval-every", "1000"]
+    small = [
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--expert-size",
+        "16",
+        "--eval-every",
+        "1000",
+    ]
     for extra, out in (([], "plain"), (["--grove-from", str(tmp_path / "plain"), "--adjugate-size", "8"], "grove")):
-        done = subprocess.run([sys.executable, script, "--out", str(tmp_path / out), *small, *extra],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, script, "--out", str(tmp_path / out), *small, *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     grove = moe_local.load(tmp_path / "grove", backend="torch")
     assert grove.spec.moe[0].grove == GroveSpec(experts_per_group=2, adjugate_size=8, scale=0.05)

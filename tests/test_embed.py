@@ -5,8 +5,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from moe_local.tuning.embeddings import default_embeddings_path, load_embeddings
 from moe_local.errors import UserError
+from moe_local.tuning.embeddings import default_embeddings_path, load_embeddings
+
 from helpers import run_main, task_records, write_jsonl
 
 
@@ -25,14 +26,17 @@ def test_default_path_is_the_data_path_with_npy(tmp_path):
     assert load_embeddings(None, 2, data_path=data).shape == (2, 3)
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.ones((3, 4), np.float32), "has 3 rows but the data has 2 records"),
-    (np.array([[1, 0], [np.nan, 1]], np.float32), "row 1 holds NaN"),
-    (np.array([[1, 0], [np.inf, 1]], np.float32), "row 1 holds NaN or infinite"),
-    (np.ones((2, 3), np.int64), "must be float32 or float16"),
-    (np.ones((2, 3, 1), np.float32), "must be [records, D]"),
-    (np.array([[1, 0], [0, 0]], np.float32), "row 1 is all zeros"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.ones((3, 4), np.float32), "has 3 rows but the data has 2 records"),
+        (np.array([[1, 0], [np.nan, 1]], np.float32), "row 1 holds NaN"),
+        (np.array([[1, 0], [np.inf, 1]], np.float32), "row 1 holds NaN or infinite"),
+        (np.ones((2, 3), np.int64), "must be float32 or float16"),
+        (np.ones((2, 3, 1), np.float32), "must be [records, D]"),
+        (np.array([[1, 0], [0, 0]], np.float32), "row 1 is all zeros"),
+    ],
+)
 def test_bad_embeddings_are_one_line_errors(tmp_path, array, message):
     np.save(tmp_path / "e.npy", array)
     with pytest.raises(UserError) as e:
@@ -55,17 +59,20 @@ def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
 
     rows = task_records(3)
     rows[1] = dict(rows[0], question=rows[0]["question"].replace("What is", "Compute"))
-    rows[2] = {"question": "Name the capital of France. " + "Think about it carefully. " * 40,
-               "choices": ["Paris", "Rome"], "answer": 0}
+    rows[2] = {
+        "question": "Name the capital of France. " + "Think about it carefully. " * 40,
+        "choices": ["Paris", "Rome"],
+        "answer": 0,
+    }
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     code, out, err = run_main(capsys, "embed", "--data", path)
     assert code == 0, err
     e = np.load(tmp_path / "train.npy")
     assert e.shape == (3, 384) and e.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
-    assert e[0] @ e[1] > 0.8 > e[0] @ e[2]               # paraphrases are close, other tasks far
+    assert e[0] @ e[1] > 0.8 > e[0] @ e[2]  # paraphrases are close, other tasks far
     code, _, err = run_main(capsys, "embed", "--data", path)
-    assert code == 2 and "exists" in err                 # never overwritten without --overwrite
+    assert code == 2 and "exists" in err  # never overwritten without --overwrite
     # padding does not change results: one text at a time equals the batch
     from moe_local.tuning.data import embedding_text, read_records
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import moe_local
-from moe_local.tuning import data, tune
 from moe_local.errors import UserError
+from moe_local.tuning import data, tune
 from moe_local.tuning.evaluate import evaluate, oracle_predictions, wrong_labels
-from helpers import BACKENDS
-from helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+
+from helpers import BACKENDS, answerable, run_main, task_records, unit_rows, write_jsonl
 
 ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
 
@@ -23,10 +23,9 @@ def _records(rows):
 def test_accuracy_per_task_and_oracle(backend, olmoe_dir):
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(answerable(m, task_records(8, seed=4)))
-    result = evaluate(m, records, layers=2, batch_size=3, oracle=True, oracle_steps=4, oracle_lr=0.1,
-                      progress="off")
+    result = evaluate(m, records, layers=2, batch_size=3, oracle=True, oracle_steps=4, oracle_lr=0.1, progress="off")
     hits = result.predictions == np.array([r.answer for r in records])
-    assert hits[::2].all()                       # answerable() made these the model's own answers
+    assert hits[::2].all()  # answerable() made these the model's own answers
     assert result.accuracy.accuracy == hits.mean() and result.accuracy.n == 8
     assert set(result.accuracy.per_task) == {"add", "larger"}
     assert result.accuracy.per_task["add"] == (float(hits[::2].mean()), 4)
@@ -59,15 +58,26 @@ def test_oracle_steps_lower_each_samples_ce_and_reselect_experts(backend, olmoe_
     opt = adam({"x": np.zeros((6, 2, 8), np.float32)}, 0.1)
     first = None
     for _ in range(20):
-        _, aux, grad = m.suffix_value_and_grad(hidden, batch, 2, layers, _ce_loss, {"onehot": batch.answer_onehot()},
-                                               offsets=opt.params["x"], wrt="offsets")
+        _, aux, grad = m.suffix_value_and_grad(
+            hidden,
+            batch,
+            2,
+            layers,
+            _ce_loss,
+            {"onehot": batch.answer_onehot()},
+            offsets=opt.params["x"],
+            wrt="offsets",
+        )
         first = aux if first is None else first
         opt.step({"x": grad})
     scores, routing = m.suffix_scores(hidden, batch, 2, layers, offsets=opt.params["x"])
     after = np.logaddexp.reduce(scores.astype(np.float64), axis=-1) - scores[np.arange(6), batch.answers]
     assert (after < first["ce"]).all()
-    top2 = lambda r: np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
-    assert (top2(routing) != top2(first["routing"])).any()   # top-k re-selected under the offsets
+
+    def top2(r):
+        return np.sort(np.argsort(-r, axis=-1)[..., :2], axis=-1)
+
+    assert (top2(routing) != top2(first["routing"])).any()  # top-k re-selected under the offsets
 
 
 def test_oracle_layers_beyond_the_model_name_the_oracle(olmoe_dir):
@@ -91,8 +101,14 @@ def test_router_weights_are_applied_for_the_duration_only(backend, olmoe_dir, tm
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records = _records(answerable(m, task_records(8, seed=5)))
     base = m.get_router_weights()
-    result = tune.tune(m, records, unit_rows(8), tune.TuneSettings(layers=2, lr=0.1, epochs=1, batch_size=4),
-                       tmp_path / "A", progress="off")
+    result = tune.tune(
+        m,
+        records,
+        unit_rows(8),
+        tune.TuneSettings(layers=2, lr=0.1, epochs=1, batch_size=4),
+        tmp_path / "A",
+        progress="off",
+    )
     tuned = evaluate(m, records, layers=2, router_weights=result.weights, progress="off")
     for name, w in m.get_router_weights().items():
         np.testing.assert_array_equal(w, base[name])
@@ -105,8 +121,23 @@ def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
     m = moe_local.load(str(olmoe_dir), backend=backend)
     path = write_jsonl(tmp_path / "val.jsonl", answerable(m, task_records(6, seed=6)))
     report = tmp_path / "report.json"
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--oracle", "--oracle-steps", 3,
-                "--report", report, "--backend", backend)
+    r = run_main(
+        capsys,
+        "eval",
+        "--model",
+        olmoe_dir,
+        "--data",
+        path,
+        "--layers",
+        2,
+        "--oracle",
+        "--oracle-steps",
+        3,
+        "--report",
+        report,
+        "--backend",
+        backend,
+    )
     assert r[0] == 0, r[2]
     assert "base: accuracy" in r[1] and "  add:" in r[1] and "oracle_wrong" in r[1]
     rows = json.loads(report.read_text())
@@ -115,14 +146,16 @@ def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
         assert sorted(row) == ROW_KEYS
         assert row["split"] == "val" and row["n"] == 6 and row["backend"] == backend and row["seed"] == 0
         assert 0.0 <= row["accuracy"] <= 1.0
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report,
-                 "--backend", backend)
+    r = run_main(
+        capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report, "--backend", backend
+    )
     assert r[0] == 0, r[2]
-    assert len(json.loads(report.read_text())) == 4      # appended to the existing report
+    assert len(json.loads(report.read_text())) == 4  # appended to the existing report
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", other,
-                 "--backend", backend)
+    r = run_main(
+        capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", other, "--backend", backend
+    )
     assert r[0] == 2 and "not a moe-local report" in r[2]
     assert other.read_text() == '{"mine": 1}'
 
@@ -130,8 +163,9 @@ def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
 def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
     m = moe_local.load(str(olmoe_dir), backend="torch")
     records = _records(answerable(m, task_records(4)))
-    tune.tune(m, records, unit_rows(4), tune.TuneSettings(layers=2, epochs=1, batch_size=4), tmp_path / "A",
-              progress="off")
+    tune.tune(
+        m, records, unit_rows(4), tune.TuneSettings(layers=2, epochs=1, batch_size=4), tmp_path / "A", progress="off"
+    )
     path = write_jsonl(tmp_path / "val.jsonl", task_records(4))
     r = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path, "--adapter-path", tmp_path / "A")
     assert r[0] == 2 and "made for another model" in r[2] and "Traceback" not in r[2]
@@ -145,7 +179,7 @@ def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')
     r = run_main(capsys, "eval", "--model", tmp_path / "no-model", "--data", bad, "--oracle", "--report", other)
-    assert r[0] == 2 and "not a moe-local report" in r[2]   # refused before the model, the data, any pass
+    assert r[0] == 2 and "not a moe-local report" in r[2]  # refused before the model, the data, any pass
     for flag, value in (("--batch-size", 0), ("--oracle-steps", -1), ("--oracle-lr", 0), ("--layers", 0)):
         r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, flag, value)
         assert r[0] == 2 and f"Invalid value for '{flag}'" in r[2], (flag, r[2])
@@ -154,10 +188,26 @@ def test_eval_command_bad_inputs(olmoe_dir, qwen3_dir, tmp_path, capsys):
 def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):
     m = moe_local.load(str(olmoe_dir), backend="torch")
     records = _records(answerable(m, task_records(4)))
-    tune.tune(m, records, unit_rows(4), tune.TuneSettings(method="router", layers=2, epochs=1, batch_size=4),
-              tmp_path / "A", progress="off")
+    tune.tune(
+        m,
+        records,
+        unit_rows(4),
+        tune.TuneSettings(method="router", layers=2, epochs=1, batch_size=4),
+        tmp_path / "A",
+        progress="off",
+    )
     path = write_jsonl(tmp_path / "test.jsonl", task_records(4))
-    r = run_main(capsys, "eval", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A",
-                "--report", tmp_path / "r.json")
+    r = run_main(
+        capsys,
+        "eval",
+        "--model",
+        olmoe_dir,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "A",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert r[0] == 0, r[2]
     assert json.loads((tmp_path / "r.json").read_text())[0]["method"] == "router"

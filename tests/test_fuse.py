@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import moe_local
-from helpers import BACKENDS, hf_reference, make_adapter, mlx_lm_greedy, rel
 from moe_local.chat import Conversation, prompt_ids
 from moe_local.checkpoint import tensor_index
 from moe_local.cli import main
 from moe_local.fuse import fuse
 
-IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
+import checkpoints
+from helpers import BACKENDS, hf_reference, make_adapter, mlx_lm_greedy, rel
 
+IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
 
 
 def run(argv, capsys):
@@ -36,14 +36,17 @@ def mlx_lm_logits(folder, ids):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["qwen3", "olmoe"])
-def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, backend, qwen3_dir, olmoe_dir,
-                                                                        tmp_path, capsys):
+def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(
+    family, backend, qwen3_dir, olmoe_dir, tmp_path, capsys
+):
     """Fused by either backend: the same ordinary folder, read by transformers, mlx-lm and both backends."""
     base = qwen3_dir if family == "qwen3" else olmoe_dir
     adapter = make_adapter(base, tmp_path / "adapter")
     out = tmp_path / "fused"
-    code, stdout, _ = run(["fuse", "--model", str(base), "--adapter-path", str(adapter), "--save-path", str(out),
-                           "--backend", backend], capsys)
+    code, stdout, _ = run(
+        ["fuse", "--model", str(base), "--adapter-path", str(adapter), "--save-path", str(out), "--backend", backend],
+        capsys,
+    )
     assert code == 0 and "fused model written to" in stdout
     with torch.no_grad():
         expected = hf_reference(base, family, adapter)(input_ids=torch.as_tensor(IDS)).logits.numpy()
@@ -54,7 +57,7 @@ def test_fused_folder_is_base_plus_adapter_in_transformers_and_mlx_lm(family, ba
     assert rel(mlx_lm_logits(out, IDS)[0], expected) <= 1e-5
     if backend == "mlx":
         assert rel(moe_local.load(out, backend="mlx").logits(IDS), expected) <= 1e-5
-    assert rel(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3   # the adapter matters
+    assert rel(moe_local.load(base, backend="torch").logits(IDS), expected) > 1e-3  # the adapter matters
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == config["num_local_experts"] == 8
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
@@ -68,13 +71,16 @@ def test_fused_grove_folder_keeps_the_grove_format(backend, grove_dir, tmp_path)
     out = fuse(grove_dir, adapter, tmp_path / "fused", backend=backend)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GroveMoeForCausalLM"] and config["model_type"] == "grove_moe"
-    assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) \
-        == (2, 0.05, 16)
+    assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) == (
+        2,
+        0.05,
+        16,
+    )
     names = set(tensor_index(out))
-    assert set(tensor_index(grove_dir)) == names        # chunk_experts.J.* and expert_bias included
+    assert set(tensor_index(grove_dir)) == names  # chunk_experts.J.* and expert_bias included
     expected = moe_local.load(grove_dir, backend=backend, adapter_path=adapter).logits(IDS)
     np.testing.assert_array_equal(moe_local.load(out, backend=backend).logits(IDS), expected)
-    if backend == "mlx":   # the torch backend reads what MLX wrote (there is no other Grove reader)
+    if backend == "mlx":  # the torch backend reads what MLX wrote (there is no other Grove reader)
         assert rel(moe_local.load(out, backend="torch").logits(IDS), expected) <= 1e-4
 
 
@@ -91,8 +97,9 @@ def test_fuse_refusals_are_one_line_and_leave_nothing(qwen3_dir, olmoe_dir, tmp_
         (tmp_path / "out", foreign, "was made for another model"),
         (tmp_path / "out", tmp_path / "nowhere", "adapter folder not found"),
     ]:
-        code, _, err = run(["fuse", "--model", str(qwen3_dir), "--adapter-path", str(adapter_path),
-                            "--save-path", str(save)], capsys)
+        code, _, err = run(
+            ["fuse", "--model", str(qwen3_dir), "--adapter-path", str(adapter_path), "--save-path", str(save)], capsys
+        )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (busy / "notes.txt").read_text() == "mine"
@@ -104,7 +111,7 @@ def test_a_failed_write_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
     adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
     real = checkpoint._save_tensors
 
-    def save_then_fail(*args, **kwargs):       # the disk fills up after the weights are written
+    def save_then_fail(*args, **kwargs):  # the disk fills up after the weights are written
         real(*args, **kwargs)
         raise OSError("No space left on device")
 
@@ -143,16 +150,19 @@ def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized,
     base, q4 = quantized
     adapter = make_adapter(base, tmp_path / "adapter")
     out = tmp_path / "fused"
-    code, stdout, err = run(["fuse", "--model", str(q4), "--adapter-path", str(adapter), "--save-path", str(out),
-                             "--backend", "mlx"], capsys)
+    code, stdout, err = run(
+        ["fuse", "--model", str(q4), "--adapter-path", str(adapter), "--save-path", str(out), "--backend", "mlx"],
+        capsys,
+    )
     assert code == 0 and "fused model written to" in stdout, err
     index = tensor_index(out)
     tuned = json.loads((adapter / "adapter_config.json").read_text())["moe_local"]["layers"]
     for layer in tuned:
         assert f"model.layers.{layer}.mlp.gate.scales" not in index
         assert index[f"model.layers.{layer}.mlp.gate.weight"][1] in ("F32", "BF16", "F16")
-    assert {n for n in tensor_index(q4) if n.endswith(".scales")} - {n for n in index if n.endswith(".scales")} \
-        == {f"model.layers.{layer}.mlp.gate.scales" for layer in tuned}
+    assert {n for n in tensor_index(q4) if n.endswith(".scales")} - {n for n in index if n.endswith(".scales")} == {
+        f"model.layers.{layer}.mlp.gate.scales" for layer in tuned
+    }
     logits, model = mlx_lm_logits(out, IDS)
     assert all(type(model.model.layers[i].mlp.gate) is nn.Linear for i in tuned)
     tuned_model = moe_local.load(q4, backend="mlx", adapter_path=adapter)
@@ -163,6 +173,6 @@ def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized,
 
     ids = prompt_ids(tuned_model, "What is 3 plus 4?")
     chat = Conversation(tuned_model, max_tokens=16)
-    "".join(chat.complete(ids, eos_ids=()))                 # no end token: exactly 16 tokens to compare
+    "".join(chat.complete(ids, eos_ids=()))  # no end token: exactly 16 tokens to compare
     assert len(chat.answer_ids) == 16
     assert chat.answer_ids == mlx_lm_greedy(mlx_lm_load(str(out)), ids, set(), 16)

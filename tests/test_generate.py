@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import moe_local
-from helpers import BACKENDS, endless, library_greedy, make_adapter, without_chat_template
 from moe_local.chat import Conversation, Detokenizer, eos_token_ids, prompt_ids, split_stop
 from moe_local.errors import UserError
+
+from helpers import BACKENDS, endless, library_greedy, make_adapter, without_chat_template
 
 PROMPT = "What is 3 plus 4?"
 MAX = 24
@@ -46,7 +47,7 @@ def test_greedy_generate_equals_the_library(backend, family, with_adapter, model
     assert text == m.tokenizer.decode(expected, skip_special_tokens=True) == m.generate(PROMPT, max_tokens=MAX)
     assert run.stats.generation_tokens == MAX and run.stats.finish_reason == "length"
     assert run.stats.prompt_tokens == len(ids)
-    if with_adapter:   # the adapter changes what the model says (else the check above proves little)
+    if with_adapter:  # the adapter changes what the model says (else the check above proves little)
         base = moe_local.load(folder, backend=backend)
         assert answer(base, PROMPT, max_tokens=MAX)[1].answer_ids != expected
 
@@ -56,8 +57,9 @@ def test_generation_stops_at_an_end_token_as_the_library_does(backend, qwen3_dir
     """The fixture itself may end early or not (its tokenizer is trained anew each session): equal either way.
     Then an end token chosen inside a known answer: the answer stops right before it."""
     m = moe_local.load(qwen3_dir, backend=backend)
-    assert answer(m, PROMPT, max_tokens=MAX)[1].answer_ids == library_greedy(backend, qwen3_dir, "qwen3", prompt_ids(m, PROMPT),
-                                                                  eos_token_ids(m), MAX)
+    assert answer(m, PROMPT, max_tokens=MAX)[1].answer_ids == library_greedy(
+        backend, qwen3_dir, "qwen3", prompt_ids(m, PROMPT), eos_token_ids(m), MAX
+    )
     m = moe_local.load(models["qwen3"][0], backend=backend)
     full = answer(m, PROMPT, max_tokens=MAX)[1].answer_ids
     end = full.index(full[5])
@@ -136,12 +138,15 @@ def test_detokenizer_pieces_join_to_the_full_decode(qwen3_dir):
     assert text == tok.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("text, emit, held, stopped", [
-    ("hello", "hello", "", False),
-    ("hello\nUs", "hello", "\nUs", False),
-    ("hello\nUser: more", "hello", "", True),
-    ("a\nUsual", "a\nUsual", "", False),
-])
+@pytest.mark.parametrize(
+    "text, emit, held, stopped",
+    [
+        ("hello", "hello", "", False),
+        ("hello\nUs", "hello", "\nUs", False),
+        ("hello\nUser: more", "hello", "", True),
+        ("a\nUsual", "a\nUsual", "", False),
+    ],
+)
 def test_stop_text_is_held_back_until_it_is_known(text, emit, held, stopped):
     assert split_stop(text, ("\nUser:",)) == (emit, held, stopped)
 
@@ -149,8 +154,11 @@ def test_stop_text_is_held_back_until_it_is_known(text, emit, held, stopped):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_arguments_are_user_errors(backend, qwen3_dir):
     m = moe_local.load(qwen3_dir, backend=backend)
-    for kwargs, message in [({"max_tokens": 0}, "--max-tokens"), ({"temp": -1.0}, "--temp"),
-                            ({"top_p": 0.0}, "--top-p")]:
+    for kwargs, message in [
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"temp": -1.0}, "--temp"),
+        ({"top_p": 0.0}, "--top-p"),
+    ]:
         with pytest.raises(UserError, match=message):
             m.generate(PROMPT, **kwargs)
     with pytest.raises(UserError, match="context is 256 tokens"):
@@ -158,8 +166,10 @@ def test_bad_arguments_are_user_errors(backend, qwen3_dir):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["missing model", "foreign adapter", "max tokens 0", "prompt too long",
-                                  "chat: message too long", "chat: top-p 0"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing model", "foreign adapter", "max tokens 0", "prompt too long", "chat: message too long", "chat: top-p 0"],
+)
 def test_bad_input_exits_2_with_one_line(case, backend, qwen3_dir, olmoe_dir, tmp_path, capsys, monkeypatch):
     import io
     import sys
@@ -170,8 +180,10 @@ def test_bad_input_exits_2_with_one_line(case, backend, qwen3_dir, olmoe_dir, tm
     if case == "missing model":
         model, message = str(tmp_path / "missing"), "model folder not found"
     elif case == "foreign adapter":
-        extra, message = extra + ["--adapter-path", str(make_adapter(olmoe_dir, tmp_path / "a"))], \
-            "made for another model"
+        extra, message = (
+            extra + ["--adapter-path", str(make_adapter(olmoe_dir, tmp_path / "a"))],
+            "made for another model",
+        )
     elif case == "max tokens 0":
         extra, message = extra + ["--max-tokens", "0"], "--max-tokens must be at least 1"
     elif case == "prompt too long":

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import checkpoints
 import moe_local
 from moe_local.backends.torch.moe import MoEBlock, group_rows
 from moe_local.backends.torch.router import route
 from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
 from moe_local.spec import GroveSpec, MoESpec
+
+import checkpoints
 
 
 def swiglu(x, gate, up, down):
@@ -41,8 +42,14 @@ def grove_transcription(x, gate_w, experts, adjugates, k, per_group, scale):
 
 
 def make_block(num_experts=8, top_k=3, hidden=32, size=16, adjugate=8, seed=0, impl="grouped"):
-    spec = MoESpec(layer=0, num_experts=num_experts, top_k=top_k, expert_size=size, router=GROVE_ROUTER,
-                   grove=GroveSpec(experts_per_group=2, adjugate_size=adjugate, scale=0.05))
+    spec = MoESpec(
+        layer=0,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_size=size,
+        router=GROVE_ROUTER,
+        grove=GroveSpec(experts_per_group=2, adjugate_size=adjugate, scale=0.05),
+    )
     block = MoEBlock(spec, hidden, impl)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -63,8 +70,9 @@ def test_block_matches_transcription(impl, tokens, top_k):
     x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = block(x[None])[0]
-        ref = grove_transcription(x, block.gate.weight, triples(block.experts), triples(block.chunk_experts),
-                                  top_k, 2, 0.05)
+        ref = grove_transcription(
+            x, block.gate.weight, triples(block.experts), triples(block.chunk_experts), top_k, 2, 0.05
+        )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -73,7 +81,7 @@ def test_block_matches_transcription(impl, tokens, top_k):
 def test_grouped_mm_path_equals_per_expert_path(dtype, tol, tokens):
     """Without a gradient the CPU block runs torch._grouped_mm (experts up to 64 tokens, adjugates always);
     with one, a matmul pair per expert and per adjugate."""
-    block = make_block(num_experts=16, top_k=2, seed=3).to(dtype)       # 16 experts, few tokens: some idle
+    block = make_block(num_experts=16, top_k=2, seed=3).to(dtype)  # 16 experts, few tokens: some idle
     x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         assert block._grouped_mm_applies(x, x)
@@ -95,7 +103,7 @@ def test_adjugates_run_once_per_token_and_group():
     assert len(token) == 20
     for t in range(5):
         for group in range(4):
-            members = (idx[t] // 2 == group)
+            members = idx[t] // 2 == group
             expected = weights[t][members].sum()
             got = summed[group * 5 + t]
             torch.testing.assert_close(got, expected)
@@ -117,23 +125,34 @@ def _transcribed_model(folder):
     config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config)).eval()
     state = load_file(str(folder / "model.safetensors"))
-    model.load_state_dict({k: v for k, v in state.items() if "chunk_experts" not in k and "expert_bias" not in k
-                           and ".experts." not in k}, strict=False)
+    model.load_state_dict(
+        {
+            k: v
+            for k, v in state.items()
+            if "chunk_experts" not in k and "expert_bias" not in k and ".experts." not in k
+        },
+        strict=False,
+    )
 
     class Transcribed(torch.nn.Module):
         def __init__(self, layer):
             super().__init__()
             p = f"model.layers.{layer}.mlp"
             self.gate = state[f"{p}.gate.weight"]
-            self.experts = [tuple(state[f"{p}.experts.{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
-                            for e in range(config["num_experts"])]
-            self.adjugates = [tuple(state[f"{p}.chunk_experts.{j}.{n}_proj.weight"] for n in ("gate", "up", "down"))
-                              for j in range(config["num_experts"] // 2)]
+            self.experts = [
+                tuple(state[f"{p}.experts.{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+                for e in range(config["num_experts"])
+            ]
+            self.adjugates = [
+                tuple(state[f"{p}.chunk_experts.{j}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+                for j in range(config["num_experts"] // 2)
+            ]
 
         def forward(self, h):
             flat = h.reshape(-1, h.shape[-1])
-            y = grove_transcription(flat, self.gate, self.experts, self.adjugates, config["num_experts_per_tok"],
-                                    2, 0.05)
+            y = grove_transcription(
+                flat, self.gate, self.experts, self.adjugates, config["num_experts_per_tok"], 2, 0.05
+            )
             return y.reshape(h.shape)
 
     for layer in range(config["num_hidden_layers"]):
@@ -160,8 +179,11 @@ def test_grove_folder_written_by_us_round_trips(grove_dir, tmp_path):
     out = m.save(tmp_path / "written")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GroveMoeForCausalLM"]
-    assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) \
-        == (2, 0.05, 16)
+    assert (config["grove_experts_per_group"], config["grove_scale"], config["grove_adjugate_intermediate_size"]) == (
+        2,
+        0.05,
+        16,
+    )
     names = load_file(str(out / "model.safetensors"))
     assert "model.layers.0.mlp.chunk_experts.3.down_proj.weight" in names
     ids = np.arange(12)[None]
@@ -181,8 +203,12 @@ def test_upcycled_grove_with_zero_adjugate_down_equals_plain_model(tmp_path):
 
     save_file(state, str(grove / "model.safetensors"))
     ids = np.arange(20)[None] % 128
-    np.testing.assert_allclose(moe_local.load(grove, backend="torch").logits(ids),
-                               moe_local.load(plain, backend="torch").logits(ids), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        moe_local.load(grove, backend="torch").logits(ids),
+        moe_local.load(plain, backend="torch").logits(ids),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_written_folder_keeps_auto_map_only_with_its_code(grove_dir, tmp_path):
@@ -194,6 +220,8 @@ def test_written_folder_keeps_auto_map_only_with_its_code(grove_dir, tmp_path):
     shutil.copytree(grove_dir, with_code)
     (with_code / "modeling_grove_moe.py").write_text("# GroveMoE's remote code (never run by moe-local)\n")
     out = moe_local.load(with_code, backend="torch").save(tmp_path / "kept")
-    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] \
+    assert (
+        json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
         == "modeling_grove_moe.GroveMoeForCausalLM"
+    )
     assert (out / "modeling_grove_moe.py").is_file()

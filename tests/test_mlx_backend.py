@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +13,20 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from mlx_lm.utils import load_model as mlx_lm_load_model  # noqa: E402
 
-import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from helpers import both_spellings, gate_name, recorded_routing, rel  # noqa: E402
 from moe_local.backends import auto_backend  # noqa: E402
 from moe_local.errors import UserError  # noqa: E402
 
+import checkpoints  # noqa: E402
+from helpers import both_spellings, gate_name, recorded_routing, rel  # noqa: E402
+
 RNG = np.random.default_rng(0)
 # 1 token (unsorted rows), 2x6 tokens (24 rows: unsorted), 2x40 tokens (160 rows: sorted by expert)
-INPUTS = {"one": RNG.integers(0, 128, (1,)), "short": RNG.integers(0, 128, (2, 6)),
-          "long": RNG.integers(0, 128, (2, 40))}
-
-
+INPUTS = {
+    "one": RNG.integers(0, 128, (1,)),
+    "short": RNG.integers(0, 128, (2, 6)),
+    "long": RNG.integers(0, 128, (2, 40)),
+}
 
 
 def mlx_lm_logits(folder: Path, ids) -> np.ndarray:
@@ -76,8 +76,8 @@ def test_left_padded_rows_equal_rows_alone(olmoe_dir, tmp_path):
     ids = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     batch = m.logits(ids, mask)
     torch_batch = moe_local.load(str(olmoe_dir), backend="torch").logits(ids, mask)
     # mlx-lm's own model through the same left-padding caches its batched generation uses
@@ -86,8 +86,8 @@ def test_left_padded_rows_equal_rows_alone(olmoe_dir, tmp_path):
     assert rel(batch, np.array(theirs(mx.array(ids), cache=[BatchKVCache(padding) for _ in theirs.layers]))) <= 1e-5
     for i, r in enumerate(rows):
         alone = m.logits(r)[0]
-        assert rel(batch[i, width - len(r):], alone) <= 1e-5
-        assert rel(batch[i, width - len(r):], torch_batch[i, width - len(r):]) <= 1e-4
+        assert rel(batch[i, width - len(r) :], alone) <= 1e-5
+        assert rel(batch[i, width - len(r) :], torch_batch[i, width - len(r) :]) <= 1e-4
 
 
 @pytest.mark.parametrize("moe_impl", [None, "reference"])
@@ -161,8 +161,10 @@ def test_stream_generate_runs_on_the_model(qwen3_dir, tmp_path):
     m = moe_local.load(str(qwen3_dir), backend="mlx")
     theirs, _ = mlx_lm_load_model(both_spellings(qwen3_dir, tmp_path / "m"))
     prompt = [5, 9, 20, 33]
-    tokens = [[r.token for r in stream_generate(model, TokenizerWrapper(m.tokenizer), prompt, max_tokens=6)]
-              for model in (m.model, theirs)]
+    tokens = [
+        [r.token for r in stream_generate(model, TokenizerWrapper(m.tokenizer), prompt, max_tokens=6)]
+        for model in (m.model, theirs)
+    ]
     assert len(tokens[0]) == 6 and tokens[0] == tokens[1]
 
 
@@ -175,11 +177,14 @@ def test_auto_backend_is_mlx_only_on_apple_silicon(monkeypatch):
     assert auto_backend() == "mlx"
 
 
-@pytest.mark.parametrize("make, drop", [
-    (checkpoints.make_grove, "model.layers.1.mlp.chunk_experts.2.down_proj.weight"),
-    (checkpoints.make_qwen3_moe, "model.layers.1.mlp.experts.3.up_proj.weight"),
-    (checkpoints.make_olmoe, "lm_head.weight"),
-])
+@pytest.mark.parametrize(
+    "make, drop",
+    [
+        (checkpoints.make_grove, "model.layers.1.mlp.chunk_experts.2.down_proj.weight"),
+        (checkpoints.make_qwen3_moe, "model.layers.1.mlp.experts.3.up_proj.weight"),
+        (checkpoints.make_olmoe, "lm_head.weight"),
+    ],
+)
 def test_missing_tensor_is_a_user_error(tmp_path, make, drop):
     from safetensors.numpy import load_file, save_file
 

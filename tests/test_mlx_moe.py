@@ -20,13 +20,20 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def make_block(top_k=3, experts=8, grove=True, norm=False, seed=0) -> MoEBlock:
-    spec = MoESpec(layer=0, num_experts=experts, top_k=top_k, expert_size=I,
-                   router=GROVE_ROUTER if grove else RouterSpec(renormalize=norm),
-                   grove=GroveSpec(experts_per_group=2, adjugate_size=IA, scale=0.05) if grove else None)
+    spec = MoESpec(
+        layer=0,
+        num_experts=experts,
+        top_k=top_k,
+        expert_size=I,
+        router=GROVE_ROUTER if grove else RouterSpec(renormalize=norm),
+        grove=GroveSpec(experts_per_group=2, adjugate_size=IA, scale=0.05) if grove else None,
+    )
     block = MoEBlock(spec, H)
     rng = np.random.default_rng(seed)
-    params = {name: mx.array(0.3 * rng.standard_normal(p.shape).astype(np.float32))
-              for name, p in tree_flatten(block.parameters())}
+    params = {
+        name: mx.array(0.3 * rng.standard_normal(p.shape).astype(np.float32))
+        for name, p in tree_flatten(block.parameters())
+    }
     block.load_weights(list(params.items()))
     return block
 
@@ -46,7 +53,7 @@ def formula(block: MoEBlock, x: np.ndarray) -> np.ndarray:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         score = 1 / (1 + np.exp(-logits)) if spec.grove else probs
-        chosen = np.argsort(-score)[:spec.top_k]
+        chosen = np.argsort(-score)[: spec.top_k]
         w = probs[chosen]
         if spec.router.renormalize:
             w = w / w.sum()
@@ -65,7 +72,7 @@ def run(block, x, impl="grouped", adjugate="auto") -> np.ndarray:
     return np.array(block(mx.array(x)))
 
 
-TOKENS = [1, 5, 40]   # 40 tokens x 3 slots = 120 rows: sorted by expert
+TOKENS = [1, 5, 40]  # 40 tokens x 3 slots = 120 rows: sorted by expert
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

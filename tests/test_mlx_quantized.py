@@ -17,25 +17,27 @@ from mlx_lm.convert import convert  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 from mlx_lm.utils import dequantize_model, load_model, quantize_model, save_config, save_model  # noqa: E402
 
-import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
-from helpers import gate_name, rel  # noqa: E402
 from moe_local.backends.mlx.model import mlx_config  # noqa: E402
 from moe_local.families import config_for_writing  # noqa: E402
+
+import checkpoints  # noqa: E402
+from helpers import rel  # noqa: E402
 
 RNG = np.random.default_rng(1)
 IDS = {"short": RNG.integers(0, 128, (2, 6)), "long": RNG.integers(0, 128, (2, 40))}
 # The tiny models' smallest input dimension is 32 (the expert size), so group size 32.
 GROUP, BITS = 32, 4
-GATE_BITS = {"qwen3_moe": 8, "olmoe": BITS}   # mlx-lm's Qwen3-MoE predicate keeps gates at 8 bits
-
+GATE_BITS = {"qwen3_moe": 8, "olmoe": BITS}  # mlx-lm's Qwen3-MoE predicate keeps gates at 8 bits
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "olmoe"])
 def quantized(request, tmp_path_factory):
     """(family, folder written by mlx_lm.convert with quantize=True)."""
-    make = {"qwen3_moe": lambda d: checkpoints.make_qwen3_moe(d, spelling="both", decoder_sparse_step=2),
-            "olmoe": lambda d: checkpoints.make_olmoe(d, spelling="both")}[request.param]
+    make = {
+        "qwen3_moe": lambda d: checkpoints.make_qwen3_moe(d, spelling="both", decoder_sparse_step=2),
+        "olmoe": lambda d: checkpoints.make_olmoe(d, spelling="both"),
+    }[request.param]
     src = make(tmp_path_factory.mktemp(request.param))
     dst = tmp_path_factory.mktemp("q") / "model"
     convert(str(src), str(dst), quantize=True, q_group_size=GROUP, q_bits=BITS)
@@ -89,7 +91,7 @@ def test_router_gradients_through_gather_qmm_match_dequantized(quantized, inputs
     q = moe_local.load(str(folder), backend="mlx")
     layers = q.spec.last_moe_layers(2)
     gates = q.get_router_weights(layers)
-    q.set_router_weights(gates)                     # float gates on the quantized model
+    q.set_router_weights(gates)  # float gates on the quantized model
     assert all(type(q.moe_block(i).gate) is nn.Linear for i in layers)
     assert isinstance(q.moe_block(layers[0]).switch_mlp.gate_proj, QuantizedSwitchLinear)
 
@@ -126,8 +128,8 @@ def test_quantized_grove_folder_loads(tmp_path):
 
 def test_info_counts_a_quantized_folder_as_stored(quantized):
     from moe_local.checkpoint import weight_bytes
-    from moe_local.families import load_spec
     from moe_local.commands.info import describe
+    from moe_local.families import load_spec
 
     _, folder = quantized
     lines = "\n".join(describe(load_spec(folder), folder))

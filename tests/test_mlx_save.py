@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 import moe_local  # noqa: E402
-from helpers import gate_name, rel  # noqa: E402
 from moe_local.checkpoint import tensor_index  # noqa: E402
 
-IDS = np.random.default_rng(2).integers(0, 128, (2, 20))
+from helpers import gate_name, rel  # noqa: E402
 
+IDS = np.random.default_rng(2).integers(0, 128, (2, 20))
 
 
 def with_new_gate(folder):
@@ -38,5 +38,5 @@ def test_saved_float_model_is_a_hugging_face_folder(qwen3_dir, tmp_path):
 def test_saved_grove_model_keeps_grovemoe_format(grove_dir, tmp_path):
     m = with_new_gate(grove_dir)
     out = m.save(tmp_path / "saved")
-    assert set(tensor_index(out)) == set(tensor_index(grove_dir))   # chunk_experts.J.*, expert_bias
+    assert set(tensor_index(out)) == set(tensor_index(grove_dir))  # chunk_experts.J.*, expert_bias
     assert rel(moe_local.load(str(out), backend="torch").logits(IDS), m.logits(IDS)) <= 1e-4

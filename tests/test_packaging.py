@@ -1,7 +1,8 @@
 """What a non-editable install ships: every package of the source tree, mapped as pyproject says."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).parents[1]
 

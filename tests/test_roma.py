@@ -5,15 +5,16 @@ import pytest
 import torch
 
 import moe_local
-from helpers import BACKENDS, answerable_records, recorded_routing, reference_scores, unit_rows
 from moe_local.errors import UserError
 from moe_local.families import load_spec
 from moe_local.tuning import data, roma, tune
 from moe_local.tuning.bank import Bank, check_bank, check_bank_folder, read_bank, write_bank
 from moe_local.tuning.prepare import prepare
 
+from helpers import BACKENDS, answerable_records, recorded_routing, reference_scores, unit_rows
 
 # -- neighbours -------------------------------------------------------------------------------
+
 
 def _circle():
     c = np.sqrt(0.5)
@@ -45,7 +46,7 @@ def test_gaussian_weights_exact():
         d2 = ((emb[i].astype(np.float64) - emb[nb.index[i]]) ** 2).sum(1)
         w = np.exp(-d2 / (2 * sigma**2))
         np.testing.assert_allclose(nb.weight[i], w / w.sum(), rtol=1e-6)
-    np.testing.assert_allclose(nb.weight[5], [1 / 3] * 3, rtol=1e-6)   # equal distances, equal weights
+    np.testing.assert_allclose(nb.weight[5], [1 / 3] * 3, rtol=1e-6)  # equal distances, equal weights
 
 
 def test_fewer_successful_samples_than_k():
@@ -84,12 +85,16 @@ def test_manifold_term_formula():
 
 # -- the bank ---------------------------------------------------------------------------------
 
+
 def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     spec = load_spec(olmoe_dir)
     layers = spec.last_moe_layers(2)
-    bank = Bank(np.array([1, 0, 1], np.uint8), np.random.default_rng(0).random((3, 2, 8), np.float32),
-                     unit_rows(3), {"fingerprint": spec.fingerprint(layers), "layers": list(layers),
-                                    "data_sha256": "abc"})
+    bank = Bank(
+        np.array([1, 0, 1], np.uint8),
+        np.random.default_rng(0).random((3, 2, 8), np.float32),
+        unit_rows(3),
+        {"fingerprint": spec.fingerprint(layers), "layers": list(layers), "data_sha256": "abc"},
+    )
     write_bank(tmp_path / "bank", bank)
     back = read_bank(tmp_path / "bank")
     assert back.correct.dtype == np.uint8 and back.routing.dtype == np.float32 and back.embeddings.dtype == np.float32
@@ -106,7 +111,7 @@ def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
     with pytest.raises(UserError, match="not a routing bank"):
         write_bank(tmp_path / "mine", bank)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-    with pytest.raises(UserError, match="pass --overwrite"):     # what `moe-local prepare` checks first
+    with pytest.raises(UserError, match="pass --overwrite"):  # what `moe-local prepare` checks first
         check_bank_folder(tmp_path / "bank", overwrite=False)
     check_bank_folder(tmp_path / "bank", overwrite=True)
     with pytest.raises(UserError, match="is a file"):
@@ -114,6 +119,7 @@ def test_bank_round_trip_and_checks(tmp_path, olmoe_dir, qwen3_dir):
 
 
 # -- the regulariser trains -------------------------------------------------------------------
+
 
 def _setup(folder, n=16, seed=0, backend="torch"):
     m = moe_local.load(str(folder), backend=backend)
@@ -126,8 +132,9 @@ def _mean_manifold(m, records, bank, layers, weights=None, k=3, sigma=0.4):
     enc = data.encode_records(m.tokenizer, records)
     total = 0.0
     for batch in data.batches(enc, np.arange(len(records)), 8):
-        _, routing = m.suffix_scores(m.prefix_hidden(batch, layers[0]), batch, layers[0], layers,
-                                     router_weights=weights)
+        _, routing = m.suffix_scores(
+            m.prefix_hidden(batch, layers[0]), batch, layers[0], layers, router_weights=weights
+        )
         targets, w = roma.neighbour_targets(bank.routing, nb, batch.index)
         total += roma.manifold_term(torch.tensor(routing), torch.tensor(targets), torch.tensor(w)).sum().item()
     return total / len(records)
@@ -135,7 +142,7 @@ def _mean_manifold(m, records, bank, layers, weights=None, k=3, sigma=0.4):
 
 def _bank_with_successes(m, records, emb, layers):
     bank = prepare(m, records, emb, layers, progress="off")
-    assert bank.correct[::2].all()   # answerable() made every other sample the model's own answer
+    assert bank.correct[::2].all()  # answerable() made every other sample the model's own answer
     return bank
 
 
@@ -150,14 +157,21 @@ def test_manifold_term_has_a_gradient_on_the_routers(backend, olmoe_dir):
     gates = {int(k.split(".")[2]): v for k, v in m.get_router_weights(layers).items()}
 
     def manifold_only(scores, routing, onehot, targets, weights):
-        loss, ce, man = roma.roma_loss(scores, routing, onehot, targets, weights, lam=1.0, ce_weight=0.0,
-                                       global_batch=8)
+        loss, ce, man = roma.roma_loss(
+            scores, routing, onehot, targets, weights, lam=1.0, ce_weight=0.0, global_batch=8
+        )
         return loss, {"manifold": man}
 
     hidden = m.prefix_hidden(batch, layers[0])
-    _, aux, grads = m.suffix_value_and_grad(hidden, batch, layers[0], layers, manifold_only,
-                                            {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
-                                            router_weights=gates)
+    _, aux, grads = m.suffix_value_and_grad(
+        hidden,
+        batch,
+        layers[0],
+        layers,
+        manifold_only,
+        {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
+        router_weights=gates,
+    )
     assert aux["manifold"].sum() > 0
     for layer in layers:
         assert np.isfinite(grads[layer]).all() and np.abs(grads[layer]).max() > 0
@@ -168,12 +182,14 @@ def test_manifold_only_steps_reduce_the_manifold_term(backend, olmoe_dir, tmp_pa
     m, records, emb = _setup(olmoe_dir, n=16, backend=backend)
     layers = m.spec.last_moe_layers(2)
     bank = _bank_with_successes(m, records, emb, layers)
-    settings = tune.TuneSettings(layers=2, lam=1.0, ce_weight=0.0, lr=1e-3, epochs=10, batch_size=16,
-                                 lam_warmup=0, log_every=1)
+    settings = tune.TuneSettings(
+        layers=2, lam=1.0, ce_weight=0.0, lr=1e-3, epochs=10, batch_size=16, lam_warmup=0, log_every=1
+    )
     result = tune.tune(m, records, None, settings, tmp_path / "A", bank=bank, progress="off")
     before = _mean_manifold(m, records, bank, layers)
-    after = _mean_manifold(m, records, bank, layers, {i: result.weights[f"model.layers.{i}.mlp.gate.weight"]
-                                                      for i in layers})
+    after = _mean_manifold(
+        m, records, bank, layers, {i: result.weights[f"model.layers.{i}.mlp.gate.weight"] for i in layers}
+    )
     assert after < 0.9 * before, (before, after)
     assert result.metrics[-1]["manifold"] < result.metrics[0]["manifold"]
 
@@ -182,21 +198,21 @@ def test_manifold_only_steps_reduce_the_manifold_term(backend, olmoe_dir, tmp_pa
 def test_lambda_zero_roma_equals_router(backend, olmoe_dir, tmp_path):
     m, records, emb = _setup(olmoe_dir, n=12, backend=backend)
     common = dict(layers=2, lr=1e-2, epochs=2, batch_size=8, lam_warmup=0)
-    a = tune.tune(m, records, emb, tune.TuneSettings(method="roma", lam=0.0, **common), tmp_path / "a",
-                  progress="off")
+    a = tune.tune(m, records, emb, tune.TuneSettings(method="roma", lam=0.0, **common), tmp_path / "a", progress="off")
     b = tune.tune(m, records, emb, tune.TuneSettings(method="router", **common), tmp_path / "b", progress="off")
     for name in a.weights:
-        assert not np.array_equal(a.weights[name], m.get_router_weights()[name])   # it trained
+        assert not np.array_equal(a.weights[name], m.get_router_weights()[name])  # it trained
         np.testing.assert_array_equal(a.weights[name], b.weights[name])
     assert [r["loss"] for r in a.metrics] == [r["loss"] for r in b.metrics]
 
 
 # -- the prefix-cached step equals a full-model step ------------------------------------------
 
+
 def _full_model_step(m, batch, layers, weights, targets, w, lam):
     """Reference: transformers' whole forward pass with the tuned gates made fp32 leaf parameters,
     routing read from the gates during the call, scores computed from the full logits."""
-    from moe_local.backends.torch.loaded import positions_from_mask
+    from moe_local.backends.torch.model import positions_from_mask
 
     saved, params = {}, {}
     for i in layers:
@@ -207,13 +223,22 @@ def _full_model_step(m, batch, layers, weights, targets, w, lam):
     try:
         with recorded_routing(m, layers) as captured:
             ids, mask = torch.tensor(batch.ids), torch.tensor(batch.mask)
-            logits = m.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                             use_cache=False).logits.float()
+            logits = m.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
+            ).logits.float()
         scores = reference_scores(batch, torch.log_softmax(logits, -1), torch.stack, torch.tensor)
         seq, T = batch.sample_seq, batch.ids.shape[1]
         routing = torch.stack([captured[i][0][seq * T + batch.prompt_pos[seq]] for i in layers], 1)
-        loss, _, _ = roma.roma_loss(scores, routing, torch.tensor(batch.answer_onehot()), torch.tensor(targets),
-                                    torch.tensor(w), lam, 1.0, batch.size)
+        loss, _, _ = roma.roma_loss(
+            scores,
+            routing,
+            torch.tensor(batch.answer_onehot()),
+            torch.tensor(targets),
+            torch.tensor(w),
+            lam,
+            1.0,
+            batch.size,
+        )
         loss.backward()
         return loss.item(), {i: params[i].grad.numpy() for i in layers}
     finally:
@@ -224,15 +249,19 @@ def _full_model_step(m, batch, layers, weights, targets, w, lam):
 @pytest.mark.parametrize("fixture", ["qwen3_dir", "olmoe_dir", "grove_dir"])
 def test_prefix_cached_step_equals_full_model_step(fixture, request):
     m, records, emb = _setup(request.getfixturevalue(fixture), n=6, seed=3)
-    records[3] = data.Record("Which is larger, 7 or 9? Think about it.", ("7", "9"), 1, None, 4)  # fewer choices, longer
+    records[3] = data.Record(
+        "Which is larger, 7 or 9? Think about it.", ("7", "9"), 1, None, 4
+    )  # fewer choices, longer
     layers = m.spec.last_moe_layers(2)
     bank = _bank_with_successes(m, records, emb, layers)
     nb = roma.neighbours(bank.embeddings, bank.correct, 3, 0.4)
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(len(records)))
     targets, w = roma.neighbour_targets(bank.routing, nb, batch.index)
     rng = np.random.default_rng(0)
-    weights = {i: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
-               for i, v in zip(layers, m.get_router_weights(layers).values())}
+    weights = {
+        i: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+        for i, v in zip(layers, m.get_router_weights(layers).values())
+    }
     ref_loss, ref_grads = _full_model_step(m, batch, layers, weights, targets, w, lam=0.8)
 
     # the cache is built in a different batch layout (one sample per batch) than the step uses
@@ -240,11 +269,19 @@ def test_prefix_cached_step_equals_full_model_step(fixture, request):
     for single in data.batches(data.encode_records(m.tokenizer, records), np.arange(len(records)), 1):
         cache[int(single.index[0])] = m.prefix_hidden(single, layers[0])
     hidden = [h for i in range(len(records)) for h in cache[i]]
-    loss_fn = lambda s, r, onehot, targets, weights: tune._step_loss(s, r, onehot, targets, weights, lam=0.8,
-                                                                     ce_weight=1.0, global_batch=batch.size)
-    loss, _, grads = m.suffix_value_and_grad(hidden, batch, layers[0], layers, loss_fn,
-                                             {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
-                                             router_weights=weights)
+
+    def loss_fn(s, r, onehot, targets, weights):
+        return tune._step_loss(s, r, onehot, targets, weights, lam=0.8, ce_weight=1.0, global_batch=batch.size)
+
+    loss, _, grads = m.suffix_value_and_grad(
+        hidden,
+        batch,
+        layers[0],
+        layers,
+        loss_fn,
+        {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
+        router_weights=weights,
+    )
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for i in layers:
         assert np.abs(ref_grads[i]).max() > 0

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import moe_local
-from helpers import recorded_routing, rel
 from moe_local.backends.torch.moe import expert_rows
 from moe_local.backends.torch.router import route
 
-RTOL = 1e-5
+import checkpoints
+from helpers import recorded_routing, rel
 
+RTOL = 1e-5
 
 
 def hf_eager(folder, family):
@@ -23,8 +23,11 @@ def hf_eager(folder, family):
 
 def hf_logits(model, ids, mask=None, positions=None):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids), attention_mask=None if mask is None else torch.as_tensor(mask),
-                     position_ids=None if positions is None else torch.as_tensor(positions)).logits.numpy()
+        return model(
+            input_ids=torch.as_tensor(ids),
+            attention_mask=None if mask is None else torch.as_tensor(mask),
+            position_ids=None if positions is None else torch.as_tensor(positions),
+        ).logits.numpy()
 
 
 CASES = {

@@ -28,6 +28,7 @@ class Recorder:
         class Launch:
             def __getitem__(self, grid):
                 return lambda *args, **kwargs: recorder.launches.append((kernel, args, kwargs))
+
         return Launch()
 
 
@@ -39,10 +40,22 @@ def launches(monkeypatch, dtype, config, grove=True):
     x = torch.randn(3, H, generator=g).to(dtype)
     idx = torch.tensor([[0, 1], [5, 2], [7, 6]])
     w = torch.rand(3, k, generator=g).to(dtype)
-    adjugates = dict(adj_gate_up=torch.randn(G, 2 * Ia, H).to(dtype), adj_down=torch.randn(G, H, Ia).to(dtype),
-                     experts_per_group=2, scale=0.05)
-    triton_moe.moe_forward(x, idx, w, torch.randn(E, 2 * I, H).to(dtype), torch.randn(E, H, I).to(dtype),
-                           **(adjugates if grove else {}), config=config, align="triton")
+    adjugates = dict(
+        adj_gate_up=torch.randn(G, 2 * Ia, H).to(dtype),
+        adj_down=torch.randn(G, H, Ia).to(dtype),
+        experts_per_group=2,
+        scale=0.05,
+    )
+    triton_moe.moe_forward(
+        x,
+        idx,
+        w,
+        torch.randn(E, 2 * I, H).to(dtype),
+        torch.randn(E, H, I).to(dtype),
+        **(adjugates if grove else {}),
+        config=config,
+        align="triton",
+    )
     return recorder.launches
 
 
@@ -72,16 +85,20 @@ def compile_for_h100(kernel, args, kwargs):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-@pytest.mark.parametrize("dtype,configs", [(torch.bfloat16, ("decode", "prefill")), (torch.float32, ("decode",))],
-                         ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "dtype,configs", [(torch.bfloat16, ("decode", "prefill")), (torch.float32, ("decode",))], ids=["bf16", "fp32"]
+)
 def test_every_launch_compiles_for_sm90(monkeypatch, dtype, configs):
     pytest.importorskip("triton.backends.nvidia.compiler")
     seen = set()
     for name in configs:
         for grove in (True, False):
             for kernel, args, kwargs in launches(monkeypatch, dtype, triton_configs.CONFIGS[name], grove):
-                key = (kernel.__name__, tuple(str(getattr(a, "dtype", type(a))) for a in args),
-                       tuple(sorted(kwargs.items())))
+                key = (
+                    kernel.__name__,
+                    tuple(str(getattr(a, "dtype", type(a))) for a in args),
+                    tuple(sorted(kwargs.items())),
+                )
                 if key in seen:
                     continue
                 seen.add(key)

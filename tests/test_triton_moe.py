@@ -23,9 +23,14 @@ pytestmark = pytest.mark.slow
 
 def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0):
     """A MoE block with random weights; ``grove`` = (experts per group, adjugate size, λ)."""
-    spec = MoESpec(layer=0, num_experts=E, top_k=k, expert_size=I,
-                   router=GROVE_ROUTER if grove else RouterSpec(renormalize=True),
-                   grove=GroveSpec(*grove) if grove else None)
+    spec = MoESpec(
+        layer=0,
+        num_experts=E,
+        top_k=k,
+        expert_size=I,
+        router=GROVE_ROUTER if grove else RouterSpec(renormalize=True),
+        grove=GroveSpec(*grove) if grove else None,
+    )
     b = MoEBlock(spec, H, "grouped")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -36,6 +41,7 @@ def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0):
 
 def formula(x, idx, w, b):
     """The reference formula, per slot, in float64: Σ_s w E_s(x) + λ Σ_s w A_{s // p}(x)."""
+
     def swiglu(gate_up, down, v):
         gate, up = (gate_up.double() @ v).chunk(2)
         return down.double() @ (torch.nn.functional.silu(gate) * up)
@@ -57,8 +63,12 @@ def run_op(x, idx, w, b, **kwargs):
     grove = b.spec.grove
     extra = {}
     if grove:
-        extra = dict(adj_gate_up=b.chunk_experts.gate_up_proj, adj_down=b.chunk_experts.down_proj,
-                     experts_per_group=grove.experts_per_group, scale=grove.scale)
+        extra = dict(
+            adj_gate_up=b.chunk_experts.gate_up_proj,
+            adj_down=b.chunk_experts.down_proj,
+            experts_per_group=grove.experts_per_group,
+            scale=grove.scale,
+        )
     return triton_moe.moe_forward(x, idx, w, b.experts.gate_up_proj, b.experts.down_proj, **extra, **kwargs)
 
 
@@ -121,7 +131,7 @@ def test_top1_and_odd_sizes():
 def test_duplicate_groups_and_groups_of_four():
     """Several of a token's experts in one group: the adjugate runs once with the summed weight."""
     b = block(E=8, k=3, grove=(4, 16, 0.25))
-    idx = torch.tensor([[0, 1, 2], [4, 5, 6], [3, 7, 0], [1, 6, 2]])   # tokens 0, 1: one group only
+    idx = torch.tensor([[0, 1, 2], [4, 5, 6], [3, 7, 0], [1, 6, 2]])  # tokens 0, 1: one group only
     w = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
     check(b, x, idx, w)
@@ -170,8 +180,36 @@ def test_worked_example_of_the_docstring():
     kernels, _ = triton_moe.kernels_for(torch.device("cpu"))
     for align in (triton_moe.align_rows_torch, triton_moe.align_rows_triton):
         sorted_ids, block_expert, row_weight, adj_valid = align(idx, w, layout, 2, 0.05, kernels)
-        assert sorted_ids.tolist() == [1, 4, 12, 12, 0, 3, 5, 12, 2, 12, 12, 12, 12, 12, 12, 12,
-                                       6, 9, 10, 12, 8, 12, 12, 12, 12, 12, 12, 12]
+        assert sorted_ids.tolist() == [
+            1,
+            4,
+            12,
+            12,
+            0,
+            3,
+            5,
+            12,
+            2,
+            12,
+            12,
+            12,
+            12,
+            12,
+            12,
+            12,
+            6,
+            9,
+            10,
+            12,
+            8,
+            12,
+            12,
+            12,
+            12,
+            12,
+            12,
+            12,
+        ]
         assert block_expert.tolist() == [0, 1, 3, -1, 4, 5, -1]
         assert adj_valid.tolist() == [1, 0, 1, 1, 1, 0]
         expected = [0.6, 0.4, 0.7, 0.3, 0.9, 0.1, 0.05 * 1.0, None, 0.05 * 0.7, 0.05 * 0.3, 0.05 * 1.0, None]
@@ -211,7 +249,7 @@ def test_interpreted_launches_leave_triton_language_as_they_found_it():
 
     b = block(**GROVE)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
-    run_op(x, *route(b.gate(x), b.spec.router, b.spec.top_k), b)             # first use imports submodules lazily
+    run_op(x, *route(b.gate(x), b.spec.router, b.spec.top_k), b)  # first use imports submodules lazily
     namespaces = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.core.tensor_descriptor_base)
     before = [dict(vars(n)) for n in namespaces]
     run_op(x, *route(b.gate(x), b.spec.router, b.spec.top_k), b)

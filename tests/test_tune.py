@@ -6,14 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import checkpoints
 import moe_local
-from helpers import BACKENDS, answerable, answerable_records, run_cli, run_main, task_records, unit_rows, write_jsonl
 from moe_local.errors import UserError
-from moe_local.tuning import data, tune
 from moe_local.tuning import folder as tune_folder
+from moe_local.tuning import tune
 from moe_local.tuning.adapter import read_adapter
 from moe_local.tuning.report import TuneCallback
+
+import checkpoints
+from helpers import BACKENDS, answerable, answerable_records, run_cli, run_main, task_records, unit_rows, write_jsonl
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
 
@@ -57,12 +58,13 @@ RESUMES = [(2, 1, 5, 4), (3, 2, 4, 3)]
 
 @pytest.mark.parametrize("save_every, log_every, stop, latest", RESUMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, log_every, stop, latest, olmoe_dir,
-                                                          tmp_path):
+def test_resume_after_interruption_gives_the_same_adapter(
+    backend, save_every, log_every, stop, latest, olmoe_dir, tmp_path
+):
     m = moe_local.load(str(olmoe_dir), backend=backend)
     records, emb = answerable_records(m, 10), unit_rows(10)
     settings = tune.TuneSettings(epochs=2, **{**SMALL, "save_every": save_every, "log_every": log_every})
-    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")   # 3 steps per epoch
+    whole = tune.tune(m, records, emb, settings, tmp_path / "whole", progress="off")  # 3 steps per epoch
 
     with pytest.raises(Interrupt):
         tune.tune(m, records, emb, settings, tmp_path / "cut", callbacks=[InterruptAt(stop)], progress="off")
@@ -82,8 +84,15 @@ def test_resume_after_interruption_gives_the_same_adapter(backend, save_every, l
         assert [r[key] for r in rows] == [r[key] for r in whole.metrics] == [r[key] for r in _rows(tmp_path / "whole")]
     # a resumed run with other settings is refused, naming the setting
     with pytest.raises(UserError, match="lr="):
-        tune.tune(m, records, emb, tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2), tmp_path / "cut",
-                  resume=True, progress="off")
+        tune.tune(
+            m,
+            records,
+            emb,
+            tune.TuneSettings(**{**SMALL, "lr": 0.5}, epochs=2),
+            tmp_path / "cut",
+            resume=True,
+            progress="off",
+        )
 
 
 def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe_dir, tmp_path):
@@ -95,7 +104,7 @@ def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe
         tune.tune(m, records, emb, settings, tmp_path / "cut", callbacks=[InterruptAt(5)], progress="off")
     state = tune_folder.latest_checkpoint(tmp_path / "cut") / "state.json"
     info = json.loads(state.read_text())
-    assert info["epoch"] == 1             # stopped inside the second epoch, one step into it
+    assert info["epoch"] == 1  # stopped inside the second epoch, one step into it
     info["rng"] = np.random.default_rng([99, 1]).bit_generator.state
     state.write_text(json.dumps(info))
     resumed = tune.tune(m, records, emb, settings, tmp_path / "cut", resume=True, progress="off")
@@ -104,10 +113,16 @@ def test_resume_draws_the_interrupted_epoch_from_the_checkpoints_rng_state(olmoe
 
 def test_adapter_folder_contents(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    result = tune.tune(m, answerable_records(m, 6), unit_rows(6), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A",
-                       progress="off")
-    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == \
-        ["adapter_config.json", "adapters.safetensors", "bank", "checkpoints", "metrics.jsonl"]
+    result = tune.tune(
+        m, answerable_records(m, 6), unit_rows(6), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off"
+    )
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == [
+        "adapter_config.json",
+        "adapters.safetensors",
+        "bank",
+        "checkpoints",
+        "metrics.jsonl",
+    ]
     weights, config = read_adapter(tmp_path / "A")
     assert sorted(weights) == ["model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight"]
     assert all(w.dtype == np.float32 and w.shape == (8, 64) for w in weights.values())
@@ -117,7 +132,7 @@ def test_adapter_folder_contents(olmoe_dir, tmp_path):
     assert ml["fingerprint"] == m.spec.fingerprint([2, 3])
     for key in ("k", "lam", "sigma", "lr", "epochs", "batch_size", "lam_warmup", "seed", "weight_decay"):
         assert key in ml["hyperparameters"]
-    bank = (tmp_path / "A" / "bank")
+    bank = tmp_path / "A" / "bank"
     assert sorted(p.name for p in bank.iterdir()) == ["bank.json", "bank.safetensors"]
     meta = json.loads((bank / "bank.json").read_text())
     assert meta["layers"] == [2, 3] and meta["fingerprint"] == m.spec.fingerprint([2, 3]) and meta["data_sha256"]
@@ -149,7 +164,7 @@ OUR_CONFIG = json.dumps({"fine_tune_type": "full", "moe_local": {}})
 # Folders whose entries are named like an adapter's but are not provably this package's work.
 LOOK_ALIKES = [
     {"checkpoints/my-model.bin": "weights", "metrics.jsonl": ""},
-    {"metrics.jsonl": '{"step": 1}\n'},                          # nothing marks the folder as an adapter
+    {"metrics.jsonl": '{"step": 1}\n'},  # nothing marks the folder as an adapter
     {"adapters.safetensors": "weights"},
     {"bank/bank.json": "{}", "bank/notes.txt": "mine"},
     {"adapter_config.json": OUR_CONFIG, "checkpoints/step-00000002/notes.txt": "mine"},
@@ -174,9 +189,20 @@ def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, ca
         with pytest.raises(UserError, match="not a moe-local adapter"):
             tune.tune(m, records, emb, settings, folder, overwrite=True, progress="off")
         assert _files(folder) == before, files
-    path = _task_file(m, tmp_path / "user0", 4)   # the review's case, through the command line
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "user0",
-                 "--overwrite", "--layers", 2)
+    path = _task_file(m, tmp_path / "user0", 4)  # the review's case, through the command line
+    r = run_main(
+        capsys,
+        "tune",
+        "--model",
+        olmoe_dir,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "user0",
+        "--overwrite",
+        "--layers",
+        2,
+    )
     assert r[0] == 2 and "not a moe-local adapter (checkpoints)" in r[2]
     assert (tmp_path / "user0" / "checkpoints" / "my-model.bin").read_text() == "weights"
     assert (tmp_path / "user0" / "metrics.jsonl").exists()
@@ -184,17 +210,17 @@ def test_overwrite_refuses_folders_named_like_an_adapter(olmoe_dir, tmp_path, ca
 
 def test_overwrite_replaces_the_adapter_only_once_the_new_run_succeeds(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    records, emb = answerable_records(m, 6), unit_rows(6)   # 2 steps per epoch
+    records, emb = answerable_records(m, 6), unit_rows(6)  # 2 steps per epoch
     out = tmp_path / "A"
     first = tune.tune(m, records, emb, tune.TuneSettings(epochs=1, **SMALL), out, progress="off")
-    (out / ".keep").write_text("mine")            # a hidden file of the user's stays with the folder
+    (out / ".keep").write_text("mine")  # a hidden file of the user's stays with the folder
     before = _files(out)
     again = tune.TuneSettings(epochs=2, **{**SMALL, "lr": 0.05})
 
     with pytest.raises(Interrupt):
         tune.tune(m, records, emb, again, out, overwrite=True, callbacks=[InterruptAt()], progress="off")
-    assert _files(out) == before                  # the failed replacement left the old adapter whole
-    assert [p.name for p in tmp_path.iterdir()] == ["A"]   # and nothing beside it
+    assert _files(out) == before  # the failed replacement left the old adapter whole
+    assert [p.name for p in tmp_path.iterdir()] == ["A"]  # and nothing beside it
     second = tune.tune(m, records, emb, again, out, overwrite=True, progress="off")
     weights, config = read_adapter(out)
     assert config["moe_local"]["hyperparameters"]["lr"] == 0.05
@@ -217,18 +243,20 @@ def test_a_failed_run_leaves_only_what_the_next_run_can_use(olmoe_dir, tmp_path)
     settings = tune.TuneSettings(epochs=1, **SMALL)
     with pytest.raises(UserError, match="6 records"):
         tune.tune(m, records, unit_rows(5), settings, tmp_path / "runs" / "A", progress="off")
-    assert not (tmp_path / "runs").exists()       # the folders it made are gone
+    assert not (tmp_path / "runs").exists()  # the folders it made are gone
 
-    with pytest.raises(Interrupt):                # stopped before its first checkpoint
+    with pytest.raises(Interrupt):  # stopped before its first checkpoint
         tune.tune(m, records, emb, settings, tmp_path / "A", callbacks=[InterruptAt()], progress="off")
     assert [p.name for p in (tmp_path / "A").iterdir()] == ["bank"]
     result = tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
-    assert result.prepare_s == 0                  # the next run took the bank it left
+    assert result.prepare_s == 0  # the next run took the bank it left
 
 
 def test_adapter_from_another_model_is_refused(olmoe_dir, qwen3_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
-    tune.tune(m, answerable_records(m, 4), unit_rows(4), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off")
+    tune.tune(
+        m, answerable_records(m, 4), unit_rows(4), tune.TuneSettings(epochs=1, **SMALL), tmp_path / "A", progress="off"
+    )
     with pytest.raises(UserError, match="made for another model") as e:
         moe_local.load(str(qwen3_dir), backend="torch", adapter_path=tmp_path / "A")
     assert "\n" not in str(e.value)
@@ -247,10 +275,16 @@ def test_mlx_lm_loader_gives_the_same_logits(tmp_path):
     m = moe_local.load(str(folder), backend="torch")
     ids = np.array(m.tokenizer("What is 3 plus 4?\nAnswer:")["input_ids"])
     base = m.logits(ids)
-    tune.tune(m, answerable_records(m, 8), unit_rows(8), tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1}), tmp_path / "A",
-              progress="off")
+    tune.tune(
+        m,
+        answerable_records(m, 8),
+        unit_rows(8),
+        tune.TuneSettings(epochs=1, **{**SMALL, "lr": 0.1}),
+        tmp_path / "A",
+        progress="off",
+    )
     ours = moe_local.load(str(folder), backend="torch", adapter_path=tmp_path / "A").logits(ids)
-    assert np.abs(ours - base).max() > 1e-3   # the adapter changes the model
+    assert np.abs(ours - base).max() > 1e-3  # the adapter changes the model
     model, _ = load_model(Path(folder))
     load_adapters(model, str(tmp_path / "A"))
     theirs = np.array(model(mx.array(ids)[None]).astype(mx.float32))
@@ -261,22 +295,49 @@ def test_cli_prepare_then_tune_with_config_file(olmoe_dir, tmp_path, capsys):
     path = _task_file(moe_local.load(str(olmoe_dir), backend="torch"), tmp_path, 6)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("layers: 2\nepochs: 1\nbatch_size: 3\nlr: 0.01\nlam_warmup: 0\nbackend: torch\n")
-    bank = tmp_path / "A" / "bank"          # where tune looks for a bank by default
+    bank = tmp_path / "A" / "bank"  # where tune looks for a bank by default
     r = run_cli("prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
     assert r.returncode == 0, r.stderr
     assert (bank / "bank.json").is_file()
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A",
-                 "-c", cfg, "--method", "router")
+    r = run_main(
+        capsys,
+        "tune",
+        "--model",
+        olmoe_dir,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "A",
+        "-c",
+        cfg,
+        "--method",
+        "router",
+    )
     assert r[0] == 0, r[2]
-    assert "prepare:" not in r[1]           # the prepared bank was used, not made again
+    assert "prepare:" not in r[1]  # the prepared bank was used, not made again
     _, config = read_adapter(tmp_path / "A")
     assert config["moe_local"]["method"] == "router" and config["moe_local"]["hyperparameters"]["batch_size"] == 3
-    assert "step 2/2" in r[1]               # plain metric lines when stdout is not a terminal
+    assert "step 2/2" in r[1]  # plain metric lines when stdout is not a terminal
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "-c", cfg)
     assert r[0] == 2 and "exists and is not empty" in r[2] and "Traceback" not in r[2]
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--bank", bank, "--adapter-path",
-                 tmp_path / "A", "-c", cfg, "--method", "router", "--resume")
-    assert r[0] == 0, r[2]                  # already complete: rewrites the same adapter
+    r = run_main(
+        capsys,
+        "tune",
+        "--model",
+        olmoe_dir,
+        "--data",
+        path,
+        "--bank",
+        bank,
+        "--adapter-path",
+        tmp_path / "A",
+        "-c",
+        cfg,
+        "--method",
+        "router",
+        "--resume",
+    )
+    assert r[0] == 0, r[2]  # already complete: rewrites the same adapter
     r = run_main(capsys, "prepare", "--model", olmoe_dir, "--data", path, "--bank", bank, "--layers", 2)
     assert r[0] == 2 and "--overwrite" in r[2]
 
@@ -285,22 +346,72 @@ def test_cli_tune_and_eval_on_mlx(olmoe_dir, tmp_path, capsys):
     pytest.importorskip("mlx_lm")
     path = _task_file(moe_local.load(str(olmoe_dir), backend="mlx"), tmp_path, 6)
     common = ["--model", olmoe_dir, "--backend", "mlx"]
-    r = run_main(capsys, "tune", *common, "--data", path, "--adapter-path", tmp_path / "A", "--layers", 2,
-                 "--epochs", 1, "--batch-size", 3, "--lr", 0.05, "--lam-warmup", 0)
+    r = run_main(
+        capsys,
+        "tune",
+        *common,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "A",
+        "--layers",
+        2,
+        "--epochs",
+        1,
+        "--batch-size",
+        3,
+        "--lr",
+        0.05,
+        "--lam-warmup",
+        0,
+    )
     assert r[0] == 0, r[2]
     assert "prepare:" in r[1] and "step 2/2" in r[1] and "wrote" in r[1]
     weights, config = read_adapter(tmp_path / "A")
     assert config["moe_local"]["layers"] == [2, 3] and config["moe_local"]["method"] == "roma"
     report = tmp_path / "report.json"
-    r = run_main(capsys, "eval", *common, "--data", path, "--adapter-path", tmp_path / "A", "--oracle",
-                 "--oracle-steps", 2, "--report", report)
+    r = run_main(
+        capsys,
+        "eval",
+        *common,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "A",
+        "--oracle",
+        "--oracle-steps",
+        2,
+        "--report",
+        report,
+    )
     assert r[0] == 0, r[2]
     rows = json.loads(report.read_text())
-    assert [(row["method"], row["backend"]) for row in rows] == [("roma", "mlx"), ("oracle", "mlx"),
-                                                                 ("oracle_wrong", "mlx")]
-    r = run_main(capsys, "tune", *common, "--data", path, "--adapter-path", tmp_path / "A", "--layers", 2,
-                 "--epochs", 1, "--batch-size", 3, "--lr", 0.05, "--lam-warmup", 0, "--resume")
-    assert r[0] == 0, r[2]                  # already complete: rewrites the same adapter
+    assert [(row["method"], row["backend"]) for row in rows] == [
+        ("roma", "mlx"),
+        ("oracle", "mlx"),
+        ("oracle_wrong", "mlx"),
+    ]
+    r = run_main(
+        capsys,
+        "tune",
+        *common,
+        "--data",
+        path,
+        "--adapter-path",
+        tmp_path / "A",
+        "--layers",
+        2,
+        "--epochs",
+        1,
+        "--batch-size",
+        3,
+        "--lr",
+        0.05,
+        "--lam-warmup",
+        0,
+        "--resume",
+    )
+    assert r[0] == 0, r[2]  # already complete: rewrites the same adapter
     again, _ = read_adapter(tmp_path / "A")
     for name in weights:
         np.testing.assert_array_equal(again[name], weights[name])
@@ -309,10 +420,14 @@ def test_cli_tune_and_eval_on_mlx(olmoe_dir, tmp_path, capsys):
 def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "train.jsonl", task_records(4))
     np.save(path.with_suffix(".npy"), unit_rows(5))
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    r = run_main(
+        capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2"
+    )
     assert r[0] == 2 and "has 5 rows but the data has 4 records" in r[2]
     path.with_suffix(".npy").unlink()
-    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2")
+    r = run_main(
+        capsys, "tune", "--model", olmoe_dir, "--data", path, "--adapter-path", tmp_path / "A", "--layers", "2"
+    )
     assert r[0] == 2 and "moe-local embed" in r[2]
     assert not (tmp_path / "A").exists()
     for flag in ("--batch-size", "--layers"):
@@ -321,8 +436,10 @@ def test_cli_tune_bad_inputs(olmoe_dir, tmp_path, capsys):
     assert not (tmp_path / "B").exists()
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", "float32"), ("torch", "bfloat16"),
-                                            pytest.param("mlx", "float32", marks=BACKENDS[1].marks)])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [("torch", "float32"), ("torch", "bfloat16"), pytest.param("mlx", "float32", marks=BACKENDS[1].marks)],
+)
 def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     m = moe_local.load(str(olmoe_dir), backend=backend, dtype=dtype)
     records, emb = answerable_records(m, 6), unit_rows(6)
@@ -331,8 +448,8 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     for mode in modes:
         settings = tune.TuneSettings(epochs=1, prefix_cache=mode, **{**SMALL, "batch_size": 3})
         out[mode] = tune.tune(m, records, emb, settings, tmp_path / mode, progress="off")
-        assert not (tmp_path / mode / tune_folder.CACHE_FILE).exists()   # the memory-mapped file is removed
-    for name in out["memory"].weights:   # exact bytes round trip through the file
+        assert not (tmp_path / mode / tune_folder.CACHE_FILE).exists()  # the memory-mapped file is removed
+    for name in out["memory"].weights:  # exact bytes round trip through the file
         np.testing.assert_array_equal(out["disk"].weights[name], out["memory"].weights[name])
     # the prefix run in another batch layout, or the whole model: the same losses up to rounding
     loss = [r["loss"] for r in out["memory"].metrics]

@@ -16,19 +16,19 @@ from mlx_lm.convert import convert  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 from mlx_lm.utils import load_model  # noqa: E402
 
-import checkpoints  # noqa: E402
 import moe_local  # noqa: E402
 from moe_local.tuning import data, roma, tune  # noqa: E402
 from moe_local.tuning import folder as tune_folder  # noqa: E402
-from moe_local.tuning.prepare import prepare  # noqa: E402
 from moe_local.tuning.adapter import read_adapter  # noqa: E402
+from moe_local.tuning.prepare import prepare  # noqa: E402
+
+import checkpoints  # noqa: E402
 from helpers import answerable_records, recorded_routing, reference_scores, rel, unit_rows  # noqa: E402
 
 SMALL = dict(layers=2, lr=1e-2, batch_size=4, lam_warmup=3, log_every=1)
 IDS = np.random.default_rng(2).integers(0, 128, (2, 12))
 MASK = np.concatenate([np.zeros((1, 12), np.int64), np.ones((1, 12), np.int64)])
-MASK[0, 4:] = 1                        # row 0 left-padded by 4
-
+MASK[0, 4:] = 1  # row 0 left-padded by 4
 
 
 def _step_inputs(m, n=6, seed=3):
@@ -40,22 +40,31 @@ def _step_inputs(m, n=6, seed=3):
     bank = prepare(m, records, unit_rows(n, seed=seed), layers, progress="off")
     nb = roma.neighbours(bank.embeddings, bank.correct, 3, 0.4)
     batch = data.make_batch(data.encode_records(m.tokenizer, records), np.arange(n))
-    assert batch.mask.min() == 0       # some rows are padded
+    assert batch.mask.min() == 0  # some rows are padded
     targets, w = roma.neighbour_targets(bank.routing, nb, batch.index)
     rng = np.random.default_rng(0)
-    weights = {i: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
-               for i, v in zip(layers, m.get_router_weights(layers).values())}
+    weights = {
+        i: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+        for i, v in zip(layers, m.get_router_weights(layers).values())
+    }
     return records, layers, batch, targets, w, weights
 
 
 def _suffix_step(m, batch, layers, weights, targets, w, start):
     def loss_fn(scores, routing, onehot, targets, weights):
-        return tune._step_loss(scores, routing, onehot, targets, weights, lam=0.8, ce_weight=1.0,
-                               global_batch=batch.size)
+        return tune._step_loss(
+            scores, routing, onehot, targets, weights, lam=0.8, ce_weight=1.0, global_batch=batch.size
+        )
 
-    loss, _, grads = m.suffix_value_and_grad(m.prefix_hidden(batch, start), batch, start, layers, loss_fn,
-                                             {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
-                                             router_weights=weights)
+    loss, _, grads = m.suffix_value_and_grad(
+        m.prefix_hidden(batch, start),
+        batch,
+        start,
+        layers,
+        loss_fn,
+        {"onehot": batch.answer_onehot(), "targets": targets, "weights": w},
+        router_weights=weights,
+    )
     return loss, grads
 
 
@@ -77,8 +86,9 @@ def _mlx_full_model_step(m, batch, layers, weights, targets, w, lam=0.8):
         seq, T = batch.sample_seq, batch.ids.shape[1]
         rows = mx.array((seq * T + batch.prompt_pos[seq]).astype(np.int32))
         routing = mx.stack([captured[i][0][rows] for i in layers], axis=1)
-        value, _, _ = roma.roma_loss(scores, routing, mx.array(batch.answer_onehot()), mx.array(targets),
-                                     mx.array(w), lam, 1.0, batch.size)
+        value, _, _ = roma.roma_loss(
+            scores, routing, mx.array(batch.answer_onehot()), mx.array(targets), mx.array(w), lam, 1.0, batch.size
+        )
         return value
 
     try:
@@ -98,16 +108,17 @@ def _check_step(loss, grads, ref_loss, ref_grads, layers, rel_tol=1e-4):
 
 # -- the step ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fixture", ["qwen3_dir", "olmoe_dir", "grove_dir"])
 def test_mlx_prefix_cached_step_equals_full_model_and_torch_steps(fixture, request):
     folder = request.getfixturevalue(fixture)
     m = moe_local.load(str(folder), backend="mlx")
-    assert not m.model.training          # gradients through gather_mm need no training mode here
+    assert not m.model.training  # gradients through gather_mm need no training mode here
     _, layers, batch, targets, w, weights = _step_inputs(m)
     ref_loss, ref_grads = _mlx_full_model_step(m, batch, layers, weights, targets, w)
     cached = _suffix_step(m, batch, layers, weights, targets, w, layers[0])
     _check_step(*cached, ref_loss, ref_grads, layers)
-    full = _suffix_step(m, batch, layers, weights, targets, w, 0)      # what --prefix-cache full runs
+    full = _suffix_step(m, batch, layers, weights, targets, w, 0)  # what --prefix-cache full runs
     _check_step(*full, ref_loss, ref_grads, layers)
     t = moe_local.load(str(folder), backend="torch")
     _check_step(*_suffix_step(t, batch, layers, weights, targets, w, layers[0]), *cached, layers)
@@ -121,9 +132,16 @@ def test_mlx_oracle_offsets_gradient_equals_torch(olmoe_dir):
         m = moe_local.load(str(olmoe_dir), backend=backend)
         _, layers, batch, _, _, _ = _step_inputs(m)
         offsets = np.random.default_rng(1).standard_normal((batch.size, 2, 8)).astype(np.float32)
-        loss, aux, grad = m.suffix_value_and_grad(m.prefix_hidden(batch, layers[0]), batch, layers[0], layers,
-                                                  _ce_loss, {"onehot": batch.answer_onehot()}, offsets=offsets,
-                                                  wrt="offsets")
+        loss, aux, grad = m.suffix_value_and_grad(
+            m.prefix_hidden(batch, layers[0]),
+            batch,
+            layers[0],
+            layers,
+            _ce_loss,
+            {"onehot": batch.answer_onehot()},
+            offsets=offsets,
+            wrt="offsets",
+        )
         scores, routing = m.suffix_scores(m.prefix_hidden(batch, layers[0]), batch, layers[0], layers, offsets=offsets)
         np.testing.assert_array_equal(scores, aux["scores"])
         out.append((loss, grad, routing))
@@ -140,7 +158,7 @@ def test_hidden_host_round_trip_is_exact(olmoe_dir):
         assert host.dtype == np.float32 and host.shape == tuple(h.shape)
         assert mx.array_equal(m.hidden_from_host(host), h).item()
     bf16 = mx.array(np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)).astype(mx.bfloat16)
-    m.model.model.norm.weight = m.model.model.norm.weight.astype(mx.bfloat16)   # MLXModel.dtype reads it
+    m.model.model.norm.weight = m.model.model.norm.weight.astype(mx.bfloat16)  # MLXModel.dtype reads it
     host = m.hidden_to_host(bf16)
     assert host.dtype == np.int16
     back = m.hidden_from_host(host)
@@ -148,6 +166,7 @@ def test_hidden_host_round_trip_is_exact(olmoe_dir):
 
 
 # -- adapters across backends -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
@@ -174,7 +193,7 @@ def test_adapter_gives_the_same_logits_on_both_backends(tuned, adapter):
     m = moe_local.load(str(folder), backend="mlx", adapter_path=a)
     base = moe_local.load(str(folder), backend="torch").logits(IDS, MASK)
     ours = t.logits(IDS, MASK)
-    assert np.abs(ours - base)[MASK == 1].max() > 1e-3     # the adapter changes the model
+    assert np.abs(ours - base)[MASK == 1].max() > 1e-3  # the adapter changes the model
     np.testing.assert_allclose(m.logits(IDS, MASK)[MASK == 1], ours[MASK == 1], atol=1e-4)
 
 
@@ -206,7 +225,7 @@ def test_quantized_step_equals_full_model_step(tuned):
     _, layers, batch, targets, w, weights = _step_inputs(m)
     ref_loss, ref_grads = _mlx_full_model_step(m, batch, layers, weights, targets, w)
     _check_step(*_suffix_step(m, batch, layers, weights, targets, w, layers[0]), ref_loss, ref_grads, layers)
-    assert isinstance(m.moe_block(3).gate, nn.QuantizedLinear)   # the model's own gates are untouched
+    assert isinstance(m.moe_block(3).gate, nn.QuantizedLinear)  # the model's own gates are untouched
 
 
 def test_tune_on_mlx_equals_tune_on_torch(tuned, tmp_path):

@@ -15,7 +15,7 @@ the cache then holds every token handed out, that one included (the lookahead ha
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, stream_generate
@@ -64,13 +64,15 @@ class MLXGeneration:
         its stream on the default device at import, which on a Mac is the GPU even for a CPU model."""
         if self._stream is None:
             device = mx.Device(mx.gpu if self.device == "gpu" else mx.cpu)
-            self._stream = generation_stream if generation_stream.device == device \
-                else mx.new_thread_local_stream(device)
+            self._stream = (
+                generation_stream if generation_stream.device == device else mx.new_thread_local_stream(device)
+            )
         return self._stream
 
-    def stream_tokens(self, ids, cache, max_tokens: int, temp: float = 0.0, top_p: float = 1.0,
-                      seed: int | None = None, eos_ids=()) -> Iterator[int]:
-        if self._wrapper is None:   # built once: the constructor inspects the vocabulary
+    def stream_tokens(
+        self, ids, cache, max_tokens: int, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None, eos_ids=()
+    ) -> Iterator[int]:
+        if self._wrapper is None:  # built once: the constructor inspects the vocabulary
             self._wrapper = TokenizerWrapper(self.tokenizer, detokenizer_class=_NoText)
         # A copy per call, so that two conversations on one model keep their own end tokens; set after
         # construction because the constructor always adds the tokenizer's own end token.
@@ -78,10 +80,16 @@ class MLXGeneration:
         wrapper.eos_token_ids = eos_ids
         if seed is not None:
             mx.random.seed(seed)
-        prompt = mx.array(list(ids)[self.cache_length(cache):], dtype=mx.int32)
-        for response in stream_generate(self.model, wrapper, prompt, max_tokens=max_tokens,
-                                        sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=cache,
-                                        stream=self._generation_stream()):
+        prompt = mx.array(list(ids)[self.cache_length(cache) :], dtype=mx.int32)
+        for response in stream_generate(
+            self.model,
+            wrapper,
+            prompt,
+            max_tokens=max_tokens,
+            sampler=make_sampler(temp=temp, top_p=top_p),
+            prompt_cache=cache,
+            stream=self._generation_stream(),
+        ):
             yield response.token
 
     @staticmethod

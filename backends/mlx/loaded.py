@@ -37,7 +37,7 @@ def default_device() -> str:
     return "gpu" if mx.metal.is_available() else "cpu"
 
 
-def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
+def load(folder: Path, moe_impl=None, dtype=None, device=None) -> MLXModel:
     """Load a folder (float or mlx-lm-quantized). ``device`` ('cpu' or 'gpu', default: the GPU where
     Metal is available) becomes MLX's default device, as MLX programs select devices."""
     spec = load_spec(folder)
@@ -58,7 +58,6 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "MLXModel":
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     model = load_mlx_model(folder, spec, moe_impl, DTYPES[dtype_name])
     return MLXModel(model, spec, Path(folder), moe_impl, device)
-
 
 
 class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
@@ -130,6 +129,7 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
 def float_gate(gate) -> mx.array:
     """The gate's weight as a float array, dequantized when the gate is quantized."""
     if isinstance(gate, nn.QuantizedLinear):
-        return mx.dequantize(gate.weight, gate.scales, gate.get("biases"), group_size=gate.group_size,
-                             bits=gate.bits, mode=gate.mode)
+        return mx.dequantize(
+            gate.weight, gate.scales, gate.get("biases"), group_size=gate.group_size, bits=gate.bits, mode=gate.mode
+        )
     return gate.weight

@@ -63,7 +63,7 @@ def stack_adjugates(weights: dict, spec: ModelSpec) -> dict:
                 names = [f"{prefix}.{j}.{part}.{suffix}" for j in range(moe.num_groups)]
                 missing = [n for n in names if n not in weights]
                 if missing:
-                    raise KeyError(missing[0])   # reported like mlx-lm's own missing experts
+                    raise KeyError(missing[0])  # reported like mlx-lm's own missing experts
                 weights[f"{prefix}.{part}.{suffix}"] = mx.stack([weights.pop(n) for n in names])
     return weights
 
@@ -89,11 +89,14 @@ def load_mlx_model(folder: Path, spec: ModelSpec, impl: str, dtype):
     cls, args_cls = library_classes(spec)
     config = mlx_config(spec)
     try:
-        model, _ = load_model(Path(folder), model_config=config,
-                              get_model_classes=lambda config: (partial(cls, spec=spec, impl=impl), args_cls))
-    except KeyError as e:          # a sanitize step popping a tensor the folder lacks
+        model, _ = load_model(
+            Path(folder),
+            model_config=config,
+            get_model_classes=lambda config: (partial(cls, spec=spec, impl=impl), args_cls),
+        )
+    except KeyError as e:  # a sanitize step popping a tensor the folder lacks
         raise UserError(f"{folder} lacks tensor {e.args[0]}") from None
-    except (ValueError, FileNotFoundError) as e:   # mlx-lm's strict load: missing / extra / mis-shaped
+    except (ValueError, FileNotFoundError) as e:  # mlx-lm's strict load: missing / extra / mis-shaped
         message = " ".join(str(e).split())[:300] or type(e).__name__
         raise UserError(f"cannot load {folder} with the mlx backend: {message}") from None
     cast_floats(model, dtype)
@@ -102,6 +105,7 @@ def load_mlx_model(folder: Path, spec: ModelSpec, impl: str, dtype):
 
 def cast_floats(model: nn.Module, dtype) -> None:
     """Cast floating parameters (quantization scales included, packed weights not) to ``dtype``."""
+
     def cast(v):
         return v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
 

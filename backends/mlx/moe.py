@@ -83,8 +83,14 @@ def expert_weight(layer, e: int) -> mx.array:
     """Expert ``e``'s float weight ``[out, in]`` of a (possibly quantized) switch layer."""
     if isinstance(layer, QuantizedSwitchLinear):
         biases = layer.get("biases")
-        return mx.dequantize(layer.weight[e], layer.scales[e], None if biases is None else biases[e],
-                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return mx.dequantize(
+            layer.weight[e],
+            layer.scales[e],
+            None if biases is None else biases[e],
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
     return layer.weight[e]
 
 
@@ -95,9 +101,9 @@ def dense(layer, e: int, x: mx.array) -> mx.array:
 class GroupPlan(NamedTuple):
     """The distinct (token, group) pairs of a routing, as rows of the flattened [T, k] slots."""
 
-    same: mx.array    # [T, k, k]: slots i and j of a token chose experts of the same group
-    group: mx.array   # [T*k]: each slot's group, or num_groups where an earlier slot has it
-    order: mx.array   # [T*k]: slots sorted by that key: the first `rows` are the distinct pairs
+    same: mx.array  # [T, k, k]: slots i and j of a token chose experts of the same group
+    group: mx.array  # [T*k]: each slot's group, or num_groups where an earlier slot has it
+    order: mx.array  # [T*k]: slots sorted by that key: the first `rows` are the distinct pairs
     rows: int
 
 
@@ -108,11 +114,11 @@ def group_plan(idx: mx.array, experts_per_group: int, num_groups: int) -> GroupP
     gid = idx // experts_per_group
     same = gid[:, :, None] == gid[:, None, :]
     earlier = mx.tril(mx.ones((k, k), dtype=mx.bool_), k=-1)
-    first = ~mx.any(same & earlier, axis=-1)           # the slot opens its group in this token
+    first = ~mx.any(same & earlier, axis=-1)  # the slot opens its group in this token
     group = mx.where(first, gid, num_groups).flatten()  # repeats sort after every real group
     try:
         rows = int(first.sum().item())
-    except ValueError:                                  # "[eval] ... during function transformations"
+    except ValueError:  # "[eval] ... during function transformations"
         return None
     return GroupPlan(same, group, mx.argsort(group), rows)
 
@@ -132,8 +138,8 @@ class MoEBlock(nn.Module):
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
         self.spec = moe
         self.impl = impl
-        self.adjugate = "auto"               # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
-        self.sort_min_rows = SORT_MIN_ROWS   # benchmarks set it to time always/never sorted rows
+        self.adjugate = "auto"  # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
+        self.sort_min_rows = SORT_MIN_ROWS  # benchmarks set it to time always/never sorted rows
         self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
         self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
@@ -160,19 +166,19 @@ class MoEBlock(nn.Module):
         plan = None
         if strategy == "per-group":
             plan = group_plan(idx, grove.experts_per_group, self.spec.num_groups)
-            if plan is None:                                   # inside mx.compile: no host reads
+            if plan is None:  # inside mx.compile: no host reads
                 strategy = "per-slot"
         if rows >= self.sort_min_rows:
             flat = idx.flatten()
             order = mx.argsort(flat)
-            xs = x[order // k][:, None, :]                     # [rows, 1, H], sorted by expert
+            xs = x[order // k][:, None, :]  # [rows, 1, H], sorted by expert
             ids = flat[order]
             y = self.switch_mlp(xs, ids, True)
-            if strategy == "per-slot":                         # sorted by expert = sorted by group
+            if strategy == "per-slot":  # sorted by expert = sorted by group
                 y = y + grove.scale * self.chunk_experts(xs, ids // grove.experts_per_group, True)
             y = y[mx.argsort(order)].reshape(tokens, k, -1)
         else:
-            xs = mx.expand_dims(x, (-2, -3))                   # [T, 1, 1, H]
+            xs = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, H]
             y = self.switch_mlp(xs, idx, False)
             if strategy == "per-slot":
                 y = y + grove.scale * self.chunk_experts(xs, idx // grove.experts_per_group, False)
@@ -182,11 +188,11 @@ class MoEBlock(nn.Module):
             out = out + grove.scale * self._adjugates_per_group(x, weights, plan)
         return out
 
-    def _adjugates_per_group(self, x: mx.array, weights: mx.array, plan: "GroupPlan") -> mx.array:
+    def _adjugates_per_group(self, x: mx.array, weights: mx.array, plan: GroupPlan) -> mx.array:
         """Σ_groups (Σ_{i in group} w_i) A_group(x), each adjugate once per (token, group)."""
         tokens, k = weights.shape
-        keep = plan.order[:plan.rows]
-        summed = mx.where(plan.same, weights[:, None, :], 0).sum(axis=-1)   # each slot's group weight
+        keep = plan.order[: plan.rows]
+        summed = mx.where(plan.same, weights[:, None, :], 0).sum(axis=-1)  # each slot's group weight
         a = self.chunk_experts(x[keep // k][:, None, :], plan.group[keep], True)[:, 0]
         a = a * summed.flatten()[keep][:, None]
         # Back to (token, slot) layout with zero rows for the repeats, then sum over slots: gathers

@@ -32,7 +32,9 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
     dtype = DTYPES[spec.dtype]
     names = spec.names
     block = re.escape(family(spec.family).mlx.block)
-    stacked = re.compile(rf"^model\.layers\.(\d+)\.{block}\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$")
+    stacked = re.compile(
+        rf"^model\.layers\.(\d+)\.{block}\.(switch_mlp|chunk_experts)\.((?:gate|up|down)_proj)\.weight$"
+    )
     router = re.compile(rf"^model\.layers\.(\d+)\.{block}\.gate\.(weight|bias)$")
     out = {}
     for name, value in params.items():
@@ -68,8 +70,9 @@ def quantization_config(config: dict, tensors: dict) -> dict:
     out = {}
     for key in ("quantization", "quantization_config"):
         if isinstance(config.get(key), dict):
-            out[key] = {k: v for k, v in config[key].items()
-                        if not (isinstance(v, dict) and f"{k}.scales" not in tensors)}
+            out[key] = {
+                k: v for k, v in config[key].items() if not (isinstance(v, dict) and f"{k}.scales" not in tensors)
+            }
     return out
 
 

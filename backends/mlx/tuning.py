@@ -7,9 +7,10 @@ with padding gets mlx-lm's ``BatchKVCache`` per layer (RoPE offsets ``-padding``
 hides the padding), as ``MLXModel.logits`` and mlx-lm's batched generation do. Only the gates of the
 tuned layers are swapped, for the duration of one call, for :class:`LiveGate`, which computes the
 router logits from the given float32 weights (plus the oracle's offsets) and records the routing
-distribution (router.py, the block's own rule) at each sample's last prompt token. MoE blocks stay in eval mode: our blocks call
-``gather_mm`` / ``gather_qmm`` directly, and their gradients need no training mode (checked by the
-tests against a full-model ``nn.value_and_grad`` and against the torch backend).
+distribution (router.py, the block's own rule) at each sample's last prompt token. MoE blocks stay in
+eval mode: our blocks call ``gather_mm`` / ``gather_qmm`` directly, and their gradients need no
+training mode (checked by the tests against a full-model ``nn.value_and_grad`` and against the torch
+backend).
 """
 
 from __future__ import annotations
@@ -118,8 +119,18 @@ class MLXTuning:
         scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
         return np.array(scores), np.array(routing)
 
-    def suffix_value_and_grad(self, hidden, batch: Batch, layer: int, layers, loss_fn, inputs: dict,
-                              router_weights=None, offsets=None, wrt: str = "router_weights"):
+    def suffix_value_and_grad(
+        self,
+        hidden,
+        batch: Batch,
+        layer: int,
+        layers,
+        loss_fn,
+        inputs: dict,
+        router_weights=None,
+        offsets=None,
+        wrt: str = "router_weights",
+    ):
         if wrt not in ("router_weights", "offsets"):
             raise ValueError(f"wrt must be 'router_weights' or 'offsets', got {wrt!r}")
         weights = None if router_weights is None else _arrays(router_weights)

@@ -68,7 +68,7 @@ class Group(Local):
             at = 0
             for i in members:
                 size = arrays[i].size
-                out[i] = flat[at:at + size].reshape(arrays[i].shape)
+                out[i] = flat[at : at + size].reshape(arrays[i].shape)
                 at += size
         return out
 
@@ -93,15 +93,15 @@ def _settle(group: Group, error: BaseException) -> tuple[BaseException, bool]:
     import torch.distributed as dist
 
     if not isinstance(error, RankFailed):
-        if isinstance(error, dist.DistError):   # the group itself broke (a peer died): nothing to agree on
+        if isinstance(error, dist.DistError):  # the group itself broke (a peer died): nothing to agree on
             return error, False
         try:
             group.check(error)
         except RankFailed as shared:
             error = shared
-        except Exception:   # the exchange failed too (a peer is gone): report our own error
+        except Exception:  # the exchange failed too (a peer is gone): report our own error
             return error, False
-    if not group.is_main:   # rank 0 prints the error; this rank's own traceback on request, as the CLI does
+    if not group.is_main:  # rank 0 prints the error; this rank's own traceback on request, as the CLI does
         if os.environ.get("MOE_LOCAL_DEBUG") and error.own is not None:
             traceback.print_exception(error.own)
         return SystemExit(error.code), True
@@ -121,8 +121,10 @@ def rank_device(device: str | None, local_rank: int) -> str:
     if device == "cuda":
         return f"cuda:{local_rank}"
     if device.startswith("cuda:"):
-        raise UserError(f"--device {device}: under torchrun each rank runs on cuda:LOCAL_RANK; give --device cuda "
-                        "(or leave it out) and pick the GPUs with CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"--device {device}: under torchrun each rank runs on cuda:LOCAL_RANK; give --device cuda "
+            "(or leave it out) and pick the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if device != "cpu":
         raise UserError(f"--device {device}: runs under torchrun take cpu or cuda")
     return device
@@ -165,7 +167,7 @@ def session(device: str | None = None):
     # can pass NCCL's default 10 minutes. A rank that dies is caught by torchrun, not by this timeout.
     dist.init_process_group(kind, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
     group = Group(rank, world, device, kind)
-    agreed = False   # every rank is alive and past its last collective
+    agreed = False  # every rank is alive and past its last collective
     try:
         yield group, device
         group.check()
@@ -191,7 +193,7 @@ def _wait_for_peers(kind: str) -> None:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         else:
             dist.barrier()
-    except Exception:   # a peer is gone: nothing left to wait for
+    except Exception:  # a peer is gone: nothing left to wait for
         pass
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -54,9 +54,16 @@ def generation_config(max_tokens: int, temp: float, top_p: float, eos_ids, pad_i
     """Explicit settings: nothing from a checkpoint's generation_config.json or transformers' defaults
     (top_k=50) leaks in, so sampling is temperature and top-p only, as in mlx-lm."""
     sample = temp > 0
-    return GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, temperature=temp if sample else None,
-                            top_p=top_p if sample else None, top_k=0 if sample else None,
-                            eos_token_id=sorted(eos_ids) or None, pad_token_id=pad_id, use_cache=True)
+    return GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=sample,
+        temperature=temp if sample else None,
+        top_p=top_p if sample else None,
+        top_k=0 if sample else None,
+        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
 
 
 class TorchGeneration:
@@ -75,12 +82,14 @@ class TorchGeneration:
         if excess > 0:
             cache.crop(-excess)
 
-    def stream_tokens(self, ids, cache, max_tokens: int, temp: float = 0.0, top_p: float = 1.0,
-                      seed: int | None = None, eos_ids=()) -> Iterator[int]:
+    def stream_tokens(
+        self, ids, cache, max_tokens: int, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None, eos_ids=()
+    ) -> Iterator[int]:
         eos_ids = sorted(eos_ids)
         pad = self.tokenizer.pad_token_id
-        config = generation_config(max_tokens, temp, top_p, eos_ids, pad if pad is not None else
-                                   (eos_ids[0] if eos_ids else 0))
+        config = generation_config(
+            max_tokens, temp, top_p, eos_ids, pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+        )
         if seed is not None:
             torch.manual_seed(seed)
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
@@ -89,10 +98,15 @@ class TorchGeneration:
         def work():
             try:
                 if self.device.type == "cuda" and self.device.index is not None:
-                    torch.cuda.set_device(self.device)   # kernels (Triton) launch on the thread's device
-                self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache,
-                                    generation_config=config, streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([stop]))
+                    torch.cuda.set_device(self.device)  # kernels (Triton) launch on the thread's device
+                self.model.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    past_key_values=cache,
+                    generation_config=config,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                )
             except BaseException as e:  # handed to the consumer's thread
                 failure.append(e)
                 streamer.queue.put(_DONE)
@@ -117,7 +131,7 @@ class TorchGeneration:
             return torch.cuda.max_memory_allocated(self.device)
         try:
             import resource
-        except ImportError:   # Windows
+        except ImportError:  # Windows
             return 0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024

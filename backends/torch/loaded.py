@@ -1,4 +1,5 @@
-"""The loaded PyTorch model: ``moe_local.loaded``'s interface over a transformers causal LM with the project's MoE blocks."""
+"""The loaded PyTorch model: ``moe_local.loaded``'s interfaces over a transformers causal LM with the
+project's MoE blocks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from moe_local.loaded import LoadedModel, TuningOps
 
 from ..shared import checked_batch
 from .generation import TorchGeneration
-from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm
+from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm, positions_from_mask
 from .moe import MOE_IMPLS
 from .tuning import TorchTuning
 
@@ -38,7 +39,7 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "TorchModel":
+def load(folder: Path, moe_impl=None, dtype=None, device=None) -> TorchModel:
     spec = load_spec(folder)
     device = device or default_device()
     check_device(device)
@@ -54,11 +55,6 @@ def load(folder: Path, moe_impl=None, dtype=None, device=None) -> "TorchModel":
         raise UserError(f"dtype '{dtype_name}' is not supported (choose {', '.join(DTYPES)})")
     model = load_causal_lm(folder, spec, moe_impl, DTYPES[dtype_name], device)
     return TorchModel(model, spec, Path(folder), moe_impl, device)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
@@ -87,8 +83,7 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
     @torch.no_grad()
     def logits(self, ids, attention_mask=None) -> np.ndarray:
         ids, mask = self.as_batch(ids, attention_mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=False)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
         return out.logits.float().cpu().numpy()
 
     def save(self, out: Path) -> Path:
@@ -102,8 +97,10 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
     def get_router_weights(self, layers=None) -> dict:
         layers = self.spec.moe_layers if layers is None else layers
         # A copy: the arrays must not alias the live parameters.
-        return {self.spec.names.router_weight(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy()
-                for i in layers}
+        return {
+            self.spec.names.router_weight(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy()
+            for i in layers
+        }
 
     @torch.no_grad()
     def set_router_weights(self, weights: dict) -> None:

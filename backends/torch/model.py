@@ -30,6 +30,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROJECTIONS = ("gate", "up", "down")
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def library_classes(spec: ModelSpec):
     """(causal-LM class, config class) the family names; the class is named for the family's own
     architecture when the library's differs (GroveMoE runs as ``GroveMoeForCausalLM``)."""
@@ -73,7 +78,7 @@ def _model_name(spec: ModelSpec, name: str) -> str:
     for moe in spec.moe:
         prefix = f"{names.block_prefix(moe.layer)}.{names.router}."
         if name.startswith(prefix):
-            return f"model.layers.{moe.layer}.{_block(spec)}.gate.{name[len(prefix):]}"
+            return f"model.layers.{moe.layer}.{_block(spec)}.gate.{name[len(prefix) :]}"
     return name
 
 
@@ -116,8 +121,10 @@ def _fused_experts(folder, spec, prefix: str, parts: dict, dtype) -> dict[str, t
         raise UserError(f"{folder}: the gate and up projections of {prefix} differ in shape") from None
     model_prefix = _model_prefix(spec, prefix)
     try:
-        return {f"{model_prefix}.gate_up_proj": torch.stack(gate_up).to(dtype),
-                f"{model_prefix}.down_proj": torch.stack(down).to(dtype)}
+        return {
+            f"{model_prefix}.gate_up_proj": torch.stack(gate_up).to(dtype),
+            f"{model_prefix}.down_proj": torch.stack(down).to(dtype),
+        }
     except RuntimeError:
         raise UserError(f"{folder}: the experts of {prefix} differ in shape") from None
 
@@ -148,15 +155,20 @@ def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder:
         raise UserError(f"{folder} lacks tensor {_checkpoint_name(spec, missing[0])}")
     unexpected = [n for n in state if n not in expected]
     if unexpected:
-        raise UserError(f"{folder} has tensor {unexpected[0]}, which a {spec.family} model with this config "
-                        "does not have")
+        raise UserError(
+            f"{folder} has tensor {unexpected[0]}, which a {spec.family} model with this config does not have"
+        )
     for name, tensor in state.items():
         if name.endswith("_proj") and tensor.shape[0] != expected[name].shape[0]:
-            raise UserError(f"{folder} has {tensor.shape[0]} experts in {_checkpoint_prefix(spec, name.rsplit('.', 1)[0])}, "
-                            f"the config says {expected[name].shape[0]}")
+            raise UserError(
+                f"{folder} has {tensor.shape[0]} experts in {_checkpoint_prefix(spec, name.rsplit('.', 1)[0])}, "
+                f"the config says {expected[name].shape[0]}"
+            )
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{folder}: tensor {_checkpoint_name(spec, name)} has shape {tuple(tensor.shape)}, "
-                            f"expected {_checkpoint_shape(name, expected[name].shape)}")
+            raise UserError(
+                f"{folder}: tensor {_checkpoint_name(spec, name)} has shape {tuple(tensor.shape)}, "
+                f"expected {_checkpoint_shape(name, expected[name].shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

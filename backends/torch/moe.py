@@ -43,21 +43,23 @@ class Experts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
 
-def grouped_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor,
-                   counts: list[int], experts: Experts) -> torch.Tensor:
+def grouped_swiglu(
+    x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, counts: list[int], experts: Experts
+) -> torch.Tensor:
     """Σ over rows of ``weight · expert(x[token])`` into [T, H]; rows are sorted by expert, ``counts`` per expert."""
     xs = x.index_select(0, row_token)
     pieces, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            pieces.append(experts.one(e, xs[start:start + n]))
+            pieces.append(experts.one(e, xs[start : start + n]))
             start += n
     ys = torch.cat(pieces) * row_weight.unsqueeze(-1)
     return torch.zeros_like(x).index_add(0, row_token, ys.to(x.dtype))
 
 
-def grouped_swiglu_mm(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor,
-                      counts: list[int], experts: Experts) -> torch.Tensor:
+def grouped_swiglu_mm(
+    x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, counts: list[int], experts: Experts
+) -> torch.Tensor:
     """``grouped_swiglu`` through ``torch._grouped_mm`` (one call per projection; forward only on CPU)."""
     xs = x.index_select(0, row_token)
     offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)

@@ -57,14 +57,22 @@ def rule_of_thumb(tokens: int, top_k: int, num_experts: int) -> dict:
     return CONFIGS["prefill"]
 
 
-def config_for(tokens: int, top_k: int, num_experts: int, expert_size: int, hidden_size: int,
-               interpreted: bool = False) -> dict:
+def config_for(
+    tokens: int, top_k: int, num_experts: int, expert_size: int, hidden_size: int, interpreted: bool = False
+) -> dict:
     """The launch configuration for one layer call."""
     if interpreted:
         # Triton's interpreter runs programs one after another in numpy: few, large tiles are fastest.
         n1, k = min(64, next_power_of_2(expert_size)), min(128, next_power_of_2(hidden_size))
-        return dict(BLOCK_M=16, BLOCK_N1=max(16, n1), BLOCK_K1=max(16, k), BLOCK_N2=max(16, k),
-                    BLOCK_K2=max(16, n1), num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_M=16,
+            BLOCK_N1=max(16, n1),
+            BLOCK_K1=max(16, k),
+            BLOCK_N2=max(16, k),
+            BLOCK_K2=max(16, n1),
+            num_warps=4,
+            num_stages=1,
+        )
     by_tokens = TABLE.get((num_experts, expert_size, hidden_size))
     if by_tokens is None:
         return rule_of_thumb(tokens, top_k, num_experts)

@@ -21,19 +21,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_keys(rows, idx_ptr, w_ptr, rows_o, R, k, E, X, per_group, scale,
-              GROVE: tl.constexpr, KP: tl.constexpr):
+def _row_keys(rows, idx_ptr, w_ptr, rows_o, R, k, E, X, per_group, scale, GROVE: tl.constexpr, KP: tl.constexpr):
     """(key, row weight) of rows ``rows``: key = the expert (ordinary rows), E + group (an
     adjugate row that is its token's first slot in that group), X (skipped)."""
     in_range = rows < R
     is_adj = rows >= rows_o
-    slot_row = tl.where(is_adj, rows - rows_o, rows)          # the (token, slot) a row comes from
+    slot_row = tl.where(is_adj, rows - rows_o, rows)  # the (token, slot) a row comes from
     e = tl.load(idx_ptr + slot_row, mask=in_range, other=0).to(tl.int32)
     w = tl.load(w_ptr + slot_row, mask=in_range, other=0.0).to(tl.float32)
     key = e
     if GROVE:
         s = slot_row % k
-        first = slot_row - s                                  # the token's slot 0
+        first = slot_row - s  # the token's slot 0
         slots = tl.arange(0, KP)
         both = in_range[:, None] & (slots[None, :] < k)
         others = tl.load(idx_ptr + first[:, None] + slots[None, :], mask=both, other=0).to(tl.int32)
@@ -54,15 +53,33 @@ _COUNTS = ["rows_o", "R", "k", "E", "X", "per_group", "blocks_o", "blocks", "til
 
 
 def _jit(fn):
-    names = set(fn.__code__.co_varnames[:fn.__code__.co_argcount])
+    names = set(fn.__code__.co_varnames[: fn.__code__.co_argcount])
     return triton.jit(fn, do_not_specialize=[n for n in _COUNTS if n in names])
 
 
 @_jit
-def align_kernel(idx_ptr, w_ptr, sorted_ptr, block_expert_ptr, row_weight_ptr, adj_valid_ptr,
-                 rows_o, R, k, E, X, per_group, scale, blocks_o, blocks,
-                 GROVE: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr):
+def align_kernel(
+    idx_ptr,
+    w_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    row_weight_ptr,
+    adj_valid_ptr,
+    rows_o,
+    R,
+    k,
+    E,
+    X,
+    per_group,
+    scale,
+    blocks_o,
+    blocks,
+    GROVE: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+):
     """Counting sort of the rows by key in one program (decode sizes): three passes over the rows."""
     xs = tl.arange(0, BLOCK_X)
     lane = tl.arange(0, BLOCK_R)
@@ -124,10 +141,30 @@ def _block_rows(sorted_ptr, m_block, rows_o, R, k, BLOCK_M: tl.constexpr):
 
 
 @_jit
-def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_ptr, act_ptr,
-                  rows_o, R, k, E, H, I, Ia, blocks_o, tiles_o, nb_o, nb_a,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+def swiglu_kernel(
+    x_ptr,
+    gate_up_ptr,
+    adj_gate_up_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    act_ptr,
+    rows_o,
+    R,
+    k,
+    E,
+    H,
+    I,
+    Ia,
+    blocks_o,
+    tiles_o,
+    nb_o,
+    nb_a,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """act[row, n] = silu(x[token] · Wg[e, n]) * (x[token] · Wu[e, n]) for one (M-block, N-block) tile.
 
     Weights [experts, 2N, H] (gate rows then up rows), contiguous. Tiles ``< tiles_o`` are the
@@ -176,15 +213,37 @@ def swiglu_kernel(x_ptr, gate_up_ptr, adj_gate_up_ptr, sorted_ptr, block_expert_
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
         h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(act_ptr + act_row[:, None] + offs_n[None, :], _rounded(h, act_ptr.dtype.element_ty, INTERP_BF16),
-                 mask=real[:, None] & n_ok[None, :])
+        tl.store(
+            act_ptr + act_row[:, None] + offs_n[None, :],
+            _rounded(h, act_ptr.dtype.element_ty, INTERP_BF16),
+            mask=real[:, None] & n_ok[None, :],
+        )
 
 
 @_jit
-def down_kernel(act_ptr, down_ptr, adj_down_ptr, sorted_ptr, block_expert_ptr, row_weight_ptr, out_ptr,
-                rows_o, R, k, E, H, I, Ia, blocks_o, nb,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+def down_kernel(
+    act_ptr,
+    down_ptr,
+    adj_down_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    row_weight_ptr,
+    out_ptr,
+    rows_o,
+    R,
+    k,
+    E,
+    H,
+    I,
+    Ia,
+    blocks_o,
+    nb,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """out[row, n] = row_weight[row] · (act[row] · Wd[e, n]) for one (M-block, N-block) tile.
 
     Weights [experts, H, K] contiguous, K = I for ordinary M-blocks and Ia for adjugate ones.
@@ -221,13 +280,26 @@ def down_kernel(act_ptr, down_ptr, adj_down_ptr, sorted_ptr, block_expert_ptr, r
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         acc = acc * tl.load(row_weight_ptr + rows, mask=real, other=0.0)[:, None]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + offs_n[None, :],
-                 _rounded(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=real[:, None] & n_ok[None, :])
+        tl.store(
+            out_ptr + rows.to(tl.int64)[:, None] * H + offs_n[None, :],
+            _rounded(acc, out_ptr.dtype.element_ty, INTERP_BF16),
+            mask=real[:, None] & n_ok[None, :],
+        )
 
 
 @_jit
-def combine_kernel(rows_ptr, adj_valid_ptr, y_ptr, rows_o, k, H,
-                   GROVE: tl.constexpr, KP: tl.constexpr, BLOCK_H: tl.constexpr, INTERP_BF16: tl.constexpr):
+def combine_kernel(
+    rows_ptr,
+    adj_valid_ptr,
+    y_ptr,
+    rows_o,
+    k,
+    H,
+    GROVE: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
     """y[t] = Σ_s out[t·k + s] + Σ_s valid[t, s] · out[rows_o + t·k + s], summed in fp32."""
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

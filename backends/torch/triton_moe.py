@@ -72,14 +72,32 @@ def fused_moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, block) 
     grove = block.spec.grove
     if grove is None:
         return moe_forward(x, idx, weights, block.experts.gate_up_proj, block.experts.down_proj)
-    return moe_forward(x, idx, weights, block.experts.gate_up_proj, block.experts.down_proj,
-                       block.chunk_experts.gate_up_proj, block.chunk_experts.down_proj,
-                       experts_per_group=grove.experts_per_group, scale=grove.scale)
+    return moe_forward(
+        x,
+        idx,
+        weights,
+        block.experts.gate_up_proj,
+        block.experts.down_proj,
+        block.chunk_experts.gate_up_proj,
+        block.chunk_experts.down_proj,
+        experts_per_group=grove.experts_per_group,
+        scale=grove.scale,
+    )
 
 
-def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
-                experts_per_group: int = 1, scale: float = 1.0, config: dict | None = None,
-                align: str = "auto") -> torch.Tensor:
+def moe_forward(
+    x,
+    idx,
+    weights,
+    gate_up,
+    down,
+    adj_gate_up=None,
+    adj_down=None,
+    experts_per_group: int = 1,
+    scale: float = 1.0,
+    config: dict | None = None,
+    align: str = "auto",
+) -> torch.Tensor:
     """The fused op on plain tensors: ``gate_up [E, 2I, H]``, ``down [E, H, I]``, and for Grove the
     adjugates' ``[G, 2Ia, H]``, ``[G, H, Ia]`` with ``E = G · experts_per_group`` and λ = ``scale``.
 
@@ -103,7 +121,8 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     if align == "auto":
         align = "triton" if layout.R <= ALIGN_ONE_PROGRAM_MAX_ROWS else "torch"
     aligned = (align_rows_triton if align == "triton" else align_rows_torch)(
-        idx, weights, layout, experts_per_group, scale, kernels)
+        idx, weights, layout, experts_per_group, scale, kernels
+    )
     sorted_ids, block_expert, row_weight, adj_valid = aligned
 
     x = x.contiguous()
@@ -115,6 +134,8 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **FUSION)
     R, Ro = layout.R, layout.rows_o
 
+    # The three launches: operands in the kernels' signature order, grouped as there.
+    # fmt: off
     act = torch.empty(Ro * I + (R - Ro) * Ia, dtype=x.dtype, device=x.device)
     nb_o, nb_a = triton.cdiv(I, cfg["BLOCK_N1"]), triton.cdiv(Ia, cfg["BLOCK_N1"])
     tiles_o = layout.blocks_o * nb_o
@@ -138,6 +159,7 @@ def moe_forward(x, idx, weights, gate_up, down, adj_gate_up=None, adj_down=None,
     kernels.combine_kernel[(T, triton.cdiv(H, block_h))](
         rows, adj_valid, y, Ro, k, H, GROVE=grove, KP=next_power_of_2(k), BLOCK_H=block_h,
         INTERP_BF16=interp_bf16, **FUSION)
+    # fmt: on
     return y
 
 
@@ -147,7 +169,7 @@ class Layout:
     def __init__(self, tokens: int, top_k: int, num_experts: int, num_groups: int, block_m: int):
         self.tokens, self.top_k, self.block_m = tokens, top_k, block_m
         self.E, self.G = num_experts, num_groups
-        self.X = num_experts + num_groups             # keys; X itself marks a skipped row
+        self.X = num_experts + num_groups  # keys; X itself marks a skipped row
         self.rows_o = tokens * top_k
         self.R = self.rows_o * (2 if num_groups else 1)
         self.blocks_o = max_blocks(self.rows_o, num_experts, block_m)
@@ -169,25 +191,43 @@ def align_rows_triton(idx, weights, layout: Layout, experts_per_group: int, scal
     row_weight = torch.empty(layout.R, dtype=torch.float32, device=device)
     adj_valid = torch.empty(max(1, layout.R - layout.rows_o), dtype=torch.int8, device=device)
     kernels.align_kernel[(1,)](
-        idx.contiguous(), weights.contiguous(), sorted_ids, block_expert, row_weight, adj_valid,
-        layout.rows_o, layout.R, layout.top_k, layout.E, layout.X, experts_per_group, float(scale),
-        layout.blocks_o, layout.blocks,
-        GROVE=layout.G > 0, KP=next_power_of_2(layout.top_k), BLOCK_M=layout.block_m,
-        BLOCK_R=32, BLOCK_X=next_power_of_2(layout.X + 1), num_warps=4, **FUSION)
+        idx.contiguous(),
+        weights.contiguous(),
+        sorted_ids,
+        block_expert,
+        row_weight,
+        adj_valid,
+        layout.rows_o,
+        layout.R,
+        layout.top_k,
+        layout.E,
+        layout.X,
+        experts_per_group,
+        float(scale),
+        layout.blocks_o,
+        layout.blocks,
+        GROVE=layout.G > 0,
+        KP=next_power_of_2(layout.top_k),
+        BLOCK_M=layout.block_m,
+        BLOCK_R=32,
+        BLOCK_X=next_power_of_2(layout.X + 1),
+        num_warps=4,
+        **FUSION,
+    )
     return sorted_ids, block_expert, row_weight, adj_valid
 
 
 def align_rows_torch(idx, weights, layout: Layout, experts_per_group: int, scale: float, kernels=None):
     """The same four arrays as ``align_rows_triton`` from torch ops that parallelise over the rows
     (a stable counting sort; nothing is read back to the host)."""
-    device, T, k = idx.device, layout.tokens, layout.top_k
+    device, k = idx.device, layout.top_k
     E, X, bm = layout.E, layout.X, layout.block_m
     keys = idx.reshape(-1)
     row_weight = weights.reshape(-1).float()
     adj_valid = torch.zeros(1, dtype=torch.int8, device=device)
     if layout.G:
         group = torch.div(idx, experts_per_group, rounding_mode="floor")
-        same = group[:, :, None] == group[:, None, :]                      # [T, k, k]
+        same = group[:, :, None] == group[:, None, :]  # [T, k, k]
         earlier = torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)
         dup = (same & earlier).any(-1)
         summed = (same * weights.float()[:, None, :]).sum(-1)
@@ -206,7 +246,7 @@ def align_rows_torch(idx, weights, layout: Layout, experts_per_group: int, scale
     real = sorted_keys < X
     key = sorted_keys.clamp(max=X - 1)
     rank = torch.arange(layout.R, device=device) - (counts.cumsum(0) - counts)[key]
-    dump = layout.blocks * bm                                               # where skipped rows go
+    dump = layout.blocks * bm  # where skipped rows go
     pos = torch.where(real, starts[key] + rank, dump)
     sorted_ids = torch.full((dump + 1,), layout.R, dtype=torch.int32, device=device)
     sorted_ids[pos] = order.to(torch.int32)
@@ -235,7 +275,7 @@ def kernels_for(device: torch.device):
     """
     from triton.runtime.interpreter import InterpretedFunction
 
-    if isinstance(triton_kernels.swiglu_kernel, InterpretedFunction):   # TRITON_INTERPRET=1 at import
+    if isinstance(triton_kernels.swiglu_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 at import
         return triton_kernels, True
     if device.type != "cpu":
         return triton_kernels, False
@@ -263,6 +303,7 @@ class _Interpreted:
                 return self.fn[grid](*args, **kwargs)
             finally:
                 JITFunction.__call__ = call
+
         return launch
 
 

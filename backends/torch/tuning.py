@@ -22,6 +22,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from moe_local.tuning.data import MISSING_SCORE, Batch
 
 from ..shared import check_suffix_layers, swapped_gate
+from .model import positions_from_mask
 from .router import routing_distribution
 
 
@@ -65,21 +66,27 @@ class TorchTuning:
 
     # -- shared pieces --------------------------------------------------------------------------
     def _mask_and_rope(self, hidden: torch.Tensor, mask: torch.Tensor):
-        from .loaded import positions_from_mask
-
         config = self.model.config
         positions = positions_from_mask(mask)
-        make = create_causal_mask if getattr(config, "sliding_window", None) is None \
-            else create_sliding_window_causal_mask
-        causal = make(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None,
-                      position_ids=positions)
+        make = (
+            create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+        )
+        causal = make(
+            config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
+        )
         return positions, causal, self.model.model.rotary_emb(hidden, positions)
 
     def _run_layers(self, hidden, mask, start: int, stop: int):
         positions, causal, rope = self._mask_and_rope(hidden, mask)
         for layer in self.model.model.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=causal, position_ids=positions, past_key_values=None,
-                           use_cache=False, position_embeddings=rope)
+            hidden = layer(
+                hidden,
+                attention_mask=causal,
+                position_ids=positions,
+                past_key_values=None,
+                use_cache=False,
+                position_embeddings=rope,
+            )
         return hidden
 
     def _mask(self, batch: Batch) -> torch.Tensor:
@@ -93,7 +100,7 @@ class TorchTuning:
         hidden = self.model.model.embed_tokens(ids)
         if layer > 0:
             hidden = self._run_layers(hidden, mask, 0, layer)
-        flat = hidden[mask.bool()]          # row-major: sequence after sequence, real tokens only
+        flat = hidden[mask.bool()]  # row-major: sequence after sequence, real tokens only
         return list(torch.split(flat, batch.lengths.tolist()))
 
     def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
@@ -114,10 +121,13 @@ class TorchTuning:
                 gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
                 stack.enter_context(swapped_gate(self.moe_block(i), gate))
             out = self._run_layers(padded, mask, layer, self.spec.num_layers)
-        rows = out[torch.as_tensor(batch.head_seq, device=self.device),
-                   torch.as_tensor(batch.head_pos, device=self.device)]
+        rows = out[
+            torch.as_tensor(batch.head_seq, device=self.device), torch.as_tensor(batch.head_pos, device=self.device)
+        ]
         logp = F.log_softmax(self.model.lm_head(self.model.model.norm(rows)).float(), dim=-1)
-        tok = logp[torch.as_tensor(batch.cand_row, device=self.device), torch.as_tensor(batch.cand_tok, device=self.device)]
+        tok = logp[
+            torch.as_tensor(batch.cand_row, device=self.device), torch.as_tensor(batch.cand_tok, device=self.device)
+        ]
         scores = (tok * torch.as_tensor(batch.cand_tokmask, device=self.device)).sum(-1)
         scores = scores.masked_fill(~torch.as_tensor(batch.cand_valid, device=self.device), MISSING_SCORE)
         routing = torch.stack([sink[i][0] for i in layers], dim=1)
@@ -130,14 +140,27 @@ class TorchTuning:
         scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
         return scores.cpu().numpy(), routing.cpu().numpy()
 
-    def suffix_value_and_grad(self, hidden, batch: Batch, layer: int, layers, loss_fn, inputs: dict,
-                              router_weights=None, offsets=None, wrt: str = "router_weights"):
+    def suffix_value_and_grad(
+        self,
+        hidden,
+        batch: Batch,
+        layer: int,
+        layers,
+        loss_fn,
+        inputs: dict,
+        router_weights=None,
+        offsets=None,
+        wrt: str = "router_weights",
+    ):
         if wrt not in ("router_weights", "offsets"):
             raise ValueError(f"wrt must be 'router_weights' or 'offsets', got {wrt!r}")
-        self.model.requires_grad_(False)   # only the given routers or offsets are differentiated
+        self.model.requires_grad_(False)  # only the given routers or offsets are differentiated
         weights = None if router_weights is None else self._router_tensors(router_weights, wrt == "router_weights")
-        off = None if offsets is None else torch.tensor(np.asarray(offsets, dtype=np.float32), device=self.device,
-                                                       requires_grad=wrt == "offsets")
+        off = (
+            None
+            if offsets is None
+            else torch.tensor(np.asarray(offsets, dtype=np.float32), device=self.device, requires_grad=wrt == "offsets")
+        )
         with torch.enable_grad():
             scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
             args = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in inputs.items()}
@@ -154,8 +177,10 @@ class TorchTuning:
         return float(loss.detach()), aux, grads
 
     def _router_tensors(self, router_weights: dict, trainable: bool) -> dict:
-        return {int(i): torch.tensor(np.asarray(w, dtype=np.float32), device=self.device, requires_grad=trainable)
-                for i, w in router_weights.items()}
+        return {
+            int(i): torch.tensor(np.asarray(w, dtype=np.float32), device=self.device, requires_grad=trainable)
+            for i, w in router_weights.items()
+        }
 
     # -- host copies of cached hidden states (memory-mapped prefix cache) ------------------------
     def hidden_to_host(self, hidden: torch.Tensor) -> np.ndarray:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import UserError
 
@@ -18,9 +18,18 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODELS = {"tiny": ASSETS / "tiny", "tiny-grove": ASSETS / "tiny-grove"}
 INDEX_FILE = "model.safetensors.index.json"
 # Files that travel with a model folder besides config and weights.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def resolve_model(model) -> Path:
@@ -28,13 +37,16 @@ def resolve_model(model) -> Path:
     if str(model) in BUILTIN_MODELS:
         path = BUILTIN_MODELS[str(model)]
         if not (path / "config.json").is_file():
-            raise UserError(f"the built-in model '{model}' is not installed with this copy of moe-local "
-                            f"(expected {path})")
+            raise UserError(
+                f"the built-in model '{model}' is not installed with this copy of moe-local (expected {path})"
+            )
         return path
     path = Path(model).expanduser()
     if not path.exists():
-        raise UserError(f"model folder not found: {path} (give a local folder or one of: "
-                        f"{', '.join(BUILTIN_MODELS)}; nothing is downloaded)")
+        raise UserError(
+            f"model folder not found: {path} (give a local folder or one of: "
+            f"{', '.join(BUILTIN_MODELS)}; nothing is downloaded)"
+        )
     if not path.is_dir():
         raise UserError(f"--model must be a folder, not a file: {path}")
     if not (path / "config.json").is_file():
@@ -108,8 +120,23 @@ def carried_tensor_names(folder: Path, names) -> dict[Path, list[str]]:
     return by_file
 
 
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def weight_bytes(folder: Path) -> int:
@@ -142,12 +169,10 @@ def load_tokenizer(folder: Path):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()   # a model type transformers lacks (grove_moe) only warns here
+    hf_logging.set_verbosity_error()  # a model type transformers lacks (grove_moe) only warns here
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-
-

@@ -25,12 +25,12 @@ STALE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 class TensorNames:
     """A family's checkpoint names for the parts of an MoE block (Qwen3-MoE's by default)."""
 
-    block: str = "mlp"                 # the MoE block's attribute in a decoder layer
+    block: str = "mlp"  # the MoE block's attribute in a decoder layer
     router: str = "gate"
     experts: str = "experts"
-    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")   # an expert's gate, up, down
-    adjugates: str = "chunk_experts"   # GroveMoE's adjugate experts, one per group
-    carried: tuple[str, ...] = ()      # block tensors no model reads but written folders keep (Grove's expert_bias)
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # an expert's gate, up, down
+    adjugates: str = "chunk_experts"  # GroveMoE's adjugate experts, one per group
+    carried: tuple[str, ...] = ()  # block tensors no model reads but written folders keep (Grove's expert_bias)
 
     def block_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.block}"
@@ -57,8 +57,9 @@ class TensorNames:
         return re.compile(rf"^(model\.layers\.\d+\.{re.escape(self.block)}\.(?:{groups}))\.(\d+)\.({parts})\.weight$")
 
     def is_carried(self, name: str) -> bool:
-        return any(re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.block)}\.{re.escape(c)}", name)
-                   for c in self.carried)
+        return any(
+            re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.block)}\.{re.escape(c)}", name) for c in self.carried
+        )
 
     def is_unused(self, name: str) -> bool:
         """Checkpoint tensors no model reads: the carried ones and stale RoPE tables."""
@@ -74,7 +75,8 @@ def check_router_weights(spec, weights: dict) -> dict[int, object]:
         if m is None:
             raise UserError(f"layer {layer} is not an MoE layer of this model ({name})")
         if tuple(array.shape) != (m.num_experts, spec.hidden_size):
-            raise UserError(f"{name} has shape {tuple(array.shape)}; the model's gate is "
-                            f"{(m.num_experts, spec.hidden_size)}")
+            raise UserError(
+                f"{name} has shape {tuple(array.shape)}; the model's gate is {(m.num_experts, spec.hidden_size)}"
+            )
         out[layer] = array
     return out

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..files import AtomicFolder, refuse_existing
 from .folder import INDEX_FILE, TOKENIZER_FILES
@@ -64,8 +64,9 @@ def write_weights(folder: Path, tensors: Mapping, max_shard_bytes: int = SHARD_B
         for key in shard:
             weight_map[key] = name
             total += _nbytes(shard[key])
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
+    (folder / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -89,8 +90,9 @@ def carry_remote_code(config: dict, src: Path | None, dst: Path) -> None:
         del config["auto_map"]
 
 
-def write_model(out: Path, config: dict, tensors: Mapping, tokenizer_src: Path | None = None,
-                max_shard_bytes: int = SHARD_BYTES) -> Path:
+def write_model(
+    out: Path, config: dict, tensors: Mapping, tokenizer_src: Path | None = None, max_shard_bytes: int = SHARD_BYTES
+) -> Path:
     """Write a complete model folder atomically; refuses an existing non-empty ``out``."""
     out = Path(out)
     refuse_existing(out)

@@ -10,14 +10,24 @@ MODELS = {"tiny": ("tiny",), "tiny-grove": ("tiny-grove",), "all": ("tiny", "tin
 
 
 @click.command(cls=ConfigCommand)
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="A new folder for the report and adapters [default: moe-local-demo-<date>-<time>].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A new folder for the report and adapters [default: moe-local-demo-<date>-<time>].",
+)
 @backend_option
-@click.option("--model", type=click.Choice(list(MODELS)), default="all", show_default=True,
-              help="Which built-in model(s) to run.")
+@click.option(
+    "--model", type=click.Choice(list(MODELS)), default="all", show_default=True, help="Which built-in model(s) to run."
+)
 @seed_option
-@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto",
-              show_default=True, help="Progress display (bars on a terminal, plain lines otherwise).")
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "bar", "lines", "off"]),
+    default="auto",
+    show_default=True,
+    help="Progress display (bars on a terminal, plain lines otherwise).",
+)
 def demo(out, backend, model, seed, progress):
     """Show what RoMA does on the embedded tiny models, in a few minutes on a laptop CPU.
 

@@ -9,20 +9,28 @@ from pathlib import Path
 import click
 import numpy as np
 
-from moe_local.tuning.data import embedding_text, read_records
-from moe_local.tuning.embeddings import compute_embeddings, default_embeddings_path
 from moe_local.errors import UserError
 from moe_local.files import atomic_write_bytes
+from moe_local.tuning.data import embedding_text, read_records
+from moe_local.tuning.embeddings import compute_embeddings, default_embeddings_path
 
 from .options import ConfigCommand
 
 
 @click.command(cls=ConfigCommand)
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Task file (JSONL).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Output .npy [records, D] float32; default: the data path with .npy.")
-@click.option("--embedder", default=None, type=click.Path(file_okay=False),
-              help="A local sentence-transformers model folder; default: the offline all-MiniLM-L6-v2 package.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Output .npy [records, D] float32; default: the data path with .npy.",
+)
+@click.option(
+    "--embedder",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A local sentence-transformers model folder; default: the offline all-MiniLM-L6-v2 package.",
+)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Texts per encoder batch.")
 @click.option("--device", default=None, help="torch device for the encoder (default cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -34,8 +42,9 @@ def embed(data, out, embedder, batch_size, device, overwrite):
     if out.suffix != ".npy":
         raise UserError(f"--out must end in .npy, got {out}")
     records = read_records(data)
-    array = compute_embeddings([embedding_text(r) for r in records], embedder, batch_size,
-                               progress=sys.stdout.isatty(), device=device)
+    array = compute_embeddings(
+        [embedding_text(r) for r in records], embedder, batch_size, progress=sys.stdout.isatty(), device=device
+    )
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32), allow_pickle=False)
     atomic_write_bytes(out, buffer.getvalue())

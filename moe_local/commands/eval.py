@@ -37,20 +37,41 @@ def append_report(path: Path, rows: list[dict]) -> None:
 @device_option
 @adapter_option
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation task file (JSONL).")
-@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples per forward pass (per process).")
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Samples per forward pass (per process).",
+)
 @click.option("--oracle", is_flag=True, help="Also report oracle routing accuracy and its wrong-label control.")
-@click.option("--oracle-steps", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Adam steps per sample.")
-@click.option("--oracle-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="Adam learning rate of the offsets.")
-@click.option("--report", default=None, type=click.Path(dir_okay=False),
-              help="JSON report file (rows are appended to an existing report).")
+@click.option(
+    "--oracle-steps", type=click.IntRange(min=0), default=20, show_default=True, help="Adam steps per sample."
+)
+@click.option(
+    "--oracle-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="Adam learning rate of the offsets.",
+)
+@click.option(
+    "--report",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="JSON report file (rows are appended to an existing report).",
+)
 @seed_option
-def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle, oracle_steps, oracle_lr, report,
-          seed):
+def eval_(
+    model, backend, device, adapter_path, data, layers, batch_size, oracle, oracle_steps, oracle_lr, report, seed
+):
     """Accuracy of the base model or an adapter on a task file, overall and per task."""
     import moe_local
     from moe_local.distributed import session
@@ -58,23 +79,35 @@ def eval_(model, backend, device, adapter_path, data, layers, batch_size, oracle
     from moe_local.tuning.data import read_records
     from moe_local.tuning.evaluate import evaluate, format_result
 
-    with session(device, backend) as (dist, device):   # under torchrun each rank scores its share of the file
-        def check_report():   # the report is rank 0's: refused before any work, not after the evaluation
+    with session(device, backend) as (dist, device):  # under torchrun each rank scores its share of the file
+
+        def check_report():  # the report is rank 0's: refused before any work, not after the evaluation
             read_report(Path(report))
 
         if report is not None:
             dist.on_main(check_report)
         records = read_records(data)
         method, weights = "base", None
-        if adapter_path is not None:   # read once: its layers and method here, its gates for the evaluation
+        if adapter_path is not None:  # read once: its layers and method here, its gates for the evaluation
             weights, config = read_adapter(adapter_path)
             method = config["moe_local"].get("method", "adapter")
             layers = tuple(config["moe_local"]["layers"])
         loaded = moe_local.load(model, backend=backend, device=device)
         if adapter_path is not None:
             check_fingerprint(config, loaded.spec, Path(adapter_path))
-        result = evaluate(loaded, records, layers, batch_size, router_weights=weights, oracle=oracle,
-                          oracle_steps=oracle_steps, oracle_lr=oracle_lr, seed=seed, dist=dist, data_file=data)
+        result = evaluate(
+            loaded,
+            records,
+            layers,
+            batch_size,
+            router_weights=weights,
+            oracle=oracle,
+            oracle_steps=oracle_steps,
+            oracle_lr=oracle_lr,
+            seed=seed,
+            dist=dist,
+            data_file=data,
+        )
         if dist.is_main:
             for line in format_result(result, method):
                 click.echo(line)

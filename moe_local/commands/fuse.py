@@ -9,10 +9,15 @@ from .options import ConfigCommand, backend_option, device_option, model_option
 
 @click.command(cls=ConfigCommand)
 @model_option
-@click.option("--adapter-path", type=click.Path(file_okay=False), required=True,
-              help="The router adapter folder to fuse.")
-@click.option("--save-path", type=click.Path(), required=True,
-              help="A new folder for the fused model (refused if it exists and is not empty).")
+@click.option(
+    "--adapter-path", type=click.Path(file_okay=False), required=True, help="The router adapter folder to fuse."
+)
+@click.option(
+    "--save-path",
+    type=click.Path(),
+    required=True,
+    help="A new folder for the fused model (refused if it exists and is not empty).",
+)
 @backend_option
 @device_option
 def fuse(model, adapter_path, save_path, backend, device):

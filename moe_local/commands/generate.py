@@ -11,12 +11,17 @@ from .options import ConfigCommand, adapter_option, backend_option, device_optio
 
 def sampling_options(f):
     """--max-tokens, --temp, --top-p (mlx-lm's names and defaults); shared with ``chat``."""
-    f = click.option("--top-p", type=float, default=1.0, show_default=True,
-                     help="Nucleus sampling: keep the most likely tokens up to this probability mass.")(f)
-    f = click.option("--temp", type=float, default=0.0, show_default=True,
-                     help="Sampling temperature; 0 is greedy.")(f)
-    return click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
-                        help="The most tokens to generate per answer.")(f)
+    f = click.option(
+        "--top-p",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Nucleus sampling: keep the most likely tokens up to this probability mass.",
+    )(f)
+    f = click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")(f)
+    return click.option(
+        "--max-tokens", "-n", type=int, default=256, show_default=True, help="The most tokens to generate per answer."
+    )(f)
 
 
 @click.command(cls=ConfigCommand)
@@ -34,12 +39,13 @@ def generate(model, adapter_path, prompt, max_tokens, temp, top_p, seed, ignore_
     import moe_local
     from moe_local.chat import check_sampling
 
-    check_sampling(max_tokens, temp, top_p)          # before the model loads
+    check_sampling(max_tokens, temp, top_p)  # before the model loads
     if prompt == "-":
         prompt = sys.stdin.read()
     m = moe_local.load(model, backend=backend, adapter_path=adapter_path, device=device)
-    answer = m.stream(prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                      chat_template=not ignore_chat_template)
+    answer = m.stream(
+        prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, chat_template=not ignore_chat_template
+    )
     for piece in answer:
         click.echo(piece, nl=False)
     click.echo()

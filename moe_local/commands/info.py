@@ -56,11 +56,15 @@ def describe(spec, folder) -> list[str]:
         f"router:       {router}",
     ]
     if m.shared:
-        lines.append(f"shared:       {m.shared.count} expert(s) of size {m.shared.size}"
-                     + (", gated by sigmoid(shared_expert_gate(x))" if m.shared.gated else ", ungated"))
+        lines.append(
+            f"shared:       {m.shared.count} expert(s) of size {m.shared.size}"
+            + (", gated by sigmoid(shared_expert_gate(x))" if m.shared.gated else ", ungated")
+        )
     if m.grove:
-        lines.append(f"adjugates:    {m.num_groups} groups of {m.grove.experts_per_group} experts, one adjugate "
-                     f"of size {m.grove.adjugate_size} each, scale {m.grove.scale:g}")
+        lines.append(
+            f"adjugates:    {m.num_groups} groups of {m.grove.experts_per_group} experts, one adjugate "
+            f"of size {m.grove.adjugate_size} each, scale {m.grove.scale:g}"
+        )
     lines += [
         f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
         f"dtype:        {spec.dtype}" + (", weights quantized (MLX)" if quantized else ""),

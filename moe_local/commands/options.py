@@ -36,8 +36,9 @@ def read_yaml_defaults(path: str, command: click.Command) -> dict:
     known = {param.name for param in command.params if isinstance(param, click.Option)} - {"config"}
     for key in values:
         if str(key).replace("-", "_") not in known:
-            raise UserError(f"{p}: unknown key '{key}' for moe-local {command.name} "
-                            f"(known: {', '.join(sorted(known))})")
+            raise UserError(
+                f"{p}: unknown key '{key}' for moe-local {command.name} (known: {', '.join(sorted(known))})"
+            )
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
@@ -46,8 +47,14 @@ class ConfigCommand(click.Command):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.params.append(click.Option(["-c", "--config"], type=click.Path(dir_okay=False), expose_value=False,
-                                        help="YAML file of option values (long names with underscores)."))
+        self.params.append(
+            click.Option(
+                ["-c", "--config"],
+                type=click.Path(dir_okay=False),
+                expose_value=False,
+                help="YAML file of option values (long names with underscores).",
+            )
+        )
 
     def make_context(self, info_name, args, parent=None, **extra):
         path = _config_path(args)
@@ -57,18 +64,29 @@ class ConfigCommand(click.Command):
 
 
 def model_option(f):
-    return click.option("--model", "-m", default="tiny", show_default=True,
-                        help="A local model folder (Hugging Face format) or a built-in name: tiny, tiny-grove.")(f)
+    return click.option(
+        "--model",
+        "-m",
+        default="tiny",
+        show_default=True,
+        help="A local model folder (Hugging Face format) or a built-in name: tiny, tiny-grove.",
+    )(f)
 
 
 def backend_option(f):
-    return click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
-                        show_default=True, help="auto: MLX on Apple silicon, torch elsewhere.")(f)
+    return click.option(
+        "--backend",
+        type=click.Choice(["auto", "torch", "mlx"]),
+        default="auto",
+        show_default=True,
+        help="auto: MLX on Apple silicon, torch elsewhere.",
+    )(f)
 
 
 def adapter_option(f):
-    return click.option("--adapter-path", type=click.Path(file_okay=False), default=None,
-                        help="A router adapter folder to apply.")(f)
+    return click.option(
+        "--adapter-path", type=click.Path(file_okay=False), default=None, help="A router adapter folder to apply."
+    )(f)
 
 
 def seed_option(f):
@@ -76,5 +94,6 @@ def seed_option(f):
 
 
 def device_option(f):
-    return click.option("--device", default=None,
-                        help="torch device (cpu, cuda, cuda:N); default: cuda when available.")(f)
+    return click.option(
+        "--device", default=None, help="torch device (cpu, cuda, cuda:N); default: cuda when available."
+    )(f)

@@ -10,10 +10,15 @@ from .options import ConfigCommand, backend_option, device_option, model_option
 
 
 def data_options(f):
-    f = click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
-                     help="Task embeddings (.npy [records, D]); default: the data path with .npy.")(f)
-    return click.option("--data", required=True, type=click.Path(dir_okay=False),
-                        help="Reference task file (JSONL).")(f)
+    f = click.option(
+        "--embeddings",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Task embeddings (.npy [records, D]); default: the data path with .npy.",
+    )(f)
+    return click.option("--data", required=True, type=click.Path(dir_okay=False), help="Reference task file (JSONL).")(
+        f
+    )
 
 
 def load_data(data, embeddings, need_embeddings: bool = True):
@@ -32,11 +37,15 @@ def load_data(data, embeddings, need_embeddings: bool = True):
 @backend_option
 @device_option
 @data_options
-@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Tune the last N MoE layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True, help="Tune the last N MoE layers.")
 @click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples per forward pass (per process).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Samples per forward pass (per process).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
 def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
@@ -46,12 +55,14 @@ def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, 
     from moe_local.tuning.prepare import prepare as run_prepare
 
     bank = Path(bank)
-    with session(device, backend) as (dist, device):   # under torchrun each rank runs its share of the records
-        dist.on_main(lambda: check_bank_folder(bank, overwrite))   # the output is rank 0's
+    with session(device, backend) as (dist, device):  # under torchrun each rank runs its share of the records
+        dist.on_main(lambda: check_bank_folder(bank, overwrite))  # the output is rank 0's
         records, emb = load_data(data, embeddings)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)
         if dist.is_main:
             write_bank(bank, result)
-            click.echo(f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
-                       f"layers {result.layers}")
+            click.echo(
+                f"wrote {bank}: {len(records)} samples, {int(result.correct.sum())} answered correctly, "
+                f"layers {result.layers}"
+            )

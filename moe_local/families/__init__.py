@@ -9,8 +9,8 @@ Nothing else in the package names a family.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..checkpoint.folder import has_weights, read_config, tensor_index
 from ..errors import UserError
@@ -44,8 +44,9 @@ def family_for(config: Mapping, where: str = "config.json") -> Family:
     raise UserError(f"{where}: model_type '{model_type}' is not supported (supported: {supported})")
 
 
-def spec_from_config(config: Mapping, tensor_shapes: Mapping[str, tuple] | None = None,
-                     where: str = "config.json") -> ModelSpec:
+def spec_from_config(
+    config: Mapping, tensor_shapes: Mapping[str, tuple] | None = None, where: str = "config.json"
+) -> ModelSpec:
     """The spec of a config.json object; ``tensor_shapes`` (name -> shape) for what configs leave out."""
     c = Config(config, where)
     return family_for(c.values, where).spec_from_config(c, tensor_shapes)
@@ -65,5 +66,13 @@ def config_for_writing(spec: ModelSpec, dtype: str | None = None) -> dict:
     return c
 
 
-__all__ = ["FAMILIES", "Family", "LibraryModel", "config_for_writing", "family", "family_for", "load_spec",
-           "spec_from_config"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "LibraryModel",
+    "config_for_writing",
+    "family",
+    "family_for",
+    "load_spec",
+    "spec_from_config",
+]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from ..checkpoint.names import TensorNames
 from ..spec import ModelSpec
@@ -15,11 +15,11 @@ class LibraryModel:
     """The library classes a backend builds a family's model from (named, so that nothing is imported
     until a backend asks). ``model_type``: what the library calls the family's config."""
 
-    module: str      # transformers: "transformers"; mlx-lm: "mlx_lm.models.<name>"
-    model: str       # the causal-LM class
-    config: str      # its config (transformers) or ModelArgs (mlx-lm) class
+    module: str  # transformers: "transformers"; mlx-lm: "mlx_lm.models.<name>"
+    model: str  # the causal-LM class
+    config: str  # its config (transformers) or ModelArgs (mlx-lm) class
     model_type: str
-    block: str = "mlp"   # the MoE block's attribute in the library's decoder layer
+    block: str = "mlp"  # the MoE block's attribute in the library's decoder layer
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,4 @@ class Family:
     torch: LibraryModel
     mlx: LibraryModel
     names: TensorNames = TensorNames()
-    display_name: str = ""          # how error messages list it (default: its model_type)
+    display_name: str = ""  # how error messages list it (default: its model_type)

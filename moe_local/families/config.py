@@ -8,13 +8,19 @@ them and refuses a wrong type or an inconsistency with a one-line error naming t
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-               dict: "an object"}
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 class Config:
@@ -89,17 +95,21 @@ class Config:
                 raise UserError(f"{self.where}: 'rope_parameters' must be an object")
             rope_type = params.get("rope_type", "default")
             if rope_type != "default":
-                raise UserError(f"{self.where}: rope_parameters.rope_type '{rope_type}' is not supported "
-                                "(only 'default')")
+                raise UserError(
+                    f"{self.where}: rope_parameters.rope_type '{rope_type}' is not supported (only 'default')"
+                )
             from_params = params.get("rope_theta")
         scaling = self.values.get("rope_scaling")
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise UserError(f"{self.where}: rope_scaling type '{scaling.get('rope_type', scaling.get('type'))}' "
-                            "is not supported (only 'default')")
+            raise UserError(
+                f"{self.where}: rope_scaling type '{scaling.get('rope_type', scaling.get('type'))}' "
+                "is not supported (only 'default')"
+            )
         theta = self.values.get("rope_theta")
         if theta is not None and from_params is not None and float(theta) != float(from_params):
-            raise UserError(f"{self.where}: inconsistent 'rope_theta'={theta} and "
-                            f"rope_parameters.rope_theta={from_params}")
+            raise UserError(
+                f"{self.where}: inconsistent 'rope_theta'={theta} and rope_parameters.rope_theta={from_params}"
+            )
         theta = theta if theta is not None else from_params
         if theta is None:
             return default
@@ -130,8 +140,9 @@ def attention_shape(c: Config, head_dim_key: bool = True) -> dict:
     heads = c.positive("num_attention_heads")
     kv_heads = c.positive("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise UserError(f"{c.where}: 'num_attention_heads' ({heads}) is not a multiple of "
-                        f"'num_key_value_heads' ({kv_heads})")
+        raise UserError(
+            f"{c.where}: 'num_attention_heads' ({heads}) is not a multiple of 'num_key_value_heads' ({kv_heads})"
+        )
     if head_dim_key:
         head_dim = c.positive("head_dim", hidden // heads if hidden % heads == 0 else ...)
     else:
@@ -162,14 +173,14 @@ def common_fields(c: Config, defaults: Mapping, head_dim_key: bool = True, qk_no
     shape = attention_shape(c, head_dim_key)
     bias = bool(c.values.get("attention_bias", False))
     return {
-        "num_layers": c.positive("num_hidden_layers"), **shape,
+        "num_layers": c.positive("num_hidden_layers"),
+        **shape,
         "vocab_size": c.positive("vocab_size"),
         "attention_parameters": attention_parameters(shape, bias, qk_norm),
         "rope_theta": c.rope_theta(defaults["rope_theta"]),
         "rms_norm_eps": float(c.values.get("rms_norm_eps", defaults["rms_norm_eps"])),
         "tie_word_embeddings": bool(c.values.get("tie_word_embeddings", False)),
-        "max_position_embeddings": int(c.values.get("max_position_embeddings",
-                                                    defaults["max_position_embeddings"])),
+        "max_position_embeddings": int(c.values.get("max_position_embeddings", defaults["max_position_embeddings"])),
         "attention_bias": bias,
         "dtype": c.dtype(),
         "config": dict(c.values),
@@ -182,17 +193,24 @@ def common_config(spec, dtype: str | None = None) -> dict:
     if not c.get("rope_scaling"):
         c.pop("rope_scaling", None)
     first = spec.moe[0]
-    c.update({
-        "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
-        "vocab_size": spec.vocab_size, "rms_norm_eps": spec.rms_norm_eps,
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "num_experts": first.num_experts, "num_local_experts": first.num_experts,
-        "num_experts_per_tok": first.top_k,
-        "rope_theta": spec.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
-        "hidden_act": "silu", "attention_bias": spec.attention_bias,
-    })
+    c.update(
+        {
+            "hidden_size": spec.hidden_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads,
+            "vocab_size": spec.vocab_size,
+            "rms_norm_eps": spec.rms_norm_eps,
+            "tie_word_embeddings": spec.tie_word_embeddings,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "num_experts": first.num_experts,
+            "num_local_experts": first.num_experts,
+            "num_experts_per_tok": first.top_k,
+            "rope_theta": spec.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+            "hidden_act": "silu",
+            "attention_bias": spec.attention_bias,
+        }
+    )
     c["dtype"] = c["torch_dtype"] = dtype or spec.dtype
     return c

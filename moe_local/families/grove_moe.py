@@ -50,7 +50,7 @@ def adjugate_size_from_tensors(tensor_shapes, layer: int, where: str) -> int:
     name = FAMILY.names.expert(layer, 0, 0, group=FAMILY.names.adjugates)
     if name in tensor_shapes:
         return int(tensor_shapes[name][0])
-    fused = f"{FAMILY.names.block_prefix(layer)}.{FAMILY.names.adjugates}.gate_up_proj"   # [groups, 2I, H]
+    fused = f"{FAMILY.names.block_prefix(layer)}.{FAMILY.names.adjugates}.gate_up_proj"  # [groups, 2I, H]
     if fused in tensor_shapes:
         return int(tensor_shapes[fused][1]) // 2
     raise UserError(f"the checkpoint has no adjugate experts for layer {layer} (expected '{name}')")
@@ -58,7 +58,7 @@ def adjugate_size_from_tensors(tensor_shapes, layer: int, where: str) -> int:
 
 def write_config(spec: ModelSpec) -> dict:
     c = qwen3_moe.write_config(spec)
-    c["norm_topk_prob"] = spec.config.get("norm_topk_prob", False)   # Grove renormalises either way
+    c["norm_topk_prob"] = spec.config.get("norm_topk_prob", False)  # Grove renormalises either way
     g = spec.moe[0].grove
     c["model_type"] = "grove_moe"
     c["architectures"] = [ARCHITECTURE]

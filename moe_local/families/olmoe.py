@@ -19,8 +19,10 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     top_k = c.top_k(experts)
     router = RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, False))
     expert_size = c.positive("intermediate_size")
-    moe = tuple(MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=expert_size, router=router)
-                for i in range(fields["num_layers"]))
+    moe = tuple(
+        MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=expert_size, router=router)
+        for i in range(fields["num_layers"])
+    )
     return ModelSpec(family=FAMILY.name, dense_size=None, moe=moe, names=FAMILY.names, **fields)
 
 

@@ -34,8 +34,10 @@ def spec_from_config(c: Config, tensor_shapes=None, grove=None, router=None) -> 
     expert_size = c.positive("moe_intermediate_size")
     layers = moe_layers(c, fields["num_layers"])
     dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else c.values.get("intermediate_size")
-    moe = tuple(MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=expert_size, router=router,
-                        grove=grove) for i in layers)
+    moe = tuple(
+        MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=expert_size, router=router, grove=grove)
+        for i in layers
+    )
     return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
 
 

@@ -56,8 +56,11 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict) or config.get("fine_tune_type") != "full" \
-            or not isinstance(config.get("moe_local"), dict):
+    if (
+        not isinstance(config, dict)
+        or config.get("fine_tune_type") != "full"
+        or not isinstance(config.get("moe_local"), dict)
+    ):
         raise UserError(f"{config_path} is not a moe-local router adapter (no 'moe_local' section)")
     from safetensors.numpy import load_file
 

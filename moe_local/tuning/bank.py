@@ -20,15 +20,14 @@ BANK_TENSORS = "bank.safetensors"
 BANK_META = "bank.json"
 
 
-
 @dataclass
 class Bank:
     """Per reference sample: answered correctly by the base model, its routing, its embedding."""
 
-    correct: np.ndarray     # [N] uint8
-    routing: np.ndarray     # [N, layers, experts] float32
+    correct: np.ndarray  # [N] uint8
+    routing: np.ndarray  # [N, layers, experts] float32
     embeddings: np.ndarray  # [N, D] float32
-    meta: dict              # fingerprint, layers, data file and hash
+    meta: dict  # fingerprint, layers, data file and hash
 
     @property
     def layers(self) -> list[int]:
@@ -51,10 +50,12 @@ def check_bank_folder(folder, overwrite: bool = True) -> Path:
 def write_bank(folder, bank: Bank) -> Path:
     """Write ``bank.safetensors`` and ``bank.json`` into a new folder atomically (replacing an old bank)."""
     folder = check_bank_folder(folder)
-    tensors = {"correct": np.ascontiguousarray(bank.correct, dtype=np.uint8),
-               "routing": np.ascontiguousarray(bank.routing, dtype=np.float32),
-               "embeddings": np.ascontiguousarray(bank.embeddings, dtype=np.float32)}
-    if folder.is_dir():   # an old bank: replace file by file, each atomically
+    tensors = {
+        "correct": np.ascontiguousarray(bank.correct, dtype=np.uint8),
+        "routing": np.ascontiguousarray(bank.routing, dtype=np.float32),
+        "embeddings": np.ascontiguousarray(bank.embeddings, dtype=np.float32),
+    }
+    if folder.is_dir():  # an old bank: replace file by file, each atomically
         atomic_save_numpy_safetensors(folder / BANK_TENSORS, tensors)
         atomic_write_text(folder / BANK_META, json.dumps(bank.meta, indent=2) + "\n")
         return folder
@@ -68,8 +69,10 @@ def read_bank(folder) -> Bank:
     folder = Path(folder)
     meta_path, tensor_path = folder / BANK_META, folder / BANK_TENSORS
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise UserError(f"{folder} is not a routing bank (it needs {BANK_META} and {BANK_TENSORS}); "
-                        "make one with `moe-local prepare`")
+        raise UserError(
+            f"{folder} is not a routing bank (it needs {BANK_META} and {BANK_TENSORS}); "
+            "make one with `moe-local prepare`"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -86,8 +89,13 @@ def read_bank(folder) -> Bank:
     if not isinstance(meta, dict) or "layers" not in meta or "fingerprint" not in meta:
         raise UserError(f"{meta_path} is not a routing bank description (no 'layers'/'fingerprint')")
     n = len(t["correct"])
-    if t["routing"].ndim != 3 or t["routing"].shape[0] != n or t["routing"].shape[1] != len(meta["layers"]) \
-            or t["embeddings"].ndim != 2 or t["embeddings"].shape[0] != n:
+    if (
+        t["routing"].ndim != 3
+        or t["routing"].shape[0] != n
+        or t["routing"].shape[1] != len(meta["layers"])
+        or t["embeddings"].ndim != 2
+        or t["embeddings"].shape[0] != n
+    ):
         raise UserError(f"{tensor_path}: tensor shapes disagree with each other or with {BANK_META}")
     return Bank(t["correct"], t["routing"], t["embeddings"], meta)
 
@@ -96,12 +104,14 @@ def check_bank(bank: Bank, spec, layers, data_sha256: str, where) -> None:
     """A bank must come from this model, these tuned layers and this data file."""
     try:
         ours = spec.fingerprint(bank.layers)
-    except UserError:   # a layer that is not an MoE layer here
+    except UserError:  # a layer that is not an MoE layer here
         ours = None
     if bank.meta["fingerprint"] != ours:
         raise UserError(f"the routing bank {where} was made for another model; run `moe-local prepare` again")
     if list(layers) != bank.layers:
         raise UserError(f"the routing bank {where} covers layers {bank.layers}, the tune asks for {list(layers)}")
     if bank.meta.get("data_sha256") != data_sha256:
-        raise UserError(f"the routing bank {where} was made from other data ({bank.meta.get('data_file')}); "
-                        "run `moe-local prepare` again")
+        raise UserError(
+            f"the routing bank {where} was made from other data ({bank.meta.get('data_file')}); "
+            "run `moe-local prepare` again"
+        )

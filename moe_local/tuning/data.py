@@ -1,6 +1,7 @@
 """Task files (JSONL) -> records, the one prompt renderer, candidate encoding and padded batches.
 
-Rules (docs/architecture.md, task data): one JSON object per non-blank line (blank lines are skipped and are not records);
+Rules (docs/architecture.md, task data): one JSON object per non-blank line (blank lines are skipped
+and are not records);
 ``question`` (str), ``choices`` (2-10 strings, lettered A, B, ...), ``answer`` (0-based int or a
 letter), optional ``task`` (or cais/mmlu's ``subject``); other keys are ignored. A bad line is a
 one-line error naming the file and line.
@@ -42,7 +43,7 @@ class Record:
     choices: tuple[str, ...]
     answer: int
     task: str | None
-    line: int            # 1-based line number in its file
+    line: int  # 1-based line number in its file
 
 
 def _fail(path, line, message):
@@ -65,8 +66,11 @@ def parse_record(obj, path, line) -> Record:
     n = len(choices)
     valid = f"0-{n - 1} or A-{LETTERS[n - 1]}"
     letter = answer.strip().upper() if isinstance(answer, str) else None
-    if isinstance(answer, bool) or not isinstance(answer, (int, str)) \
-            or (letter is not None and not (len(letter) == 1 and "A" <= letter <= "Z")):
+    if (
+        isinstance(answer, bool)
+        or not isinstance(answer, (int, str))
+        or (letter is not None and not (len(letter) == 1 and "A" <= letter <= "Z"))
+    ):
         _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid}), got {answer!r}")
     if letter is not None:
         if letter not in LETTERS[:n]:
@@ -115,6 +119,7 @@ def file_sha256(path) -> str:
 # Prompts
 # ---------------------------------------------------------------------------------------------
 
+
 def render_prompt(record: Record) -> str:
     """lm-eval's MMLU prompt: the (stripped) question, lettered choices, and ``Answer:``."""
     return embedding_text(record) + ANSWER_CUE
@@ -133,6 +138,7 @@ def candidates(n: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -155,7 +161,7 @@ def _special_prefix(tokenizer, text: str, plain: list[int]) -> list[int]:
     """Tokens the tokenizer puts before a text by default (a BOS), none if it adds only after it."""
     full = tokenizer(text)["input_ids"]
     for k in range(0, min(3, len(full)) + 1):
-        if full[k:k + len(plain)] == plain:
+        if full[k : k + len(plain)] == plain:
             return full[:k]
     return []
 
@@ -167,8 +173,9 @@ def encode_records(tokenizer, records: list[Record]) -> list[Encoded]:
     prefix = _special_prefix(tokenizer, prompts[0], plain[0]) if records else []
     widest = max(len(r.choices) for r in records)
     lone = tokenizer(candidates(widest), add_special_tokens=False)["input_ids"]
-    wholes = tokenizer([p + c for p, r in zip(prompts, records) for c in candidates(len(r.choices))],
-                       add_special_tokens=False)["input_ids"]
+    wholes = tokenizer(
+        [p + c for p, r in zip(prompts, records) for c in candidates(len(r.choices))], add_special_tokens=False
+    )["input_ids"]
     out, at = [], 0
     for r, ctx in zip(records, plain):
         prompt = list(prefix) + list(ctx)
@@ -177,7 +184,7 @@ def encode_records(tokenizer, records: list[Record]) -> list[Encoded]:
         for c in range(len(r.choices)):
             whole = wholes[at]
             at += 1
-            cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else lone[c]
+            cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else lone[c]
             if not cont:
                 raise UserError(f"record on line {r.line}: candidate {candidates(widest)[c]!r} has no tokens")
             seq = tuple(prompt + list(cont[:-1]))
@@ -190,6 +197,7 @@ def encode_records(tokenizer, records: list[Record]) -> list[Encoded]:
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Batch:
@@ -242,8 +250,8 @@ def make_batch(encoded: list[Encoded], index, pad_id: int = 0) -> Batch:
     mask = np.zeros((S, T), dtype=np.int64)
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = s
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = s
+        mask[i, T - len(s) :] = 1
     pad = T - lengths
     B = len(encoded)
     C = max(len(e.cand_seq) for e in encoded)
@@ -266,24 +274,37 @@ def make_batch(encoded: list[Encoded], index, pad_id: int = 0) -> Batch:
                 cand_tok[b, c, l] = tok
                 cand_tokmask[b, c, l] = 1.0
     head = np.array(list(rows), dtype=np.int64).reshape(-1, 2)
-    return Batch(ids=ids, mask=mask, lengths=lengths, seq_sample=seq_sample, prompt_pos=prompt_pos,
-                 sample_seq=first, answers=np.array([e.answer for e in encoded], dtype=np.int64),
-                 num_choices=np.array([len(e.cand_seq) for e in encoded], dtype=np.int64),
-                 index=np.asarray(index, dtype=np.int64), head_seq=head[:, 0], head_pos=head[:, 1],
-                 cand_row=cand_row, cand_tok=cand_tok, cand_tokmask=cand_tokmask, cand_valid=cand_valid)
+    return Batch(
+        ids=ids,
+        mask=mask,
+        lengths=lengths,
+        seq_sample=seq_sample,
+        prompt_pos=prompt_pos,
+        sample_seq=first,
+        answers=np.array([e.answer for e in encoded], dtype=np.int64),
+        num_choices=np.array([len(e.cand_seq) for e in encoded], dtype=np.int64),
+        index=np.asarray(index, dtype=np.int64),
+        head_seq=head[:, 0],
+        head_pos=head[:, 1],
+        cand_row=cand_row,
+        cand_tok=cand_tok,
+        cand_tokmask=cand_tokmask,
+        cand_valid=cand_valid,
+    )
 
 
 def batches(encoded: list[Encoded], order, batch_size: int, pad_id: int = 0):
     """Batches of ``batch_size`` samples in the given order (the last one may be smaller)."""
     order = np.asarray(order)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield make_batch([encoded[i] for i in idx], idx, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
 # Scores -> predictions (the differentiable CE over candidates is roma.candidate_ce)
 # ---------------------------------------------------------------------------------------------
+
 
 def predictions(scores: np.ndarray) -> np.ndarray:
     """argmax over candidates; ties go to the first (lowest letter)."""

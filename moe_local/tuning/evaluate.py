@@ -35,10 +35,10 @@ NO_TASK = "(none)"
 class Accuracy:
     accuracy: float
     n: int
-    per_task: dict = field(default_factory=dict)   # task -> (accuracy, n)
+    per_task: dict = field(default_factory=dict)  # task -> (accuracy, n)
 
     @classmethod
-    def of(cls, hits: np.ndarray, records: list[Record]) -> "Accuracy":
+    def of(cls, hits: np.ndarray, records: list[Record]) -> Accuracy:
         tasks: dict[str, list] = {}
         for hit, r in zip(hits, records):
             tasks.setdefault(r.task or NO_TASK, []).append(bool(hit))
@@ -51,7 +51,7 @@ class EvalResult:
     accuracy: Accuracy
     predictions: np.ndarray
     oracle: Accuracy | None = None
-    oracle_wrong: Accuracy | None = None   # the share flipped to the random wrong label
+    oracle_wrong: Accuracy | None = None  # the share flipped to the random wrong label
     layers: tuple = ()
 
     def rows(self, model: str, split: str, method: str, seed: int, backend: str) -> list[dict]:
@@ -64,8 +64,15 @@ class EvalResult:
 
 
 def _row(model, split, method, acc: Accuracy, seed, backend) -> dict:
-    return {"model": str(model), "split": split, "method": method, "accuracy": acc.accuracy, "n": acc.n,
-            "seed": int(seed), "backend": backend}
+    return {
+        "model": str(model),
+        "split": split,
+        "method": method,
+        "accuracy": acc.accuracy,
+        "n": acc.n,
+        "seed": int(seed),
+        "backend": backend,
+    }
 
 
 @contextlib.contextmanager
@@ -93,8 +100,9 @@ def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: fl
     opt = adam({"offsets": np.zeros((batch.size, len(layers), experts), np.float32)}, lr)
     onehot = batch.answer_onehot(targets)
     for _ in range(steps):
-        _, _, grad = model.suffix_value_and_grad(hidden, batch, layers[0], layers, _ce_loss, {"onehot": onehot},
-                                                 offsets=opt.params["offsets"], wrt="offsets")
+        _, _, grad = model.suffix_value_and_grad(
+            hidden, batch, layers[0], layers, _ce_loss, {"onehot": onehot}, offsets=opt.params["offsets"], wrt="offsets"
+        )
         opt.step({"offsets": grad})
     scores, _ = model.suffix_scores(hidden, batch, layers[0], layers, offsets=opt.params["offsets"])
     return predictions(scores)
@@ -115,19 +123,32 @@ def check_finite(scores, routing, batch, records: list[Record], data_file=None) 
         bad |= ~np.isfinite(routing.reshape(len(routing), -1)).all(-1)
     if bad.any():
         record = records[int(batch.index[np.argmax(bad)])]
-        raise UserError(f"{data_file or 'data'}:{record.line}: the model's scores for this record are NaN or "
-                        "infinite (are its weights corrupt?)")
+        raise UserError(
+            f"{data_file or 'data'}:{record.line}: the model's scores for this record are NaN or "
+            "infinite (are its weights corrupt?)"
+        )
 
 
-def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, router_weights: dict | None = None,
-             oracle: bool = False, oracle_steps: int = 20, oracle_lr: float = 0.1, seed: int = 0,
-             progress="auto", dist=LOCAL, data_file=None) -> EvalResult:
+def evaluate(
+    model,
+    records: list[Record],
+    layers=5,
+    batch_size: int = 32,
+    router_weights: dict | None = None,
+    oracle: bool = False,
+    oracle_steps: int = 20,
+    oracle_lr: float = 0.1,
+    seed: int = 0,
+    progress="auto",
+    dist=LOCAL,
+    data_file=None,
+) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
     ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
     ``dist``: the torchrun process group; every rank returns the result over all records.
     """
-    if isinstance(layers, int) and not oracle:   # without the oracle the layers only pick where to split
+    if isinstance(layers, int) and not oracle:  # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
     layers = roma.tuned_layers(model.spec, layers, oracle=True)
     encoded = encode_records(model.tokenizer, records)
@@ -145,10 +166,12 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
             check_finite(scores, None, batch, records, data_file)
             preds[batch.index] = predictions(scores)
             if oracle:
-                oracle_preds[batch.index] = oracle_predictions(model, hidden, batch, layers, batch.answers,
-                                                               oracle_steps, oracle_lr)
-                wrong_preds[batch.index] = oracle_predictions(model, hidden, batch, layers, wrong[batch.index],
-                                                              oracle_steps, oracle_lr)
+                oracle_preds[batch.index] = oracle_predictions(
+                    model, hidden, batch, layers, batch.answers, oracle_steps, oracle_lr
+                )
+                wrong_preds[batch.index] = oracle_predictions(
+                    model, hidden, batch, layers, wrong[batch.index], oracle_steps, oracle_lr
+                )
             bar.update(batch.size)
     bar.close()
     preds, oracle_preds, wrong_preds = dist.sum([preds, oracle_preds, wrong_preds])
@@ -162,14 +185,18 @@ def evaluate(model, records: list[Record], layers=5, batch_size: int = 32, route
 def format_result(result: EvalResult, method: str) -> list[str]:
     lines = [f"{method}: accuracy {result.accuracy.accuracy:.4f} (n={result.accuracy.n})"]
     if result.oracle is not None:
-        lines.append(f"oracle: accuracy {result.oracle.accuracy:.4f}; oracle_wrong (flipped to a random wrong "
-                     f"label): {result.oracle_wrong.accuracy:.4f}")
+        lines.append(
+            f"oracle: accuracy {result.oracle.accuracy:.4f}; oracle_wrong (flipped to a random wrong "
+            f"label): {result.oracle_wrong.accuracy:.4f}"
+        )
     tasks = result.accuracy.per_task
     if len(tasks) > 1 or NO_TASK not in tasks:
         for task, (acc, n) in tasks.items():
             extra = ""
             if result.oracle is not None:
-                extra = (f"  oracle {result.oracle.per_task[task][0]:.4f}  "
-                         f"oracle_wrong {result.oracle_wrong.per_task[task][0]:.4f}")
+                extra = (
+                    f"  oracle {result.oracle.per_task[task][0]:.4f}  "
+                    f"oracle_wrong {result.oracle_wrong.per_task[task][0]:.4f}"
+                )
             lines.append(f"  {task}: {acc:.4f} (n={n}){extra}")
     return lines

@@ -16,12 +16,13 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from .bank import BANK_META, BANK_TENSORS
-from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from ..errors import UserError
 from ..files import AtomicFolder, atomic_save_numpy_safetensors
+from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
+from .bank import BANK_META, BANK_TENSORS, read_bank
 
 CHECKPOINTS = "checkpoints"
 BANK_DIR = "bank"
@@ -37,8 +38,7 @@ def _leftover(name: str) -> bool:
 
 
 def _holds_only(folder: Path, names) -> bool:
-    return all((e.name in names and e.is_file() and not e.is_symlink()) or _leftover(e.name)
-               for e in folder.iterdir())
+    return all((e.name in names and e.is_file() and not e.is_symlink()) or _leftover(e.name) for e in folder.iterdir())
 
 
 def _rows_of_ours(path: Path, key: str) -> bool:
@@ -86,8 +86,10 @@ def _kind(entry: Path) -> str | None:
         return "mark" if ok else None
     if name == CHECKPOINTS and entry.is_dir():
         steps = [e for e in entry.iterdir() if not _leftover(e.name)]
-        if not all(STEP_DIR.fullmatch(e.name) and e.is_dir() and not e.is_symlink()
-                   and _holds_only(e, CHECKPOINT_FILES) for e in steps):
+        if not all(
+            STEP_DIR.fullmatch(e.name) and e.is_dir() and not e.is_symlink() and _holds_only(e, CHECKPOINT_FILES)
+            for e in steps
+        ):
             return None
         return "mark" if any((e / "state.json").is_file() for e in steps) else "ours"
     return None
@@ -111,8 +113,10 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
     if not foreign and entries and "mark" not in kinds.values():
         foreign = [entries[0].name]
     if foreign:
-        raise UserError(f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
-                        "it is never overwritten, give a new folder")
+        raise UserError(
+            f"adapter path {out} holds files that are not a moe-local adapter ({foreign[0]}); "
+            "it is never overwritten, give a new folder"
+        )
     if resume:
         if latest_checkpoint(out) is None:
             raise UserError(f"nothing to resume: {out} has no checkpoints (run without --resume)")
@@ -120,8 +124,9 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
     if not [name for name in kinds if not (keep_bank and name == BANK_DIR)]:
         return "new"
     if not overwrite:
-        raise UserError(f"adapter path {out} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
+        raise UserError(
+            f"adapter path {out} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
     return "replace"
 
 
@@ -151,22 +156,25 @@ class RunFolder:
         if self.mode != "replace":
             return
         target = self.out.resolve()
-        carried = [e.name for e in target.iterdir()
-                   if ((self.keep_bank and e.name == BANK_DIR) or (e.name.startswith(".") and not _leftover(e.name)))
-                   and not (self.work / e.name).exists()]
+        carried = [
+            e.name
+            for e in target.iterdir()
+            if ((self.keep_bank and e.name == BANK_DIR) or (e.name.startswith(".") and not _leftover(e.name)))
+            and not (self.work / e.name).exists()
+        ]
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         moved = []
         try:
             for name in carried:
                 os.replace(target / name, self.work / name)
                 moved.append(name)
-            os.replace(target, old)   # a folder may take the name of an empty one
+            os.replace(target, old)  # a folder may take the name of an empty one
             try:
                 os.replace(self.work, target)
             except OSError:
                 os.replace(old, target)
                 raise
-        except OSError:   # the old adapter is whole again; the new run is dropped by abandon()
+        except OSError:  # the old adapter is whole again; the new run is dropped by abandon()
             for name in moved:
                 os.replace(self.work / name, target / name)
             old.rmdir()
@@ -180,7 +188,7 @@ class RunFolder:
                 shutil.rmtree(self.work, ignore_errors=True)
             elif self.mode == "new" and latest_checkpoint(self.out) is None:
                 (self.out / METRICS_FILE).unlink(missing_ok=True)
-                for folder in self.made:   # deepest first
+                for folder in self.made:  # deepest first
                     if folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
 
@@ -216,7 +224,7 @@ def save_checkpoint(out: Path, opt, info: dict, keep: int) -> None:
         atomic_save_numpy_safetensors(tmp / "state.safetensors", tensors)
         (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_info}, indent=2) + "\n")
     old = sorted(p for p in folder.parent.glob("step-*") if p != folder)
-    for p in old[:max(0, len(old) - (keep - 1))]:
+    for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -234,8 +242,10 @@ def check_resume(info: dict, hyperparameters: dict, data_sha: str, fingerprint: 
     saved, now = info.get("hyperparameters", {}), hyperparameters
     for key in now:
         if saved.get(key) != now[key]:
-            raise UserError(f"cannot resume {where}: it was started with {key}={saved.get(key)!r}, "
-                            f"now {key}={now[key]!r} (use the same settings, or --overwrite)")
+            raise UserError(
+                f"cannot resume {where}: it was started with {key}={saved.get(key)!r}, "
+                f"now {key}={now[key]!r} (use the same settings, or --overwrite)"
+            )
 
 
 def metrics_upto(out: Path, step: int) -> list[dict]:
@@ -251,3 +261,32 @@ def metrics_upto(out: Path, step: int) -> list[dict]:
             if isinstance(row, dict) and row.get("step", step + 1) <= step:
                 rows.append(row)
     return rows
+
+
+@dataclass
+class RunStart:
+    """What rank 0 finds and makes before a run: the run folder, the bank to start from (a Bank, or None
+    to make one), the latest checkpoint's ``(tensors, state)`` (empty for a fresh run) and the metrics
+    rows logged up to it."""
+
+    folder: RunFolder
+    bank: object
+    checkpoint: tuple[dict, dict]
+    logged: list
+
+
+def open_run(
+    out: Path, bank, resume: bool, overwrite: bool, hyperparameters: dict, data_sha: str, fingerprint: dict
+) -> RunStart:
+    """Check the output folder (and, on ``resume``, that its checkpoint matches this run), read what the
+    run starts from, and make the run folder once every check has passed."""
+    given, keep_bank = default_bank(out, bank, overwrite)
+    mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
+    latest = latest_checkpoint(out) if resume else None
+    tensors, info = load_checkpoint(latest) if latest else ({}, {})
+    if latest:
+        check_resume(info, hyperparameters, data_sha, fingerprint, out)
+    if isinstance(given, (str, Path)):
+        given = read_bank(given)
+    logged = metrics_upto(out, int(info["optimizer"]["step"])) if latest else []
+    return RunStart(RunFolder(out, mode, keep_bank), given, (tensors, info), logged)

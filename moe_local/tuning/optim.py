@@ -28,8 +28,8 @@ class AdamW:
     def step(self, grads: dict) -> None:
         self.step_count += 1
         b1, b2 = self.betas
-        bc1 = 1.0 - b1 ** self.step_count
-        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        bc1 = 1.0 - b1**self.step_count
+        bc2_sqrt = math.sqrt(1.0 - b2**self.step_count)
         for k, p in self.params.items():
             g = np.asarray(grads[k], dtype=np.float32)
             if self.weight_decay:
@@ -56,7 +56,6 @@ class AdamW:
             self.exp_avg[k] = np.array(tensors[f"{k}.exp_avg"], dtype=np.float32)
             self.exp_avg_sq[k] = np.array(tensors[f"{k}.exp_avg_sq"], dtype=np.float32)
         self.step_count = int(info["step"])
-
 
 
 def adam(params: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> AdamW:

@@ -22,13 +22,13 @@ class PrefixCache:
     baseline the released code implies); ``auto``: memory when it fits ``budget_gb``, else recompute.
     """
 
-    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None,
-                 owned=None):
+    def __init__(self, model, encoded, layer: int, mode: str = "auto", budget_gb: float = 4.0, path=None, owned=None):
         self.model, self.layer, self.path = model, layer, path
         # ``owned``: the records this process keeps (a rank's shard); the others take no room.
         keep = None if owned is None else set(np.asarray(owned).tolist())
-        self.lengths = [[len(s) for s in e.sequences] if keep is None or i in keep else []
-                        for i, e in enumerate(encoded)]
+        self.lengths = [
+            [len(s) for s in e.sequences] if keep is None or i in keep else [] for i, e in enumerate(encoded)
+        ]
         self.tokens = sum(sum(x) for x in self.lengths)
         self.mode = mode
         self.budget = budget_gb * 1024**3
@@ -46,8 +46,9 @@ class PrefixCache:
         if self.mode == "auto":
             self.mode = "memory" if nbytes <= self.budget else "recompute"
         if self.mode == "disk":
-            self.mmap = np.lib.format.open_memmap(str(self.path), mode="w+", dtype=host.dtype,
-                                                  shape=(self.tokens, host.shape[-1]))
+            self.mmap = np.lib.format.open_memmap(
+                str(self.path), mode="w+", dtype=host.dtype, shape=(self.tokens, host.shape[-1])
+            )
 
     def put(self, batch, hidden: list) -> None:
         if not self.stores:
@@ -61,7 +62,7 @@ class PrefixCache:
             if self.mmap is not None:
                 at = self.offsets[record]
                 for h in seqs:
-                    self.mmap[at:at + h.shape[0]] = self.model.hidden_to_host(h)
+                    self.mmap[at : at + h.shape[0]] = self.model.hidden_to_host(h)
                     at += h.shape[0]
                 self.rows[int(record)] = True
             else:
@@ -78,7 +79,7 @@ class PrefixCache:
             if self.mmap is not None:
                 at = self.offsets[record]
                 for n in self.lengths[record]:
-                    out.append(self.model.hidden_from_host(self.mmap[at:at + n]))
+                    out.append(self.model.hidden_from_host(self.mmap[at : at + n]))
                     at += n
             else:
                 out.extend(self.rows[int(record)])

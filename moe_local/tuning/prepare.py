@@ -27,8 +27,18 @@ def records_sha256(records: list[Record]) -> str:
     return h.hexdigest()
 
 
-def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_size: int = 32,
-            encoded=None, cache: PrefixCache | None = None, data_file=None, progress="auto", dist=LOCAL) -> Bank:
+def prepare(
+    model,
+    records: list[Record],
+    embeddings: np.ndarray,
+    layers,
+    batch_size: int = 32,
+    encoded=None,
+    cache: PrefixCache | None = None,
+    data_file=None,
+    progress="auto",
+    dist=LOCAL,
+) -> Bank:
     """Run the base model once: per sample, answered correctly? and its last-token routing.
 
     ``layers``: the tuned layers (a tuple) or how many of the last MoE layers. Fills ``cache`` on the way.
@@ -54,10 +64,14 @@ def prepare(model, records: list[Record], embeddings: np.ndarray, layers, batch_
         bar.update(batch.size)
     correct, routing = dist.sum([correct, routing])
     bar.close(f"prepare: {int(correct.sum())} of {len(records)} answered correctly by the base model")
-    meta = {"fingerprint": model.spec.fingerprint(layers), "layers": list(layers),
-            "data_file": None if data_file is None else str(data_file),
-            "data_sha256": records_sha256(records), "records": len(records),
-            "correct": int(correct.sum())}
+    meta = {
+        "fingerprint": model.spec.fingerprint(layers),
+        "layers": list(layers),
+        "data_file": None if data_file is None else str(data_file),
+        "data_sha256": records_sha256(records),
+        "records": len(records),
+        "correct": int(correct.sum()),
+    }
     if data_file is not None:
         meta["data_file_sha256"] = file_sha256(data_file)
     return Bank(correct, routing, np.asarray(embeddings, dtype=np.float32), meta)

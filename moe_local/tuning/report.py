@@ -38,13 +38,20 @@ class MetricsWindow:
 
     def state(self) -> dict:
         """For a checkpoint (floats round-trip exactly through JSON), with the time spent so far."""
-        return {"n": self.n, "loss": self.loss, "ce": self.ce, "manifold": self.manifold, "correct": self.correct,
-                "seconds": time.perf_counter() - self.t0}
+        return {
+            "n": self.n,
+            "loss": self.loss,
+            "ce": self.ce,
+            "manifold": self.manifold,
+            "correct": self.correct,
+            "seconds": time.perf_counter() - self.t0,
+        }
 
     def load(self, state: dict) -> None:
         self.n = int(state["n"])
-        self.loss, self.ce, self.manifold, self.correct = (float(state[k]) for k in ("loss", "ce", "manifold",
-                                                                                     "correct"))
+        self.loss, self.ce, self.manifold, self.correct = (
+            float(state[k]) for k in ("loss", "ce", "manifold", "correct")
+        )
         self.t0 = time.perf_counter() - float(state["seconds"])
 
     def add(self, n: int, sums: np.ndarray) -> None:
@@ -59,18 +66,28 @@ class MetricsWindow:
 
     def row(self, step, lr, lam, has_manifold, peak_gb) -> dict:
         dt = time.perf_counter() - self.t0
-        row = {"step": step, "loss": self.loss / self.n, "ce": self.ce / self.n,
-               "manifold": self.manifold / self.n if has_manifold else None, "acc": self.correct / self.n,
-               "lr": lr, "lam": lam, "samples_per_s": self.n / dt if dt > 0 else 0.0, "peak_mem_gb": peak_gb}
+        row = {
+            "step": step,
+            "loss": self.loss / self.n,
+            "ce": self.ce / self.n,
+            "manifold": self.manifold / self.n if has_manifold else None,
+            "acc": self.correct / self.n,
+            "lr": lr,
+            "lam": lam,
+            "samples_per_s": self.n / dt if dt > 0 else 0.0,
+            "peak_mem_gb": peak_gb,
+        }
         self.reset()
         return row
 
 
 def format_row(row: dict, total: int) -> str:
     manifold = "n/a" if row["manifold"] is None else f"{row['manifold']:.4f}"
-    return (f"step {row['step']}/{total}  loss {row['loss']:.4f}  ce {row['ce']:.4f}  manifold {manifold}  "
-            f"acc {row['acc']:.3f}  lr {row['lr']:.2e}  lam {row['lam']:.3f}  "
-            f"{row['samples_per_s']:.1f} samples/s  peak {row['peak_mem_gb']:.2f} GB")
+    return (
+        f"step {row['step']}/{total}  loss {row['loss']:.4f}  ce {row['ce']:.4f}  manifold {manifold}  "
+        f"acc {row['acc']:.3f}  lr {row['lr']:.2e}  lam {row['lam']:.3f}  "
+        f"{row['samples_per_s']:.1f} samples/s  peak {row['peak_mem_gb']:.2f} GB"
+    )
 
 
 class Reporter:
@@ -81,7 +98,7 @@ class Reporter:
         self.rows, self.total, self.log_every = rows, total, log_every
         self.path = path
         self.window = MetricsWindow()
-        if window_state:   # the steps since the last logged row, before an interruption
+        if window_state:  # the steps since the last logged row, before an interruption
             self.window.load(window_state)
         self.bar = Progress(total, "tune", progress, initial=initial)
         self.file = None
@@ -94,8 +111,9 @@ class Reporter:
         self.file.close()
         return False
 
-    def step(self, step: int, size: int, sums: np.ndarray, lr: float, lam: float, has_manifold: bool,
-             peak_gb) -> dict | None:
+    def step(
+        self, step: int, size: int, sums: np.ndarray, lr: float, lam: float, has_manifold: bool, peak_gb
+    ) -> dict | None:
         """Account one step; returns the metrics row when the step is a logged one."""
         self.window.add(size, sums)
         row = None

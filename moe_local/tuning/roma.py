@@ -36,11 +36,12 @@ def tuned_layers(spec, layers, oracle: bool = False) -> tuple:
             raise UserError(f"{what} must be at least 1, got {layers}")
         if layers > have:
             doing = "the oracle cannot steer" if oracle else "cannot tune"
-            raise UserError(f"the model has {have} MoE layers; {doing} the last {layers} "
-                            f"(give --layers {have} or fewer)")
+            raise UserError(
+                f"the model has {have} MoE layers; {doing} the last {layers} (give --layers {have} or fewer)"
+            )
         layers = spec.last_moe_layers(layers)
     layers = tuple(int(i) for i in layers)
-    spec.fingerprint(layers)   # each must be an MoE layer
+    spec.fingerprint(layers)  # each must be an MoE layer
     if len({spec.moe_at(i).num_experts for i in layers}) != 1:
         raise UserError(f"the tuned layers {list(layers)} differ in expert count; tune layers of one width")
     return layers
@@ -49,6 +50,7 @@ def tuned_layers(spec, layers, oracle: bool = False) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Neighbours
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -59,14 +61,17 @@ class Neighbours:
     dist2: np.ndarray
 
 
-def nearest_successful(embeddings: np.ndarray, correct: np.ndarray, k: int,
-                       chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_successful(
+    embeddings: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """(index [N, k], squared distance [N, k]) of each sample's k nearest successful samples."""
     emb = np.asarray(embeddings, dtype=np.float64)
-    success = np.flatnonzero(np.asarray(correct).astype(bool))   # ascending: stable sort keeps lowest index first
+    success = np.flatnonzero(np.asarray(correct).astype(bool))  # ascending: stable sort keeps lowest index first
     if len(success) == 0:
-        raise UserError("no successful sample for the neighbour search: the base model answers none of the "
-                        f"{len(emb)} reference samples correctly (use more or easier data, or --method router)")
+        raise UserError(
+            "no successful sample for the neighbour search: the base model answers none of the "
+            f"{len(emb)} reference samples correctly (use more or easier data, or --method router)"
+        )
     n = len(emb)
     index = np.full((n, k), -1, dtype=np.int64)
     dist2 = np.full((n, k), np.inf)
@@ -77,7 +82,7 @@ def nearest_successful(embeddings: np.ndarray, correct: np.ndarray, k: int,
         q = emb[rows]
         d2 = (q * q).sum(1)[:, None] + cand_sq[None, :] - 2.0 * q @ cand.T
         d2 = np.round(np.maximum(d2, 0.0), TIE_DECIMALS)
-        d2[rows[:, None] == success[None, :]] = np.inf          # self excluded
+        d2[rows[:, None] == success[None, :]] = np.inf  # self excluded
         take = min(k, len(success))
         order = np.argsort(d2, axis=1, kind="stable")[:, :take]
         picked = np.take_along_axis(d2, order, axis=1)
@@ -118,6 +123,7 @@ def neighbour_targets(bank_routing: np.ndarray, nb: Neighbours, rows) -> tuple[n
 # ---------------------------------------------------------------------------------------------
 # Loss (generic over torch tensors and mlx arrays)
 # ---------------------------------------------------------------------------------------------
+
 
 def candidate_ce(scores, onehot):
     """Per-sample CE over candidate scores [B, C]; ``onehot`` [B, C] marks the target candidate."""

@@ -35,11 +35,10 @@ from ..files import atomic_write_text
 from ..progress import Progress
 from . import roma
 from .adapter import METRICS_FILE, write_adapter
-from .bank import Bank, check_bank, read_bank, write_bank
+from .bank import Bank, check_bank, write_bank
 from .data import Record, batches, encode_records, make_batch, predictions
 from .evaluate import check_finite
-from .folder import (BANK_DIR, CACHE_FILE, RunFolder, check_output, check_resume, default_bank, latest_checkpoint,
-                     load_checkpoint, metrics_upto, rank_cache_path, save_checkpoint)
+from .folder import BANK_DIR, CACHE_FILE, open_run, rank_cache_path, save_checkpoint
 from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .prepare import prepare, records_sha256
@@ -96,41 +95,55 @@ class TuneSettings:
 
 @dataclass
 class TuneResult:
-    weights: dict                 # gate name -> float32 numpy, the tuned routers
+    weights: dict  # gate name -> float32 numpy, the tuned routers
     layers: tuple
-    metrics: list                 # the metrics.jsonl rows
+    metrics: list  # the metrics.jsonl rows
     bank: Bank
     steps: int
-    prepare_s: float              # the base-model pass (bank and prefix cache), 0 if reused
-    cache_s: float                # prefix-only pass when the bank was given, 0 otherwise
+    prepare_s: float  # the base-model pass (bank and prefix cache), 0 if reused
+    cache_s: float  # prefix-only pass when the bank was given, 0 otherwise
     train_s: float
-    train_cpu_s: float            # process CPU time of the training loop (steadier than wall time on a busy host)
+    train_cpu_s: float  # process CPU time of the training loop (steadier than wall time on a busy host)
     samples_per_s: float
     peak_mem_gb: float
 
 
 @dataclass
 class _Run:
-    """What the steps of one run read, set up once by :func:`_setup`."""
+    """What the steps of one run read: set up by :func:`tune` and :func:`_bank_and_cache`."""
 
     model: object
     records: list
     settings: TuneSettings
     layers: tuple
-    encoded: list
-    cache: PrefixCache
-    bank: Bank
-    neighbours: roma.Neighbours | None
+    identity: tuple  # (the data's hash, the model's fingerprint of the tuned layers)
     data_file: object
     dist: object
+    progress: str
+    work: Path | None  # where rank 0 writes; None on the other ranks
+    encoded: list = None
+    cache: PrefixCache = None
+    bank: Bank = None
+    neighbours: roma.Neighbours | None = None
 
     def gate(self, layer: int) -> str:
         return self.model.spec.names.router_weight(layer)
 
 
-def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSettings, out,
-         bank=None, data_file=None, resume: bool = False, overwrite: bool = False,
-         callbacks=(), progress="auto", dist=LOCAL) -> TuneResult:
+def tune(
+    model,
+    records: list[Record],
+    embeddings: np.ndarray,
+    settings: TuneSettings,
+    out,
+    bank=None,
+    data_file=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks=(),
+    progress="auto",
+    dist=LOCAL,
+) -> TuneResult:
     """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
 
     ``bank``: a :class:`Bank`, a bank folder, or None (``out/bank``, made by :func:`prepare` here
@@ -142,42 +155,28 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     settings.check()
     layers = roma.tuned_layers(model.spec, settings.layers)
     out = Path(out)
-    data_sha = records_sha256(records)
-    fingerprint = model.spec.fingerprint(layers)
-    folder = None
-
-    def open_output():   # the output folder is rank 0's: it checks and reads it for every rank
-        nonlocal folder
-        given, keep_bank = default_bank(out, bank, overwrite)
-        mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
-        ckpt = latest_checkpoint(out) if resume else None
-        ckpt_tensors, ckpt_info = load_checkpoint(ckpt) if ckpt else ({}, {})
-        if ckpt:
-            check_resume(ckpt_info, settings.hyperparameters(), data_sha, fingerprint, out)
-        if isinstance(given, (str, Path)):
-            given = read_bank(given)
-        logged = metrics_upto(out, int(ckpt_info["optimizer"]["step"])) if ckpt else []
-        folder = RunFolder(out, mode, keep_bank)   # made once every check has passed
-        return given, ckpt_tensors, ckpt_info, logged
-
-    given, ckpt_tensors, ckpt_info, logged = dist.on_main(open_output)
+    identity = (records_sha256(records), model.spec.fingerprint(layers))
+    hyper = settings.hyperparameters()
+    # The output folder is rank 0's: it checks and reads it for every rank.
+    start = dist.on_main(lambda: open_run(out, bank, resume, overwrite, hyper, *identity))
+    folder = start.folder if dist.is_main else None
+    work = folder.work if folder else None
+    run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
+    run.encoded = encode_records(model.tokenizer, records)
     # Each rank caches the records it owns, in a file of its own when on disk.
-    cache_path = folder.work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
+    cache_path = work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
     if settings.prefix_cache == "disk" and not dist.is_main:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)   # another node may not share rank 0's folder
-    work = folder.work if dist.is_main else None
-    progress = progress if dist.is_main else "off"
-    encoded = encode_records(model.tokenizer, records)
-    cache = PrefixCache(model, encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path,
-                        owned=None if dist.world == 1 else dist.owned(len(records)))
+        cache_path.parent.mkdir(parents=True, exist_ok=True)  # another node may not share rank 0's folder
+    owned = None if dist.world == 1 else dist.owned(len(records))
+    run.cache = PrefixCache(
+        model, run.encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path, owned=owned
+    )
     try:
         try:
-            run, timings = _setup(model, records, embeddings, settings, layers, encoded, cache, given, data_sha,
-                                  work, data_file, progress, dist)
-            result = _train(run, (ckpt_tensors, ckpt_info), logged, work, (data_sha, fingerprint), timings,
-                            callbacks, progress)
+            timings = _bank_and_cache(run, start.bank, embeddings)
+            result = _train(run, start.checkpoint, start.logged, timings, callbacks)
         finally:
-            cache.close()
+            run.cache.close()
         if folder is not None:
             folder.finish()
     except BaseException:
@@ -187,41 +186,51 @@ def tune(model, records: list[Record], embeddings: np.ndarray, settings: TuneSet
     return result
 
 
-def _setup(model, records, embeddings, settings, layers, encoded, cache, bank, data_sha, work, data_file, progress,
-           dist) -> tuple[_Run, tuple[float, float]]:
-    """The bank (made here, filling the prefix cache, or checked and the cache filled) and the neighbours.
-    Returns the run and (prepare seconds, cache seconds)."""
+def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
+    """The bank (made here, filling the prefix cache, or checked and the cache filled) and the
+    neighbours, set on ``run``. Returns (prepare seconds, cache seconds)."""
+    model, records, settings, layers, dist = run.model, run.records, run.settings, run.layers, run.dist
     prepare_s = cache_s = 0.0
     if bank is None:
         if embeddings is None:
             raise UserError("tuning needs task embeddings (or a routing bank that holds them)")
         t0 = time.perf_counter()
-        bank = prepare(model, records, embeddings, layers, settings.batch_size, encoded, cache, data_file, progress,
-                       dist)
+        bank = prepare(
+            model,
+            records,
+            embeddings,
+            layers,
+            settings.batch_size,
+            run.encoded,
+            run.cache,
+            run.data_file,
+            run.progress,
+            dist,
+        )
         prepare_s = time.perf_counter() - t0
-        if dist.is_main:
-            write_bank(work / BANK_DIR, bank)
+        if run.work is not None:
+            write_bank(run.work / BANK_DIR, bank)
     else:
-        check_bank(bank, model.spec, layers, data_sha, "given")
+        check_bank(bank, model.spec, layers, run.identity[0], "given")
         if embeddings is not None and not np.allclose(bank.embeddings, embeddings, atol=1e-5):
-            raise UserError("the routing bank was made with other embeddings than those given; "
-                            "run `moe-local prepare` again")
-        if cache.stores:
+            raise UserError(
+                "the routing bank was made with other embeddings than those given; run `moe-local prepare` again"
+            )
+        if run.cache.stores:
             t0 = time.perf_counter()
             owned = dist.owned(len(records))
-            bar = Progress(len(owned), "cache", progress)
-            for batch in batches(encoded, owned, settings.batch_size):
-                cache.put(batch, model.prefix_hidden(batch, layers[0]))
-                if not cache.stores:   # auto mode found it over the budget: recompute instead
+            bar = Progress(len(owned), "cache", run.progress)
+            for batch in batches(run.encoded, owned, settings.batch_size):
+                run.cache.put(batch, model.prefix_hidden(batch, layers[0]))
+                if not run.cache.stores:  # auto mode found it over the budget: recompute instead
                     break
                 bar.update(batch.size)
             bar.close()
             cache_s = time.perf_counter() - t0
-    nb = None
+    run.bank = bank
     if settings.method == "roma" or bank.correct.any():
-        nb = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
-    run = _Run(model, records, settings, layers, encoded, cache, bank, nb, data_file, dist)
-    return run, (prepare_s, cache_s)
+        run.neighbours = roma.neighbours(bank.embeddings, bank.correct, settings.k, settings.sigma)
+    return prepare_s, cache_s
 
 
 def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, np.ndarray]:
@@ -242,72 +251,111 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
         targets, weights = _targets(run.bank, run.neighbours, batch.index)
         loss_fn = functools.partial(_step_loss, lam=lam, ce_weight=settings.ce_weight, global_batch=size)
         loss, aux, grads = run.model.suffix_value_and_grad(
-            run.cache.get(batch), batch, run.cache.start_layer, layers, loss_fn,
+            run.cache.get(batch),
+            batch,
+            run.cache.start_layer,
+            layers,
+            loss_fn,
             {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
-            router_weights={i: opt.params[run.gate(i)] for i in layers})
+            router_weights={i: opt.params[run.gate(i)] for i in layers},
+        )
         check_finite(aux["scores"], aux["routing"], batch, run.records, run.data_file)
         if not math.isfinite(loss):
-            raise UserError(f"the loss is {loss} at step {opt.step_count + 1}: the routing bank or the model "
-                            "holds NaN or infinite values")
-        sums = np.array([loss * size, aux["ce"].sum(), aux["manifold"].sum(),
-                         (predictions(aux["scores"]) == batch.answers).sum()], dtype=np.float64)
+            raise UserError(
+                f"the loss is {loss} at step {opt.step_count + 1}: the routing bank or the model "
+                "holds NaN or infinite values"
+            )
+        sums = np.array(
+            [loss * size, aux["ce"].sum(), aux["manifold"].sum(), (predictions(aux["scores"]) == batch.answers).sum()],
+            dtype=np.float64,
+        )
     *summed, sums = run.dist.sum([grads[i] for i in layers] + [sums])
     return summed, sums
 
 
-def _train(run: _Run, checkpoint, logged, work, identity, timings, callbacks, progress) -> TuneResult:
+def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
     """The epochs of steps from the optimiser's state (fresh, or a checkpoint's), then the adapter."""
-    model, settings, layers, dist = run.model, run.settings, run.layers, run.dist
+    model, settings, layers = run.model, run.settings, run.layers
     ckpt_tensors, ckpt_info = checkpoint
-    data_sha, fingerprint = identity
     opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
     if ckpt_info:
         opt.load(ckpt_tensors, ckpt_info["optimizer"])
-    if dist.is_main:
-        atomic_write_text(work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in logged))
-    n = len(run.records)
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    info_base = {"hyperparameters": settings.hyperparameters(), "data_sha256": data_sha,
-                 "fingerprint": fingerprint, "layers": list(layers), "method": settings.method}
-    lam_final = settings.effective_lam
-    reporter = Reporter(work / METRICS_FILE if dist.is_main else None, logged, total, opt.step_count,
-                        settings.log_every, progress, ckpt_info.get("window"))
+    if run.work is not None:
+        atomic_write_text(run.work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in logged))
+    total = math.ceil(len(run.records) / settings.batch_size) * settings.epochs
+    metrics_path = None if run.work is None else run.work / METRICS_FILE
+    reporter = Reporter(
+        metrics_path, logged, total, opt.step_count, settings.log_every, run.progress, ckpt_info.get("window")
+    )
     model.reset_peak_memory()
     t_train, cpu_train = time.perf_counter(), time.process_time()
-    trained_samples = 0
     with reporter:
-        while opt.step_count < total:
-            epoch, at = divmod(opt.step_count, steps_per_epoch)
-            saved = ckpt_info.get("rng") if ckpt_info.get("epoch") == epoch and at else None
-            order, rng_state = _epoch_order(settings.seed, epoch, n, saved)
-            for index in _global_batches(order[at * settings.batch_size:], settings.batch_size):
-                step = opt.step_count + 1
-                lam = roma.lam_at(step, lam_final, settings.lam_warmup)
-                grads, sums = _step(run, opt, index, lam)
-                opt.step({run.gate(i): g for i, g in zip(layers, grads)})
-                trained_samples += len(index)
-                row = reporter.step(step, len(index), sums, settings.lr, lam, run.neighbours is not None,
-                                    model.peak_memory_gb)
-                if dist.is_main and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
-                    save_checkpoint(work, opt, {**info_base, "epoch": epoch, "rng": rng_state,
-                                                "window": reporter.window.state()}, settings.keep_checkpoints)
-                for callback in callbacks:
-                    callback.on_step(step, row)
-                if opt.step_count >= total:
-                    break
+        trained_samples = _epochs(run, opt, reporter, ckpt_info, callbacks)
     train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     reporter.bar.close()
     weights = {run.gate(i): opt.params[run.gate(i)].copy() for i in layers}
-    hyper = {**settings.hyperparameters(), "effective_lam": lam_final, "neighbours": "knn", "optimizer": "adamw",
-             "betas": list(opt.betas), "eps": opt.eps}
-    if dist.is_main:
-        write_adapter(work, weights, model.spec, layers, settings.method, hyper)
+    hyper = {
+        **settings.hyperparameters(),
+        "effective_lam": settings.effective_lam,
+        "neighbours": "knn",
+        "optimizer": "adamw",
+        "betas": list(opt.betas),
+        "eps": opt.eps,
+    }
+    if run.work is not None:
+        write_adapter(run.work, weights, model.spec, layers, settings.method, hyper)
     prepare_s, cache_s = timings
-    return TuneResult(weights=weights, layers=layers, metrics=reporter.rows, bank=run.bank, steps=opt.step_count,
-                      prepare_s=prepare_s, cache_s=cache_s, train_s=train_s, train_cpu_s=train_cpu_s,
-                      samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
-                      peak_mem_gb=model.peak_memory_gb())
+    return TuneResult(
+        weights=weights,
+        layers=layers,
+        metrics=reporter.rows,
+        bank=run.bank,
+        steps=opt.step_count,
+        prepare_s=prepare_s,
+        cache_s=cache_s,
+        train_s=train_s,
+        train_cpu_s=train_cpu_s,
+        samples_per_s=trained_samples / train_s if train_s > 0 else 0.0,
+        peak_mem_gb=model.peak_memory_gb(),
+    )
+
+
+def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callbacks) -> int:
+    """Steps until the last epoch ends (a resumed run from where its checkpoint stopped, drawing the
+    interrupted epoch's order again); checkpoints on rank 0. Returns the samples trained on."""
+    settings, n = run.settings, len(run.records)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    data_sha, fingerprint = run.identity
+    info_base = {
+        "hyperparameters": settings.hyperparameters(),
+        "data_sha256": data_sha,
+        "fingerprint": fingerprint,
+        "layers": list(run.layers),
+        "method": settings.method,
+    }
+    trained = 0
+    while opt.step_count < total:
+        epoch, at = divmod(opt.step_count, steps_per_epoch)
+        saved = ckpt_info.get("rng") if ckpt_info.get("epoch") == epoch and at else None
+        order, rng_state = _epoch_order(settings.seed, epoch, n, saved)
+        for index in _global_batches(order[at * settings.batch_size :], settings.batch_size):
+            step = opt.step_count + 1
+            lam = roma.lam_at(step, settings.effective_lam, settings.lam_warmup)
+            grads, sums = _step(run, opt, index, lam)
+            opt.step({run.gate(i): g for i, g in zip(run.layers, grads)})
+            trained += len(index)
+            row = reporter.step(
+                step, len(index), sums, settings.lr, lam, run.neighbours is not None, run.model.peak_memory_gb
+            )
+            if run.work is not None and (step % settings.save_every == 0 or step % steps_per_epoch == 0):
+                state = {**info_base, "epoch": epoch, "rng": rng_state, "window": reporter.window.state()}
+                save_checkpoint(run.work, opt, state, settings.keep_checkpoints)
+            for callback in callbacks:
+                callback.on_step(step, row)
+            if opt.step_count >= total:
+                return trained
+    return trained
 
 
 def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, global_batch):
@@ -328,7 +376,7 @@ def _epoch_order(seed: int, epoch: int, n: int, state: dict | None = None) -> tu
 def _global_batches(order: np.ndarray, batch_size: int):
     """The record indices of each step's global batch (the last one may be smaller)."""
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 def _gates(model, layers) -> dict:
@@ -339,7 +387,7 @@ def _gates(model, layers) -> dict:
 
 
 def _targets(bank: Bank, nb, rows):
-    if nb is None:   # --method router and no successful sample: nothing to measure the manifold against
+    if nb is None:  # --method router and no successful sample: nothing to measure the manifold against
         width = bank.routing.shape[1] * bank.routing.shape[2]
         return np.zeros((len(rows), 1, width), np.float32), np.zeros((len(rows), 1), np.float32)
     return roma.neighbour_targets(bank.routing, nb, rows)
