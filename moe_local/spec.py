@@ -145,6 +145,8 @@ class ModelSpec:
     max_position_embeddings: int
     attention_bias: bool
     dtype: str  # the checkpoint's dtype name: float32, bfloat16, float16
+    rope: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # rope_parameters (v5 keys)
+    kv_width: int | None = None  # values a KV cache keeps per token and layer (None: 2 · kv heads · head dim)
     names: TensorNames = field(default=TensorNames(), compare=False, repr=False)  # its checkpoint tensor names
     config: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # the config.json
 
@@ -171,6 +173,15 @@ class ModelSpec:
         if n > len(self.moe):
             raise UserError(f"the model has {len(self.moe)} MoE layers; cannot tune the last {n}")
         return self.moe_layers[-n:]
+
+    # -- checkpoint tensors ---------------------------------------------------------------------
+    def is_carried(self, name: str) -> bool:
+        """A checkpoint tensor no model reads but a written folder keeps (TensorNames.is_carried)."""
+        return self.names.is_carried(name, self.num_layers)
+
+    def is_unused(self, name: str) -> bool:
+        """A checkpoint tensor no model reads: carried, or a stale RoPE table."""
+        return self.names.is_unused(name, self.num_layers)
 
     # -- identity -----------------------------------------------------------------------------
     def fingerprint(self, layers=None) -> dict:

@@ -182,18 +182,20 @@ def without_chat_template(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def hf_reference(folder, family, adapter=None):
-    """transformers' eager model of the folder, with the adapter's gates set into it by hand."""
-    from transformers import OlmoeForCausalLM, Qwen3MoeForCausalLM
+def hf_reference(folder, family=None, adapter=None):
+    """transformers' eager model of the folder (its own class, from config.json), with the adapter's gates
+    set into it by hand (under transformers 5's names: Mixtral's ``block_sparse_moe`` is its ``mlp``)."""
+    from transformers import AutoModelForCausalLM
 
-    cls = OlmoeForCausalLM if family == "olmoe" else Qwen3MoeForCausalLM
-    model = cls.from_pretrained(str(folder), attn_implementation="eager", experts_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
+    ).eval()
     if adapter is not None:
         from safetensors.numpy import load_file
 
         with torch.no_grad():
             for name, w in load_file(str(adapter / "adapters.safetensors")).items():
-                model.get_parameter(name).copy_(torch.from_numpy(w))
+                model.get_parameter(name.replace(".block_sparse_moe.", ".mlp.")).copy_(torch.from_numpy(w))
     return model
 
 
@@ -212,10 +214,23 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
 
 
 def both_spellings(folder: Path, out: Path) -> Path:
-    """A copy with both config spellings: mlx-lm reads num_experts / rope_theta, which v5-only folders lack."""
+    """A copy mlx-lm reads: transformers 5 folds keys into ``rope_parameters`` that mlx-lm reads at the top
+    level (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``), spells ``num_local_experts`` for
+    ``num_experts`` and may leave ``head_dim`` out; written here from the folder's own config.json."""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(checkpoints.spelled(config, "both")))
+    if "num_local_experts" in config or "num_experts" in config:
+        config = checkpoints.spelled(config, "both")
+    rope = dict(config.get("rope_parameters") or {})
+    config.setdefault("rope_theta", rope.get("rope_theta", config.get("rope_theta")))
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    config.setdefault("rope_scaling", None)
+    if "partial_rotary_factor" in rope:
+        config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    if config.get("head_dim") is None:
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 

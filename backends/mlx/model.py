@@ -17,14 +17,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_map_with_path
 from mlx_lm.utils import load_model
 
 from moe_local.errors import UserError
 from moe_local.families import config_for_writing, family
 from moe_local.spec import ModelSpec
 
-from .moe import MoEBlock
+from .moe import MoEBlock, SwiGLU
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -39,32 +39,40 @@ class WithProjectBlocks:
         super().__init__(args)
         self.spec = spec
         attribute = family(spec.family).mlx.block
-        for moe in spec.moe:
-            layer = self.model.layers[moe.layer]
-            if not hasattr(getattr(layer, attribute), "switch_mlp"):
-                raise UserError(f"layer {moe.layer}: the spec says MoE, mlx-lm built a dense MLP")
-            setattr(layer, attribute, MoEBlock(moe, spec.hidden_size, impl))
+        for i, layer in enumerate(self.model.layers):
+            moe = spec.moe_at(i)
+            if moe is not None:
+                setattr(layer, attribute, MoEBlock(moe, spec.hidden_size, impl, spec.names))
+            elif hasattr(getattr(layer, attribute), "switch_mlp"):  # a dense layer mlx-lm built sparse
+                setattr(layer, attribute, SwiGLU(spec.hidden_size, spec.dense_size))
 
     def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if not self.spec.names.is_unused(k)}
-        return stack_adjugates(super().sanitize(weights), self.spec)
+        weights = {k: v for k, v in weights.items() if not self.spec.is_unused(k)}
+        return stack_per_expert(super().sanitize(weights), self.spec)
 
 
-def stack_adjugates(weights: dict, spec: ModelSpec) -> dict:
-    """``<block>.chunk_experts.J.*`` -> ``<block>.chunk_experts.*`` ([groups, out, in]), as mlx-lm does experts."""
+def stack_per_expert(weights: dict, spec: ModelSpec) -> dict:
+    """Per-expert tensors mlx-lm's own sanitize left (it stacks none for GroveMoE's adjugates, and none at
+    all when layer 0 is dense in Qwen2-MoE) stacked as it stacks experts: ``<block>.experts.E.<part>`` ->
+    ``<block>.switch_mlp.<part>`` and ``<block>.chunk_experts.J.<part>`` -> ``<block>.chunk_experts.<part>``,
+    ``[count, out, in]``."""
+    names, block = spec.names, family(spec.family).mlx.block
     for moe in spec.moe:
-        if moe.grove is None:
-            continue
-        prefix = f"{spec.names.block_prefix(moe.layer)}.{spec.names.adjugates}"
-        for part in _PARTS:
-            for suffix in _SUFFIXES:
-                if f"{prefix}.0.{part}.{suffix}" not in weights:
-                    continue
-                names = [f"{prefix}.{j}.{part}.{suffix}" for j in range(moe.num_groups)]
-                missing = [n for n in names if n not in weights]
-                if missing:
-                    raise KeyError(missing[0])  # reported like mlx-lm's own missing experts
-                weights[f"{prefix}.{part}.{suffix}"] = mx.stack([weights.pop(n) for n in names])
+        groups = [(names.experts, "switch_mlp", moe.num_experts)]
+        if moe.grove:
+            groups.append((names.adjugates, "chunk_experts", moe.num_groups))
+        for source, target, count in groups:
+            for part, name in zip(names.projections, _PARTS):
+                for suffix in _SUFFIXES:
+                    first = f"{names.block_prefix(moe.layer)}.{source}.0.{part}.{suffix}"
+                    if first not in weights:
+                        continue
+                    keys = [first.replace(f".{source}.0.", f".{source}.{j}.") for j in range(count)]
+                    missing = [k for k in keys if k not in weights]
+                    if missing:
+                        raise KeyError(missing[0])  # reported like mlx-lm's own missing experts
+                    stacked = mx.stack([weights.pop(k) for k in keys])
+                    weights[f"model.layers.{moe.layer}.{block}.{target}.{name}.{suffix}"] = stacked
     return weights
 
 
@@ -103,11 +111,18 @@ def load_mlx_model(folder: Path, spec: ModelSpec, impl: str, dtype):
     return model
 
 
+# Kept in float32 whatever the model's dtype, as the libraries keep them (a selection bias of a few
+# thousandths decides between experts whose scores differ by less than bfloat16 resolves).
+FLOAT32_PARAMETERS = ("e_score_correction_bias",)
+
+
 def cast_floats(model: nn.Module, dtype) -> None:
     """Cast floating parameters (quantization scales included, packed weights not) to ``dtype``."""
 
-    def cast(v):
-        return v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+    def cast(path, v):
+        if path.endswith(FLOAT32_PARAMETERS) or not mx.issubdtype(v.dtype, mx.floating):
+            return v
+        return v.astype(dtype) if v.dtype != dtype else v
 
-    model.update(tree_map(cast, model.parameters()))
+    model.update(tree_map_with_path(cast, model.parameters()))
     mx.eval(model.parameters())

@@ -23,6 +23,7 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from moe_local.checkpoint.names import TensorNames
 from moe_local.spec import MoESpec
 
 from .router import route
@@ -79,6 +80,32 @@ class Experts(nn.Module):
         return dense(self.down_proj, e, nn.silu(gate) * up)
 
 
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (shared experts, dense layers): ``down(silu(gate(x)) · up(x))``, mlx-lm's names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class SelectionGate(nn.Module):
+    """A router with DeepSeek-V3's selection-only bias (mlx-lm's ``MoEGate`` parameters: ``weight``,
+    ``e_score_correction_bias``); like mlx-lm's, never quantized."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, hidden_size))
+        self.e_score_correction_bias = mx.zeros((num_experts,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
+
+
 def expert_weight(layer, e: int) -> mx.array:
     """Expert ``e``'s float weight ``[out, in]`` of a (possibly quantized) switch layer."""
     if isinstance(layer, QuantizedSwitchLinear):
@@ -132,30 +159,48 @@ def choose_adjugate(strategy: str, rows: int) -> str:
 class MoEBlock(nn.Module):
     """Drop-in for mlx-lm's sparse MoE blocks (and GroveMoE's), with mlx-lm's parameter names."""
 
-    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped"):
+    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped", names: TensorNames | None = None):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+        names = names or TensorNames()
         self.spec = moe
         self.impl = impl
         self.adjugate = "auto"  # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
         self.sort_min_rows = SORT_MIN_ROWS  # benchmarks set it to time always/never sorted rows
-        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
+        if moe.router.selection_bias:
+            self.gate = SelectionGate(hidden_size, moe.num_experts)
+        else:
+            self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
         self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
+        # Shared experts under the family's own names, as mlx-lm's models name them.
+        self.shared_name, self.shared_gate_name = names.shared, names.shared_gate
+        if moe.shared:
+            setattr(self, names.shared, SwiGLU(hidden_size, moe.shared.count * moe.shared.size))
+            if moe.shared.gated:
+                setattr(self, names.shared_gate, nn.Linear(hidden_size, 1, bias=False))
 
     def __call__(self, hidden_states: mx.array) -> mx.array:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits = self.gate(x)
-        idx, weights = route(logits, self.spec.router, self.spec.top_k)
+        logits = self.gate(x.astype(mx.float32) if self.spec.router.float32_logits else x)
+        bias = self.gate.e_score_correction_bias if self.spec.router.selection_bias else None
+        idx, weights = route(logits, self.spec.router, self.spec.top_k, bias)
         weights = weights.astype(x.dtype)
         if self.impl == "reference":
             out = self._per_slot(x, idx, weights)
         else:
             out = self._grouped(x, idx, weights)
+        if self.spec.shared:
+            out = out + self._shared(x)
         return out.reshape(shape)
+
+    def _shared(self, x: mx.array) -> mx.array:
+        """The shared experts, a dense SwiGLU beside the routed ones (scaled by their gate when gated)."""
+        y = self[self.shared_name](x)
+        return mx.sigmoid(self[self.shared_gate_name](x)) * y if self.spec.shared.gated else y
 
     # -- grouped execution ------------------------------------------------------------------------
     def _grouped(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:

@@ -59,7 +59,7 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
 def carried_tensors(folder: Path, spec) -> dict[str, mx.array]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for path, names in carried_tensor_names(folder, spec.names).items():
+    for path, names in carried_tensor_names(folder, spec.is_carried).items():
         arrays = mx.load(str(path))
         out.update({name: arrays[name] for name in names})
     return out

@@ -41,6 +41,11 @@ class LiveGate(nn.Module):
         # Plain attributes, not module parameters: nothing here is the model's.
         object.__setattr__(self, "_state", (base, rule, weight, offset_rows, offsets, capture_rows, sink))
 
+    @property
+    def e_score_correction_bias(self):
+        """The base gate's selection-only bias (the block reads it for the choice of experts)."""
+        return self._state[0].e_score_correction_bias
+
     def __call__(self, x: mx.array) -> mx.array:
         base, rule, weight, offset_rows, offsets, capture_rows, sink = self._state
         logits = base(x) if weight is None else x.astype(mx.float32) @ weight.T

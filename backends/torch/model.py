@@ -64,7 +64,8 @@ def build(spec: ModelSpec, impl: str):
     with torch.device("meta"):
         model = model_cls(config)
         for moe in spec.moe:
-            setattr(model.model.layers[moe.layer], _block(spec), MoEBlock(moe, spec.hidden_size, impl))
+            block = MoEBlock(moe, spec.hidden_size, impl, spec.names)
+            setattr(model.model.layers[moe.layer], _block(spec), block)
     return model
 
 
@@ -73,13 +74,35 @@ def _block(spec: ModelSpec) -> str:
 
 
 def _model_name(spec: ModelSpec, name: str) -> str:
-    """A checkpoint's router tensor under the model's name (other names are the same on both sides)."""
-    names = spec.names
-    for moe in spec.moe:
-        prefix = f"{names.block_prefix(moe.layer)}.{names.router}."
-        if name.startswith(prefix):
-            return f"model.layers.{moe.layer}.{_block(spec)}.gate.{name[len(prefix) :]}"
-    return name
+    """A checkpoint tensor of an MoE block under the model's name (the family's block and router
+    attributes -> ``mlp`` and ``gate``); every other name is the same on both sides."""
+    names, parts = spec.names, name.split(".", 3)
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
+        return name
+    if not parts[3].startswith(names.block + "."):
+        return name
+    rest = parts[3][len(names.block) + 1 :]
+    if rest.startswith(names.router + "."):
+        rest = "gate." + rest[len(names.router) + 1 :]
+    return f"model.layers.{parts[2]}.{_block(spec)}.{rest}"
+
+
+def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
+    """The inverse of :func:`_model_name`."""
+    names, parts = spec.names, name.split(".", 3)
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
+        return name
+    if not parts[3].startswith(_block(spec) + "."):
+        return name
+    rest = parts[3][len(_block(spec)) + 1 :]
+    if rest.startswith("gate."):
+        rest = f"{names.router}.{rest[len('gate.') :]}"
+    return f"{names.block_prefix(int(parts[2]))}.{rest}"
+
+
+# Kept in float32 whatever the model's dtype, as the libraries keep them: a selection bias of a few
+# thousandths decides between experts whose scores differ by less than bfloat16 resolves.
+FLOAT32_TENSORS = (".e_score_correction_bias",)
 
 
 def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -95,14 +118,15 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                if spec.names.is_unused(name):
+                if spec.is_unused(name):
                     continue
                 m = per_expert.match(name)
                 if m:
                     part = PROJECTIONS[spec.names.projections.index(m.group(3))]
                     experts.setdefault(m.group(1), {})[(int(m.group(2)), part)] = f.get_tensor(name)
                 else:
-                    state[_model_name(spec, name)] = f.get_tensor(name).to(dtype)
+                    keep = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
+                    state[_model_name(spec, name)] = f.get_tensor(name).to(keep)
     for prefix, parts in experts.items():
         state.update(_fused_experts(folder, spec, prefix, parts, dtype))
     return state
@@ -185,13 +209,6 @@ def _checkpoint_name(spec: ModelSpec, name: str) -> str:
     return _checkpoint_router_name(spec, name)
 
 
-def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
-    parts = name.split(".")
-    if len(parts) >= 5 and parts[3] == _block(spec) and parts[4] == "gate" and spec.moe_at(int(parts[2])) is not None:
-        return f"{spec.names.block_prefix(int(parts[2]))}.{spec.names.router}.{'.'.join(parts[5:])}"
-    return name
-
-
 def _checkpoint_shape(name: str, shape) -> tuple:
     if name.endswith(".gate_up_proj"):
         return (shape[1] // 2, shape[2])
@@ -211,7 +228,7 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
 def carried_tensors(folder: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for path, names in carried_tensor_names(folder, spec.names).items():
+    for path, names in carried_tensor_names(folder, spec.is_carried).items():
         with safe_open(str(path), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in names})
     return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_local.checkpoint.names import TensorNames
 from moe_local.spec import MoESpec
 
 from .router import Router, route
@@ -41,6 +42,19 @@ class Experts(nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (the shared experts): ``down(silu(gate(x)) · up(x))``, Hugging Face's names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def grouped_swiglu(
@@ -91,7 +105,7 @@ def group_rows(idx: torch.Tensor, weights: torch.Tensor, moe: MoESpec):
 class MoEBlock(nn.Module):
     """Drop-in for transformers' sparse MoE blocks (and GroveMoE's), same parameter names as the checkpoints."""
 
-    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped"):
+    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped", names: TensorNames | None = None):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
@@ -101,6 +115,14 @@ class MoEBlock(nn.Module):
         self.experts = Experts(moe.num_experts, hidden_size, moe.expert_size)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
+        # Shared experts under the family's own names (Qwen2-MoE: shared_expert + shared_expert_gate;
+        # DeepSeek: shared_experts), so checkpoint names are the parameter names.
+        names = names or TensorNames()
+        self.shared_names = (names.shared, names.shared_gate)
+        if moe.shared:
+            setattr(self, names.shared, SwiGLU(hidden_size, moe.shared.count * moe.shared.size))
+            if moe.shared.gated:
+                setattr(self, names.shared_gate, nn.Linear(hidden_size, 1, bias=False))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -121,7 +143,15 @@ class MoEBlock(nn.Module):
                 swiglu = grouped_swiglu_mm if mm else grouped_swiglu
                 adjugates = swiglu(x, *group_rows(idx, weights, self.spec), self.chunk_experts)
                 out = out + self.spec.grove.scale * adjugates
+        if self.spec.shared:
+            out = out + self._shared(x)
         return out.reshape(shape)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts, a dense SwiGLU beside the routed ones (scaled by their gate when gated)."""
+        shared, gate = self.shared_names
+        y = getattr(self, shared)(x)
+        return torch.sigmoid(getattr(self, gate)(x)) * y if self.spec.shared.gated else y
 
     def _grouped_mm_applies(self, x, weights) -> bool:
         return x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and not self._needs_grad(x, weights)

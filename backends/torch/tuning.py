@@ -65,23 +65,23 @@ class TorchTuning:
     """Mixed into ``TorchModel``: needs ``self.model``, ``self.spec``, ``self.device``, ``self.dtype``."""
 
     # -- shared pieces --------------------------------------------------------------------------
-    def _mask_and_rope(self, hidden: torch.Tensor, mask: torch.Tensor):
+    def _run_layers(self, hidden, mask, start: int, stop: int):
+        """Decoder layers ``start .. stop-1`` as the model's own forward runs them: each with the causal
+        mask of its attention type (``config.layer_types``; full attention where a config has none)."""
         config = self.model.config
         positions = positions_from_mask(mask)
-        make = (
-            create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-        )
-        causal = make(
-            config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
-        )
-        return positions, causal, self.model.model.rotary_emb(hidden, positions)
-
-    def _run_layers(self, hidden, mask, start: int, stop: int):
-        positions, causal, rope = self._mask_and_rope(hidden, mask)
-        for layer in self.model.model.layers[start:stop]:
-            hidden = layer(
+        types = getattr(config, "layer_types", None) or ["full_attention"] * len(self.model.model.layers)
+        masks = {}
+        for kind in set(types[start:stop]):
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(
+                config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
+            )
+        rope = self.model.model.rotary_emb(hidden, positions)
+        for i in range(start, stop):
+            hidden = self.model.model.layers[i](
                 hidden,
-                attention_mask=causal,
+                attention_mask=masks[types[i]],
                 position_ids=positions,
                 past_key_values=None,
                 use_cache=False,

@@ -6,6 +6,8 @@ passes through unchanged; inside a block, names follow :class:`TensorNames`::
     model.layers.{L}.{block}.{router}.weight                       the router (and .bias when it has one)
     model.layers.{L}.{block}.{experts}.{E}.{projection}.weight     expert E's gate, up and down projections
     model.layers.{L}.{block}.{adjugates}.{J}.{projection}.weight   GroveMoE's adjugate J (a group of experts)
+    model.layers.{L}.{block}.{shared}.{projection}.weight          shared experts (one SwiGLU), and
+    model.layers.{L}.{block}.{shared_gate}.weight                  their gate when they are gated
 
 Router adapters hold the router tensors under exactly these names, so mlx-lm loads them as they are.
 """
@@ -30,6 +32,8 @@ class TensorNames:
     experts: str = "experts"
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # an expert's gate, up, down
     adjugates: str = "chunk_experts"  # GroveMoE's adjugate experts, one per group
+    shared: str = "shared_expert"  # Qwen2-MoE's name; DeepSeek's is "shared_experts"
+    shared_gate: str = "shared_expert_gate"
     carried: tuple[str, ...] = ()  # block tensors no model reads but written folders keep (Grove's expert_bias)
 
     def block_prefix(self, layer: int) -> str:
@@ -56,14 +60,20 @@ class TensorNames:
         parts = "|".join(re.escape(p) for p in self.projections)
         return re.compile(rf"^(model\.layers\.\d+\.{re.escape(self.block)}\.(?:{groups}))\.(\d+)\.({parts})\.weight$")
 
-    def is_carried(self, name: str) -> bool:
+    def is_carried(self, name: str, num_layers: int) -> bool:
+        """A tensor no model reads that written folders keep as it is: the family's carried block
+        tensors, and the layers past ``num_layers`` (DeepSeek-V3's and GLM-4.5's multi-token-prediction
+        layers are stored as extra decoder layers)."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= num_layers:
+            return True
         return any(
             re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.block)}\.{re.escape(c)}", name) for c in self.carried
         )
 
-    def is_unused(self, name: str) -> bool:
+    def is_unused(self, name: str, num_layers: int) -> bool:
         """Checkpoint tensors no model reads: the carried ones and stale RoPE tables."""
-        return self.is_carried(name) or STALE_TENSORS.search(name) is not None
+        return self.is_carried(name, num_layers) or STALE_TENSORS.search(name) is not None
 
 
 def check_router_weights(spec, weights: dict) -> dict[int, object]:
