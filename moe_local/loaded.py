@@ -39,6 +39,11 @@ class LoadedModel(ABC):
             self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
+    @property
+    @abstractmethod
+    def execution(self) -> str:
+        """One line: the backend, the device and how the MoE layers run (grouped, Triton, gather_mm)."""
+
     @abstractmethod
     def logits(self, ids, attention_mask=None):
         """ids: int [batch, seq] (1-D = one sequence), left padding -> float32 numpy [batch, seq, vocab]."""

@@ -27,7 +27,7 @@ from moe_local.loaded import LoadedModel, TuningOps
 from ..shared import checked_batch
 from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
-from .moe import MOE_IMPLS
+from .moe import MOE_IMPLS, execution
 from .tuning import MLXTuning
 
 DEVICES = ("cpu", "gpu")
@@ -35,6 +35,11 @@ DEVICES = ("cpu", "gpu")
 
 def default_device() -> str:
     return "gpu" if mx.metal.is_available() else "cpu"
+
+
+def describe_execution(spec) -> str:
+    """How ``spec``'s MoE layers would run with the defaults here (``moe-local info``)."""
+    return execution(spec, "grouped", default_device())
 
 
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> MLXModel:
@@ -69,6 +74,10 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
         self.folder = folder
         self.moe_impl = moe_impl
         self.device = device
+
+    @property
+    def execution(self) -> str:
+        return execution(self.spec, self.moe_impl, self.device)
 
     @property
     def dtype(self):

@@ -59,6 +59,15 @@ ADJUGATE_STRATEGIES = ("auto", "per-slot", "per-group")
 ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS
 
 
+def execution(spec, impl: str, device) -> str:
+    """How a model's MoE layers run on this backend (what ``info`` and the logs say)."""
+    routed = "through gather_mm (gather_qmm when quantized), rows sorted by expert from 64 rows on"
+    if impl == "reference":
+        routed = "the per-slot reference loop"
+    shared = "; shared experts as a dense MLP beside them" if any(m.shared for m in spec.moe) else ""
+    return f"mlx on {device}: routed experts {routed}{shared}"
+
+
 class Experts(nn.Module):
     """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
 

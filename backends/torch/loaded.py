@@ -17,7 +17,7 @@ from moe_local.loaded import LoadedModel, TuningOps
 from ..shared import checked_batch
 from .generation import TorchGeneration
 from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm, positions_from_mask
-from .moe import MOE_IMPLS
+from .moe import MOE_IMPLS, execution
 from .tuning import TorchTuning
 
 
@@ -39,13 +39,24 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def default_impl(device: str) -> str:
+    """Triton's fused op on CUDA when Triton is installed, the grouped path elsewhere."""
+    return "triton" if str(device).startswith("cuda") and importlib.util.find_spec("triton") else "grouped"
+
+
+def describe_execution(spec) -> str:
+    """How ``spec``'s MoE layers would run with the defaults here (``moe-local info``)."""
+    device = default_device()
+    return execution(spec, default_impl(device), device)
+
+
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> TorchModel:
     spec = load_spec(folder)
     device = device or default_device()
     check_device(device)
     has_triton = importlib.util.find_spec("triton") is not None
     if moe_impl is None:
-        moe_impl = "triton" if str(device).startswith("cuda") and has_triton else "grouped"
+        moe_impl = default_impl(device)
     if moe_impl not in MOE_IMPLS:
         raise UserError(f"moe_impl '{moe_impl}' is not one of the torch backend's: {', '.join(MOE_IMPLS)}")
     if moe_impl == "triton" and not has_triton:
@@ -66,6 +77,10 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
         self.folder = folder
         self.moe_impl = moe_impl
         self.device = torch.device(device)
+
+    @property
+    def execution(self) -> str:
+        return execution(self.spec, self.moe_impl, self.device)
 
     @property
     def dtype(self) -> torch.dtype:

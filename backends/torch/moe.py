@@ -31,6 +31,19 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUPED_MM_MAX_TOKENS = 64
 
 
+def execution(spec, impl: str, device) -> str:
+    """How a model's MoE layers run on this backend (what ``info`` and the logs say)."""
+    routed = {
+        "grouped": "grouped: rows sorted by expert, one torch._grouped_mm per projection without a gradient "
+        "on the CPU, a matmul pair per expert otherwise",
+        "triton": "the fused Triton op (Grove's adjugates once per (token, group) in the same launches); "
+        "the grouped path where a gradient is needed",
+        "reference": "the per-slot reference loop",
+    }[impl]
+    shared = "; shared experts as a dense MLP beside them" if any(m.shared for m in spec.moe) else ""
+    return f"torch on {device}: routed experts {routed}{shared}"
+
+
 class Experts(nn.Module):
     """SwiGLU experts stored fused as transformers 5 does: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``."""
 

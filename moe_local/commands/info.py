@@ -6,6 +6,7 @@ import click
 
 from moe_local.backends import auto_backend
 from moe_local.checkpoint import is_quantized, resolve_model, tensor_index, weight_bytes
+from moe_local.errors import UserError
 from moe_local.families import load_spec
 from moe_local.sizing import estimate_memory
 
@@ -33,6 +34,16 @@ def _ranges(ids) -> str:
             out.append(str(start) if start == prev else f"{start}-{prev}")
             start = cur
     return ", ".join(out)
+
+
+def execution_here(spec) -> str:
+    """How the MoE layers would run with --backend auto here (the backend's own account)."""
+    from moe_local.backends import backend_module
+
+    try:
+        return backend_module(auto_backend()).describe_execution(spec)
+    except UserError as e:  # the backend is not installed
+        return str(e)
 
 
 def describe(spec, folder) -> list[str]:
@@ -69,6 +80,7 @@ def describe(spec, folder) -> list[str]:
         f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
         f"dtype:        {spec.dtype}" + (", weights quantized (MLX)" if quantized else ""),
         f"backend:      {auto_backend()} (what --backend auto picks here)",
+        f"execution:    {execution_here(spec)}",
         f"memory chat:  {_gb(mem.chat)} (weights {_gb(mem.weights)} + KV cache {_gb(mem.kv_cache)} "
         f"for {mem.chat_context} tokens)",
         f"memory tune:  {_gb(mem.tune)} (weights + activations of the tuned suffix for batch {mem.tune_batch} "
