@@ -288,3 +288,76 @@ def test_quantized_mlx_folders_equal_mlx_lm(family, folders, tmp_path):
     layer = m.spec.moe_layers[-1]
     gate = m.get_router_weights([layer])[m.spec.names.router_weight(layer)]
     assert gate.dtype == np.float32 and gate.shape == (m.spec.moe_at(layer).num_experts, m.spec.hidden_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_every_command_runs_on_the_family(family, backend, folders, tmp_path, capsys):
+    """prepare, tune (roma and router), eval with the oracle, generate, fuse and info through the CLI; the
+    fused folder (written by this backend) loads in mlx-lm with the tuned logits."""
+    from helpers import answerable, run_main, task_records, unit_rows, write_jsonl
+
+    folder = folders[family]
+    m = moe_local.load(str(folder), backend=backend)
+    data = write_jsonl(tmp_path / "train.jsonl", answerable(m, task_records(8)))
+    np.save(data.with_suffix(".npy"), unit_rows(8))
+    common = ("--model", folder, "--backend", backend)
+    assert run_main(capsys, "info", "--model", folder)[0] == 0
+    code, _, err = run_main(capsys, "prepare", *common, "--data", data, "--layers", "1", "--bank", tmp_path / "bank")
+    assert code == 0, err
+    for method in ("roma", "router"):
+        code, _, err = run_main(
+            capsys,
+            "tune",
+            *common,
+            "--data",
+            data,
+            "--layers",
+            "1",
+            "--bank",
+            tmp_path / "bank",
+            "--adapter-path",
+            tmp_path / method,
+            "--method",
+            method,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.05",
+            "--lam-warmup",
+            "0",
+        )
+        assert code == 0, err
+    code, out, err = run_main(
+        capsys,
+        "eval",
+        *common,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "roma",
+        "--oracle",
+        "--oracle-steps",
+        "2",
+        "--report",
+        tmp_path / "report.json",
+    )
+    assert code == 0 and "oracle" in out, err
+    assert {r["method"] for r in json.loads((tmp_path / "report.json").read_text())} == {
+        "roma",
+        "oracle",
+        "oracle_wrong",
+    }
+    code, out, err = run_main(
+        capsys, "generate", *common, "--adapter-path", tmp_path / "roma", "--prompt", "Hi", "--max-tokens", "4"
+    )
+    assert code == 0 and "tokens" in err, err
+    code, _, err = run_main(
+        capsys, "fuse", *common, "--adapter-path", tmp_path / "roma", "--save-path", tmp_path / "fused"
+    )
+    assert code == 0, err
+    tuned = moe_local.load(str(folder), backend=backend, adapter_path=tmp_path / "roma").logits(LONG)[0]
+    assert rel(mlx_lm_logits(tmp_path / "fused", LONG), tuned) <= RTOL
