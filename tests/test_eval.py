@@ -12,7 +12,7 @@ from moe_local.tuning.evaluate import evaluate, oracle_predictions, wrong_labels
 
 from helpers import BACKENDS, answerable, run_main, task_records, unit_rows, write_jsonl
 
-ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
+ROW_KEYS = ["acc_norm", "accuracy", "backend", "format", "method", "model", "n", "seed", "split"]
 
 
 def _records(rows):
@@ -146,6 +146,7 @@ def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
         assert sorted(row) == ROW_KEYS
         assert row["split"] == "val" and row["n"] == 6 and row["backend"] == backend and row["seed"] == 0
         assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["format"] == "mc" and row["acc_norm"] == row["accuracy"]  # letters: one character each
     r = run_main(
         capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report, "--backend", backend
     )
