@@ -212,3 +212,10 @@ def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):
     )
     assert r[0] == 0, r[2]
     assert json.loads((tmp_path / "r.json").read_text())[0]["method"] == "router"
+
+
+def test_progress_bar_counts_records(olmoe_dir, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    evaluate(m, _records(task_records(3)), layers=2, batch_size=1, progress="bar")
+    err = capsys.readouterr().err
+    assert "eval:" in err and "records/s" in err and "3/3" in err
