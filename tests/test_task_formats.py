@@ -92,9 +92,9 @@ def test_mmlu_csv_without_a_header(tmp_path):
     _one_line_error(lambda: read_records(path), f"{path}:1: answer 'E' is out of range for 4 choices")
 
 
-def test_csv_with_a_header_tsv_and_fields(tmp_path):
+def test_csv_with_a_header_and_a_byte_order_mark_tsv_and_fields(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("question,A,B,C,answer,subject\nWhat is 2+2?,3,4,5,1,math\nLargest?,1,9,5,B,math\n")
+    path.write_text("\ufeffquestion,A,B,C,answer,subject\nWhat is 2+2?,3,4,5,1,math\nLargest?,1,9,5,B,math\n")
     records = read_records(path)
     assert [(r.choices, r.answer, r.task) for r in records] == [
         (("3", "4", "5"), 1, "math"),

@@ -80,10 +80,9 @@ def read_records(path, split: str | None = None, fields=None, limit: int | None 
 
 
 def _names_columns(cells: list[str], fields: FieldMap | None) -> bool:
-    """Whether a CSV's first row is a header: it names a known layout's columns or those of --fields."""
-    if fields is not None:
-        return all(c in cells or c.split(".")[0] in cells for c in fields.needs)
-    return known_layout(cells) is not None
+    """Whether a CSV's first row is a header: always with --fields (its columns are checked then),
+    else when it names a known layout's columns."""
+    return fields is not None or known_layout(cells) is not None
 
 
 def source_sha256(path) -> str:
@@ -98,9 +97,6 @@ def source_sha256(path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-file_sha256 = source_sha256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,8 +266,6 @@ def encode_records(tokenizer, records: list[Record], prompting: Prompting | None
     asked = [prompt_requests(r, prompting, i) for i, r in enumerate(records)]
     pairs = [_move_trailing_space(c, k) for reqs, _ in asked for c, k in reqs]
     contexts = list(dict.fromkeys(c for c, _ in pairs))
-    if any(not c for c in contexts):
-        raise UserError("a prompt is empty; every record needs a question")
     context_ids = dict(zip(contexts, tokenizer(contexts, add_special_tokens=False)["input_ids"])) if pairs else {}
     wholes = tokenizer([c + k for c, k in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     prefix = _special_prefix(tokenizer, contexts[0], context_ids[contexts[0]]) if pairs else []
@@ -280,6 +274,8 @@ def encode_records(tokenizer, records: list[Record], prompting: Prompting | None
         seqs: dict[tuple, int] = {}
         cand_seq, cand_tokens = [], []
         for c in range(len(reqs)):
+            if not pairs[at][0]:
+                raise UserError(f"{r.where or f'record on line {r.line}'}: choice {c} leaves its prompt empty")
             context = context_ids[pairs[at][0]]
             continuation = wholes[at][len(context) :]
             at += 1

@@ -207,29 +207,40 @@ def _parquet(path: Path) -> Table:
     return Table(str(path), columns, _batch_rows(path, handle.iter_batches(batch_size=BATCH_ROWS), "parquet"))
 
 
-def _open_arrow(path: Path):
-    """An Arrow IPC stream (what ``datasets`` writes) or file: (schema, record batches)."""
+def _arrow_schema(path: Path):
+    """The schema of an Arrow IPC stream (what ``datasets`` writes) or file."""
     pa = _pyarrow()
     try:
-        source = pa.memory_map(str(path))
-        try:
-            reader = pa.ipc.open_stream(source)
-            return reader.schema, iter(reader)
-        except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(source)
-            return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        with pa.memory_map(str(path)) as source:
+            try:
+                return pa.ipc.open_stream(source).schema
+            except pa.ArrowInvalid:
+                return pa.ipc.open_file(source).schema
     except (pa.ArrowException, OSError, ValueError) as e:
         _unreadable(path, "Arrow", e)
 
 
+def _arrow_batches(path: Path):
+    """The record batches of an Arrow stream or file, the file closed once they are read."""
+    pa = _pyarrow()
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+            return
+        yield from reader
+
+
 def _arrow(name, files: list[Path]) -> Table:
-    """Arrow files read one after the other (a dataset's shards), all with the first one's columns."""
-    schema, first = _open_arrow(files[0])
+    """Arrow files read one after the other (a dataset's shards), with the first one's columns."""
+    schema = _arrow_schema(files[0])
 
     def rows():
-        for i, path in enumerate(files):
-            batches = first if i == 0 else _open_arrow(path)[1]
-            yield from _batch_rows(path, batches, "Arrow")
+        for path in files:
+            yield from _batch_rows(path, _arrow_batches(path), "Arrow")
 
     return Table(str(name), schema.names, rows())
 

@@ -23,7 +23,7 @@ def records_sha256(records: list[Record], prompting: Prompting | None = None) ->
     records asked in mc without examples keep the identity they always had."""
     h = hashlib.sha256()
     for r in records:
-        value = [r.question, list(r.choices), r.answer] + ([] if r.plain else [r.context, r.cloze])
+        value = [r.question, list(r.choices), r.answer] + ([] if r.simple else [r.context, r.cloze])
         h.update(json.dumps(value, ensure_ascii=False).encode())
         h.update(b"\n")
     asked = (prompting or Prompting()).fingerprint()

@@ -37,8 +37,8 @@ class Record:
     where: str = ""  # "FILE:LINE" or "FILE row N", for messages
 
     @property
-    def plain(self) -> bool:
-        """A record as today's JSONL spells it (nothing a layout adds); its identity stays as it was."""
+    def simple(self) -> bool:
+        """Nothing beyond what JSONL records always had (no passage, the default cloze style)."""
         return self.context is None and self.cloze == "question-answer"
 
 
