@@ -31,8 +31,9 @@ from ..distributed import LOCAL
 from ..errors import UserError
 from ..progress import Progress
 from . import roma
-from .data import MISSING_SCORE, Prompting, Record, batches, encode_records, norm_predictions, predictions
+from .data import MISSING_SCORE, Record, batches, encode_records, norm_predictions, predictions
 from .optim import adam
+from .tasks import Prompting
 
 NO_TASK = "(none)"
 
@@ -165,7 +166,7 @@ def evaluate(
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
     ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
-    ``prompting``: the format and few-shot examples (data.Prompting; default mc, none).
+    ``prompting``: the format and few-shot examples (tasks.Prompting; default mc, none).
     ``dist``: the torchrun process group; every rank returns the result over all records.
     """
     if isinstance(layers, int) and not oracle:  # without the oracle the layers only pick where to split

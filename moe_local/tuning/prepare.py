@@ -13,9 +13,10 @@ from ..errors import UserError
 from ..progress import Progress
 from . import roma
 from .bank import Bank
-from .data import Prompting, Record, batches, encode_records, predictions, source_sha256
+from .data import Record, batches, encode_records, predictions
 from .evaluate import check_finite
 from .prefix_cache import PrefixCache
+from .tasks import Prompting, source_sha256
 
 
 def records_sha256(records: list[Record], prompting: Prompting | None = None) -> str:
@@ -50,7 +51,7 @@ def prepare(
     ``layers``: the tuned layers (a tuple) or how many of the last MoE layers. Fills ``cache`` on the way.
     ``dist``: under torchrun each rank runs its own records and the bank rows are summed across ranks
     (rows a rank does not own are zero there), so every rank returns the whole bank.
-    ``prompting``: the format and few-shot examples (data.Prompting) the records are asked with; a
+    ``prompting``: the format and few-shot examples (tasks.Prompting) the records are asked with; a
     sample is answered correctly when its answer scores highest (acc).
     """
     layers = roma.tuned_layers(model.spec, layers)

@@ -36,13 +36,14 @@ from ..progress import Progress
 from . import roma
 from .adapter import METRICS_FILE, write_adapter
 from .bank import Bank, check_bank, write_bank
-from .data import Prompting, Record, batches, encode_records, make_batch, predictions
+from .data import Record, batches, encode_records, make_batch, predictions
 from .evaluate import check_finite
 from .folder import BANK_DIR, CACHE_FILE, open_run, rank_cache_path, save_checkpoint
 from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .prepare import prepare, records_sha256
 from .report import METRIC_KEYS, Reporter, TuneCallback
+from .tasks import Prompting
 
 METHODS = ("roma", "router")
 
@@ -153,7 +154,7 @@ def tune(
     The model's own gates are not changed. ``dist``: the torchrun process group; N processes take the
     steps one process takes. ``overwrite`` replaces an adapter only once the new run has succeeded
     (folder.RunFolder). ``prompting``: the format and few-shot examples the records are asked with
-    (data.Prompting; default mc, none): the CE is over those candidates' scores.
+    (tasks.Prompting; default mc, none): the CE is over those candidates' scores.
     """
     settings.check()
     layers = roma.tuned_layers(model.spec, settings.layers)
