@@ -258,6 +258,8 @@ def test_label_and_answer_errors_name_the_row(tmp_path):
         ({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}, "no '_'"),
         ({"sentence": "a _ b", "option1": "a", "option2": "b", "answer": ""}, "answer must be 1 or 2"),
         (dict(LAYOUT_ROWS["hellaswag"][0], label=""), "the label '' is not an integer"),
+        (dict(LAYOUT_ROWS["hellaswag"][0], ctx_b=None), "'ctx_b' must be a string, got None"),
+        (dict(LAYOUT_ROWS["sciq"][0], support=3), "'support' must be a string, got 3"),
     ]
     for row, message in cases:
         path = tmp_path / "d.parquet"
@@ -283,3 +285,11 @@ def test_few_shot_examples_come_from_dev_else_the_first_records(tmp_path):
     assert len(records) == 1 and [e.question for e in asked.examples_for(0)] == ["Q1", "Q2", "Q3"]
     assert [e.question for e in asked.examples_for(2)] == ["Q0", "Q1", "Q3"]
     _one_line_error(lambda: read_task(alone, num_fewshot=4), "needs 5 records in the data; it has 4")
+
+
+def test_json_nested_too_deep_or_an_integer_too_long_is_one_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("[" * 100000 + "]" * 100000 + "\n")
+    _one_line_error(lambda: read_records(path), f"{path}:1: not valid JSON (RecursionError")
+    path.write_text('{"question": "q", "choices": ["a", "b"], "answer": ' + "1" * 5000 + "}\n")
+    _one_line_error(lambda: read_records(path), f"{path}:1: not valid JSON (ValueError")

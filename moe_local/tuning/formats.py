@@ -118,6 +118,8 @@ def _jsonl(path: Path) -> Table:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting too deep
+                raise UserError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
             yield number, where, obj
 
     return Table(str(path), None, rows())

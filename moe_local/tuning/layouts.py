@@ -40,6 +40,14 @@ def _label_index(value, where: str, offset: int = 0) -> int:
     return int(value) - offset
 
 
+def _text(row, key: str, where: str) -> str:
+    """A column the layout builds text from: it must hold a string."""
+    value = row[key]
+    if not isinstance(value, str):
+        fail(where, f"'{key}' must be a string, got {value!r}")
+    return value
+
+
 def hellaswag_preprocess(text: str) -> str:
     """lm-eval's HellaSwag preprocessing (tasks/hellaswag/utils.py): WikiHow's bracketed artefacts out."""
     text = text.strip()
@@ -49,8 +57,9 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def _hellaswag(row, where):
-    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if "ctx_a" in row and "ctx_b" in row else row["ctx"]
-    query = row["activity_label"] + ": " + ctx if "activity_label" in row else ctx
+    text = {key: _text(row, key, where) for key in ("ctx_a", "ctx_b", "ctx", "activity_label") if key in row}
+    ctx = text["ctx_a"] + " " + text["ctx_b"].capitalize() if "ctx_a" in text and "ctx_b" in text else text["ctx"]
+    query = text["activity_label"] + ": " + ctx if "activity_label" in text else ctx
     endings = row["endings"]
     if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
         fail(where, "'endings' must be a list of strings")
@@ -96,7 +105,7 @@ def _boolq(row, where):
     answer = row["answer"] if "answer" in row else _label_index(row["label"], where)
     if not isinstance(answer, (bool, int)) or isinstance(answer, int) and answer not in (0, 1):
         fail(where, f"BoolQ's answer must be true or false, got {answer!r}")
-    question = row["question"] + "?" if isinstance(row["question"], str) else row["question"]
+    question = _text(row, "question", where) + "?"  # lm-eval's template adds the question mark
     return dict(question=question, choices=["no", "yes"], answer=int(answer), context=row["passage"])
 
 
@@ -110,7 +119,7 @@ def _winogrande(row, where):
 
 
 def _sciq(row, where):
-    support = row.get("support") or ""
+    support = _text(row, "support", where) if row.get("support") is not None else ""
     choices = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
     return dict(question=row["question"], choices=choices, answer=3, context=support.lstrip())
 
@@ -127,7 +136,7 @@ LAYOUTS = (
         "social_iqa",
         ("context", "question", "answerA", "answerB", "answerC", "label"),
         lambda r, w: dict(
-            question=f"{r['context']} {r['question']}",
+            question=f"{_text(r, 'context', w)} {_text(r, 'question', w)}",
             choices=[r["answerA"], r["answerB"], r["answerC"]],
             answer=_label_index(r["label"], w, offset=1),
             cloze="q-a",
