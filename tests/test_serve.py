@@ -153,6 +153,7 @@ def named(base, name):
 
 
 def test_models_lists_the_base_and_every_adapter(server, base):
+    assert server.url.startswith("http://127.0.0.1:")  # no --host: loopback only
     models = server.client().models.list().data
     assert [m.id for m in models] == [base, "a1", "a2"]
     assert server.client().models.retrieve("a2").id == "a2"
@@ -185,7 +186,7 @@ def test_chat_equals_moe_local_generate_with_the_same_adapter(server, folders, e
     model, adapters = folders
     result = run_cli("generate", "--model", model, "--adapter-path", adapters["a1"], "--prompt", PROMPT, "-n", MAX)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == chat_text(server.client(), "a1") + "\n" == expected["a1"] + "\n"
+    assert result.stdout == chat_text(server.client(), "a1", stream=True) + "\n" == expected["a1"] + "\n"
 
 
 def test_completions_feed_the_prompt_as_given(server, base, folders):
