@@ -159,3 +159,17 @@ def test_fresh_embeddings_are_minilm_of_the_embedding_text():
     np.testing.assert_allclose(np.linalg.norm(shipped, axis=1), 1.0, atol=2e-3)
     recomputed = compute_embeddings([embedding_text(r) for r in records])
     np.testing.assert_allclose(shipped, recomputed, atol=2e-3)
+
+
+def test_eval_fresh_summary_is_mean_and_std_over_seeds():
+    import eval_fresh
+
+    rows = [
+        {"model": "tiny", "split": "test_fresh", "method": m, "accuracy": a, "n": 360, "seed": s}
+        for s, (router, roma) in enumerate([(0.50, 0.61), (0.70, 0.62), (0.60, 0.66)])
+        for m, a in (("base", 0.25), ("router", router), ("roma", roma))
+    ]
+    head, rule, line = eval_fresh.summary(rows)
+    assert "seeds 0, 1, 2" in head and rule.count("---") == 4 + len(eval_fresh.COLUMNS)
+    # sample std: router 50, 70, 60 -> 10.0; roma 61, 62, 66 -> 2.6; paired differences 11, -8, 6 -> 3.0 ± 9.8
+    assert line == "| tiny | test_fresh | 360 | 25.0 ± 0.0 | 60.0 ± 10.0 | 63.0 ± 2.6 |  |  | 3.0 ± 9.8 |"
