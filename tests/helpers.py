@@ -48,7 +48,7 @@ def rel(a, b) -> float:
 
 def run_cli(*args, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m moe_local ARGS`` in a new process, offline, on two threads."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "moe_local", *map(str, args)],
         input=stdin,
