@@ -35,6 +35,7 @@ class Progress:
 
     def close(self, summary: str | None = None) -> None:
         if self.bar is not None:
+            self.bar.refresh()  # the final count, even when the phase ended within tqdm's redraw interval
             self.bar.close()
             self.bar = None
         if summary:
