@@ -313,8 +313,12 @@ def test_every_command_on_the_mxfp4_release(backend, folders, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", answerable(m, task_records(8)))
     np.save(data.with_suffix(".npy"), unit_rows(8))
     common = ("--model", folder, "--backend", backend)
+    code, _, err = run_main(capsys, "prepare", *common, "--data", data, "--layers", "1", "--bank", tmp_path / "bank")
+    assert code == 0, err
     tune = ("--data", data, "--layers", "1", "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--lam-warmup", "0")
-    code, _, err = run_main(capsys, "tune", *common, *tune, "--adapter-path", tmp_path / "roma")
+    code, _, err = run_main(
+        capsys, "tune", *common, *tune, "--bank", tmp_path / "bank", "--adapter-path", tmp_path / "roma"
+    )
     assert code == 0, err
     code, out, err = run_main(
         capsys, "eval", *common, "--data", data, "--adapter-path", tmp_path / "roma", "--oracle", "--oracle-steps", "2"
@@ -338,6 +342,33 @@ def test_every_command_on_the_mxfp4_release(backend, folders, tmp_path, capsys):
     assert set(fused) == set(source)
     for name in (n for n in source if n.endswith(("_blocks", "_scales"))):
         np.testing.assert_array_equal(fused[name], source[name])
+
+
+def test_mlx_fuse_writes_the_layout_transformers_reads(folders, tmp_path):
+    """A float model fused on MLX is written as transformers writes gpt-oss (fused, interleaved, [E, in, out]):
+    every tensor but the tuned router's is the source's bit for bit, and transformers' model of it gives
+    the tuned logits of the torch backend."""
+    from safetensors.numpy import load_file
+
+    from moe_local.tuning.adapter import write_adapter
+
+    folder = folders["truncated"]
+    spec = load_spec(folder)
+    base = load(folder, "torch").get_router_weights([1])
+    rng = np.random.default_rng(1)
+    routers = {k: v + 0.5 * v.std() * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    write_adapter(tmp_path / "a", routers, spec, (1,), method="test", hyperparameters={})
+    load(folder, "mlx", adapter_path=tmp_path / "a").save(tmp_path / "fused")
+    before, after = (
+        load_file(str(folder / "model.safetensors")),
+        load_file(str(tmp_path / "fused" / "model.safetensors")),
+    )
+    assert set(after) == set(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name], routers.get(name, before[name]), err_msg=name)
+    tuned = load(folder, "torch", adapter_path=tmp_path / "a").logits(LONG)[0]
+    assert rel(tuned, load(folder, "torch").logits(LONG)[0]) > 1e-4
+    assert rel(transformers_logits(tmp_path / "fused", LONG), tuned) <= RTOL
 
 
 @pytest.mark.slow
