@@ -1,12 +1,13 @@
 """Write a loaded MLX model back as a model folder (what ``moe-local fuse`` writes).
 
 A float model becomes an ordinary Hugging Face folder: experts per expert
-(``mlp.experts.E.*_proj.weight``, GroveMoE's ``mlp.chunk_experts.J.*``), as transformers writes
-them, so transformers, mlx-lm and the torch backend read it. A quantized model keeps mlx-lm's format
-(stacked ``switch_mlp`` experts with ``.scales``/``.biases``), and its config's per-layer quantization
-entries are dropped for layers that are no longer quantized: float gates installed by
-``set_router_weights`` are then loaded as float by mlx-lm (no ``.scales``). Floating tensors are
-written in the checkpoint's dtype, as they came.
+(``mlp.experts.E.*_proj.weight``, GroveMoE's ``mlp.chunk_experts.J.*``), or stacked and fused where the
+family stores them so (gpt-oss), as transformers writes them, so transformers and the torch backend
+read it (and mlx-lm, where its sanitize reads the family's layout). A quantized model keeps mlx-lm's
+format (stacked ``switch_mlp`` experts with ``.scales``/``.biases``, mlx-lm's names inside the block),
+and its config's per-layer quantization entries are dropped for layers that are no longer quantized:
+float gates installed by ``set_router_weights`` are then loaded as float by mlx-lm (no ``.scales``).
+Floating tensors are written in the checkpoint's dtype, as they came.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def _fused(spec, parts: dict) -> dict:
         suffix = "_bias" if kind == "bias" else ""
         if part == "gate_proj":
             up = parts[(layer, "up_proj", kind)]
-            pair = mx.stack([value, up], axis=2).flatten(1, 2) if layout.interleaved else None
-            value = pair if pair is not None else mx.concatenate([value, up], axis=1)
+            if layout.interleaved:  # gate = even rows, up = odd ones
+                value = mx.stack([value, up], axis=2).flatten(1, 2)
+            else:
+                value = mx.concatenate([value, up], axis=1)
             name = "gate_up_proj"
         else:
             name = "down_proj"
