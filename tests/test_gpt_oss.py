@@ -194,6 +194,18 @@ def test_bad_configs_are_one_line_errors(change, message, folders, tmp_path, cap
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mxfp4_folder_without_its_scales_is_a_one_line_error(backend, folders, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(folders["mxfp4"], tmp_path / "damaged")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_main(capsys, "generate", "--model", folder, "--backend", backend, "--prompt", "Hi")
+    assert code == 2 and "down_proj" in err and len(err.strip().splitlines()) == 1, err
+
+
 # -- generation -------------------------------------------------------------------------------------
 
 

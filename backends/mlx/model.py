@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 from mlx_lm.utils import load_model
 
+from moe_local.checkpoint.names import FusedExperts
 from moe_local.errors import UserError
 from moe_local.families import config_for_writing, family
 from moe_local.spec import ModelSpec
@@ -79,8 +80,8 @@ def unfuse_experts(weights: dict, spec: ModelSpec) -> dict:
     mlx-lm's own sanitize reads the MXFP4 release but not the bf16 layout transformers writes."""
     layout, names = spec.names.fused, spec.names
     for moe in spec.moe:
-        for part in ("gate_up_proj", "down_proj"):
-            for suffix in ("", "_bias", "_blocks", "_scales"):
+        for part in FusedExperts.PARTS:
+            for suffix in FusedExperts.SUFFIXES:
                 name = names.fused_expert(moe.layer, part, suffix)
                 if name not in weights:
                     continue

@@ -21,13 +21,11 @@ from moe_local.errors import UserError
 
 from .mxfp4 import BLOCK, BYTES, dequantize
 
-SUFFIXES = ("", "_bias", "_blocks", "_scales")
-
 
 def pattern(names) -> re.Pattern:
     """Matches a fused tensor's name: groups (experts prefix, part, suffix)."""
     parts = "|".join(FusedExperts.PARTS)
-    suffixes = "|".join(s for s in SUFFIXES if s)
+    suffixes = "|".join(s for s in FusedExperts.SUFFIXES if s)
     return re.compile(
         rf"^(model\.layers\.\d+\.{re.escape(names.block)}\.{re.escape(names.experts)})\.({parts})({suffixes})?$"
     )
@@ -57,35 +55,35 @@ def expected_shapes(part: str, experts: int, hidden: int, size: int, layout: Fus
     }
 
 
-def to_model(where, name: str, part: str, pieces: dict, moe, hidden: int, layout: FusedExperts, dtype) -> dict:
-    """One fused part's stored tensors (suffix -> tensor) as the model's ``{name: tensor, name_bias: ...}``."""
+def to_model(where, name: str, pieces: dict, moe, hidden: int, layout: FusedExperts, dtype) -> dict:
+    """One fused part's stored tensors (``pieces``: suffix -> tensor, read from ``where``) as the model's
+    ``{name: weight, name_bias: bias}``; ``name`` is the part's checkpoint name, ``moe`` its layer's MoESpec."""
+    part = name.rsplit(".", 1)[1]
     shapes = expected_shapes(part, moe.num_experts, hidden, moe.expert_size, layout)
     for suffix, tensor in pieces.items():
         if tuple(tensor.shape) != shapes[suffix]:
             raise UserError(
                 f"{where}: tensor {name}{suffix} has shape {tuple(tensor.shape)}, expected {shapes[suffix]}"
             )
-    gate_up = part == "gate_up_proj"
-    out = {}
-    if "_blocks" in pieces or "_scales" in pieces:
-        if "_blocks" not in pieces or "_scales" not in pieces:
-            missing = "_scales" if "_blocks" in pieces else "_blocks"
-            raise UserError(f"{where} lacks tensor {name}{missing}")
-        weight = dequantize(pieces["_blocks"], pieces["_scales"], dtype)  # [E, out, in]
-    elif "" in pieces:
-        weight = pieces[""].to(dtype)
-        weight = weight.transpose(1, 2) if layout.in_out else weight
-    else:
-        raise UserError(f"{where} lacks tensor {name}")
-    out[name] = (halves(weight, layout.interleaved) if gate_up else weight).contiguous()
+    if ("_bias" in pieces) != moe.expert_bias:
+        raise UserError(f"{where} {'lacks' if moe.expert_bias else 'has'} tensor {name}_bias")
+    order = halves if part == "gate_up_proj" else (lambda t, _: t)  # gate and up as the model keeps them
+    out = {name: order(_weight(where, name, pieces, layout, dtype), layout.interleaved).contiguous()}
     if moe.expert_bias:
-        if "_bias" not in pieces:
-            raise UserError(f"{where} lacks tensor {name}_bias")
-        bias = pieces["_bias"].to(dtype)
-        out[f"{name}_bias"] = (halves(bias, layout.interleaved) if gate_up else bias).contiguous()
-    elif "_bias" in pieces:
-        raise UserError(f"{where} has tensor {name}_bias, which experts without biases do not have")
+        out[f"{name}_bias"] = order(pieces["_bias"].to(dtype), layout.interleaved).contiguous()
     return out
+
+
+def _weight(where, name: str, pieces: dict, layout: FusedExperts, dtype) -> torch.Tensor:
+    """A part's weight ``[E, out, in]`` in ``dtype``: the float tensor, or the MXFP4 blocks dequantized."""
+    if "_blocks" in pieces and "_scales" in pieces:
+        return dequantize(pieces["_blocks"], pieces["_scales"], dtype)
+    if "_blocks" in pieces or "_scales" in pieces:
+        raise UserError(f"{where} lacks tensor {name}{'_scales' if '_blocks' in pieces else '_blocks'}")
+    if "" not in pieces:
+        raise UserError(f"{where} lacks tensor {name}")
+    weight = pieces[""].to(dtype)
+    return weight.transpose(1, 2) if layout.in_out else weight
 
 
 def to_checkpoint(name: str, tensor: torch.Tensor, layout: FusedExperts) -> torch.Tensor:

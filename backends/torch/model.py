@@ -140,8 +140,8 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for prefix, parts in experts.items():
         state.update(_fused_experts(folder, spec, prefix, parts, dtype))
     for name, pieces in fused_parts.items():
-        moe, part = spec.moe_at(int(name.split(".")[2])), name.rsplit(".", 1)[1]
-        tensors = fused.to_model(folder, name, part, pieces, moe, spec.hidden_size, spec.names.fused, dtype)
+        moe = spec.moe_at(int(name.split(".")[2]))
+        tensors = fused.to_model(folder, name, pieces, moe, spec.hidden_size, spec.names.fused, dtype)
         state.update({_model_name(spec, k): v for k, v in tensors.items()})
     return state
 

@@ -43,8 +43,8 @@ class FusedExperts:
     in_out: bool = False
     interleaved: bool = False
 
-    PARTS = ("gate_up_proj", "down_proj")
-    MXFP4 = ("_blocks", "_scales")
+    PARTS = ("gate_up_proj", "down_proj")  # the stacked tensors' names (not fields)
+    SUFFIXES = ("", "_bias", "_blocks", "_scales")  # float weight, bias, MXFP4 codes and scales
 
 
 @dataclass(frozen=True)
