@@ -121,8 +121,9 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
         layers = self.spec.moe_layers if layers is None else layers
         out = {}
         for i in layers:
+            names = self.spec.router_tensors(i)  # a one-line error for a layer that is not MoE
             gate = self.moe_block(i).gate
-            for name in self.spec.router_tensors(i):
+            for name in names:
                 value = gate.bias if name.endswith(".bias") else float_gate(gate)
                 out[name] = np.array(value.astype(mx.float32))
         return out

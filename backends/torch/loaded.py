@@ -119,8 +119,9 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
         layers = self.spec.moe_layers if layers is None else layers
         out = {}
         for i in layers:
+            names = self.spec.router_tensors(i)  # a one-line error for a layer that is not MoE
             gate = self.moe_block(i).gate
-            for name in self.spec.router_tensors(i):
+            for name in names:
                 tensor = gate.bias if name.endswith(".bias") else gate.weight
                 out[name] = tensor.detach().float().cpu().numpy().copy()  # never aliases the parameter
         return out
