@@ -357,20 +357,42 @@ def test_every_command_on_the_mxfp4_release(backend, folders, tmp_path, capsys):
         np.testing.assert_array_equal(fused[name], source[name])
 
 
+def weight_and_bias_adapter(folder, out, seed=1) -> dict:
+    """An adapter of layer 1 whose router weight and bias are the model's, perturbed; returns its tensors."""
+    from moe_local.tuning.adapter import write_adapter
+
+    base = load(folder, "torch").get_router_weights([1])
+    rng = np.random.default_rng(seed)
+    routers = {k: v + 0.5 * v.std() * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    write_adapter(out, routers, load_spec(folder), (1,), method="test", hyperparameters={})
+    return routers
+
+
+def test_served_adapters_swap_the_router_weight_and_bias(folders, tmp_path):
+    """``moe-local serve`` swaps an adapter's tensors in for one request: both of gpt-oss's, and back."""
+    from moe_local.serve.adapters import RouterAdapters, read_adapters
+
+    folder = folders["truncated"]
+    weight_and_bias_adapter(folder, tmp_path / "a")
+    m = load(folder, "torch")
+    base = m.logits(LONG)[0]
+    served = RouterAdapters(m, read_adapters({"a": tmp_path / "a"}))
+    with served.applied("a"):
+        np.testing.assert_array_equal(
+            m.logits(LONG)[0], load(folder, "torch", adapter_path=tmp_path / "a").logits(LONG)[0]
+        )
+    np.testing.assert_array_equal(m.logits(LONG)[0], base)
+    assert rel(load(folder, "torch", adapter_path=tmp_path / "a").logits(LONG)[0], base) > 1e-4
+
+
 def test_mlx_fuse_writes_the_layout_transformers_reads(folders, tmp_path):
     """A float model fused on MLX is written as transformers writes gpt-oss (fused, interleaved, [E, in, out]):
     every tensor but the tuned router's is the source's bit for bit, and transformers' model of it gives
     the tuned logits of the torch backend."""
     from safetensors.numpy import load_file
 
-    from moe_local.tuning.adapter import write_adapter
-
     folder = folders["truncated"]
-    spec = load_spec(folder)
-    base = load(folder, "torch").get_router_weights([1])
-    rng = np.random.default_rng(1)
-    routers = {k: v + 0.5 * v.std() * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
-    write_adapter(tmp_path / "a", routers, spec, (1,), method="test", hyperparameters={})
+    routers = weight_and_bias_adapter(folder, tmp_path / "a")
     load(folder, "mlx", adapter_path=tmp_path / "a").save(tmp_path / "fused")
     before, after = (
         load_file(str(folder / "model.safetensors")),
