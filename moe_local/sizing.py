@@ -38,8 +38,9 @@ def estimate_memory(
     counts = spec.parameter_counts()
     weights = counts["total"] * b if weights is None else weights
     width = spec.kv_width or 2 * spec.num_kv_heads * spec.head_dim  # MLA caches its compressed latent
-    kv_per_token = spec.num_layers * width * b
-    kv_cache = kv_per_token * chat_context
+    sliding = sum(spec.layer_type(i) == "sliding_attention" for i in range(spec.num_layers))
+    window = min(chat_context, spec.sliding_window or chat_context)  # a sliding layer keeps its window only
+    kv_cache = width * b * ((spec.num_layers - sliding) * chat_context + sliding * window)
     chat = weights + kv_cache + spec.vocab_size * 4 * 2  # plus fp32 logits of the last step
     layers = spec.last_moe_layers(min(tune_layers, len(spec.moe)))
     tokens = tune_batch * tune_seq

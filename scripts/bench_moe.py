@@ -145,6 +145,25 @@ FAMILIES = {
         "Qwen3MoeSparseMoeBlock with norm_topk_prob=False (DeepSeekMoE's rule: softmax, top-6, not "
         "renormalised) plus transformers' LlamaMLP of 2 x 1408 as the ungated shared experts, summed.",
     ),
+    "gpt-oss-20b": Family(
+        dict(
+            model_type="gpt_oss",
+            hidden_size=2880,
+            intermediate_size=2880,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=201088,
+            num_hidden_layers=2,  # a sliding and a full layer, as gpt-oss alternates them; layer 0 is run
+        ),
+        {"float32": (1, 16, 128), "bfloat16": (1, 16, 128)},
+        ("transformers.models.gpt_oss.modeling_gpt_oss:GptOssMLP", "GptOssConfig"),
+        "transformers' GptOssMLP (router with a bias: top-4 of the logits, softmax over them; experts with "
+        "biases and the clamped SwiGLU, stored [E, H, 2I] interleaved: its own copy of our experts, converted); "
+        "the release's MXFP4 experts dequantized, as both load them on a CPU.",
+    ),
 }
 
 
@@ -353,19 +372,22 @@ class FamilyLayer:
 
         self.torch, self.dtype = torch, dtype
         spec = spec_from_config(family.config)
-        self.moe, self.hidden = spec.moe[0], spec.hidden_size
+        self.spec, self.moe, self.hidden = spec, spec.moe[0], spec.hidden_size
         with torch.device("meta"):
             block = MoEBlock(self.moe, self.hidden, "grouped", spec.names).to(dtype)
         block.to_empty(device="cpu")  # untouched pages cost no memory until written
         if block.gate.e_score_correction_bias is not None:
             block.gate.e_score_correction_bias = torch.empty(self.moe.num_experts)  # float32, as checkpoints keep it
         self.ours = block.eval()
-        self.theirs, self.config = transformers_block(torch, family, block)
+        self.theirs, self.config, self.module = transformers_block(torch, family, block, spec.names.fused)
         self.filled = set()
         with torch.no_grad():
             block.gate.weight.normal_(0, self.hidden**-0.5)  # router logits of unit scale
             if block.gate.e_score_correction_bias is not None:
                 block.gate.e_score_correction_bias.normal_(0, 0.1)
+            for bias in (block.gate.bias, block.experts.gate_up_proj_bias, block.experts.down_proj_bias):
+                if bias is not None:  # gpt-oss
+                    bias.normal_(0, 0.02)
             if self.moe.shared:
                 for p in getattr(block, block.shared_names[0]).parameters():
                     p.normal_(0, 0.02)
@@ -415,6 +437,8 @@ class FamilyLayer:
             for e in sorted(experts):
                 self.ours.experts.gate_up_proj[e].normal_(0, 0.02)
                 self.ours.experts.down_proj[e].normal_(0, 0.02)
+        if self.spec.names.fused:  # transformers' block holds its own copy in the checkpoint's layout
+            copy_fused_experts(self.torch, self.ours, self.module, self.spec.names.fused, sorted(experts))
         self.filled |= experts
 
     def assert_same(self, x):
@@ -434,9 +458,11 @@ class FamilyLayer:
 HF_IMPLS = ("eager", "grouped_mm")
 
 
-def transformers_block(torch, family: Family, ours):
+def transformers_block(torch, family: Family, ours, fused=None):
     """(transformers' block of the family as a callable, the config its experts read the implementation
-    from), built on the meta device and then given our tensors: no weight is held twice."""
+    from, the routed block's module), built on the meta device and then given our tensors: no weight is
+    held twice, except experts stored in another layout (``fused``: gpt-oss), which get their own memory,
+    filled by ``FamilyLayer.fill``."""
     import importlib
 
     import transformers
@@ -467,14 +493,45 @@ def transformers_block(torch, family: Family, ours):
             routed = getattr(importlib.import_module(module), cls)(config)
             shared = getattr(routed, "shared_experts", None)
             modules = (routed,)
-    share_tensors(ours, routed, shared)
+    if fused is not None:
+        routed = share_fused(torch, ours, routed)
+    else:
+        share_tensors(ours, routed, shared)
     for m in modules:
         m.eval()
         left = [n for n, p in [*m.named_parameters(), *m.named_buffers()] if p.is_meta]
         assert not left, f"transformers' block kept tensors of its own: {left}"
     if family.theirs is None:
-        return (lambda x: routed(x) + shared(x)), config
-    return routed, config
+        return (lambda x: routed(x) + shared(x)), config, routed
+    if fused is not None:  # GptOssMLP returns (hidden, router scores)
+        return (lambda x: routed(x)[0]), config, routed
+    return routed, config, routed
+
+
+def share_fused(torch, ours, routed):
+    """gpt-oss's block (``router``, ``experts`` in its [E, H, 2I] interleaved layout): the router's and the
+    down bias shared, the experts and the gate-up bias (interleaved) allocated for copies."""
+    routed.router.weight, routed.router.bias = ours.gate.weight, ours.gate.bias
+    experts = routed.experts
+    experts.down_proj_bias = ours.experts.down_proj_bias
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
+        meta = getattr(experts, name)
+        dtype = ours.experts.gate_up_proj.dtype
+        setattr(experts, name, torch.nn.Parameter(torch.empty(meta.shape, dtype=dtype), requires_grad=False))
+    return routed
+
+
+def copy_fused_experts(torch, ours, routed, layout, experts):
+    """Our experts ``experts`` into transformers' copy, in the checkpoint's layout (backends/torch/fused.py)."""
+    from moe_local.backends.torch import fused
+
+    with torch.no_grad():
+        bias = ours.experts.gate_up_proj_bias
+        routed.experts.gate_up_proj_bias.copy_(fused.to_checkpoint("gate_up_proj_bias", bias, layout))
+        for e in experts:
+            for name in ("gate_up_proj", "down_proj"):
+                stored = fused.to_checkpoint(name, getattr(ours.experts, name)[e : e + 1], layout)
+                getattr(routed.experts, name)[e].copy_(stored[0])
 
 
 def share_tensors(ours, routed, shared=None):

@@ -90,7 +90,7 @@ def spelled(config: dict, spelling: str) -> dict:
         c.pop("rope_parameters", None)
     if spelling == "both":
         c["num_local_experts"] = experts
-        c["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        c["rope_parameters"] = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": theta}
     return c
 
 
@@ -335,10 +335,79 @@ def make_deepseek(folder: Path, seed: int = 0, tokenizer: bool = True, **overrid
     return folder
 
 
+# gpt-oss at tiny sizes: every layer MoE, sliding (window 4) and full layers, YaRN as released.
+GPT_OSS = dict(
+    SMALL,
+    num_hidden_layers=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=32,
+    sliding_window=4,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
+
+
+def make_gpt_oss(folder: Path, seed: int = 0, tokenizer: bool = True, dtype=torch.float32, **overrides) -> Path:
+    """gpt-oss as transformers writes it (the bf16 release layout: ``mlp.experts.gate_up_proj [E, H, 2I]``
+    interleaved, ``down_proj [E, I, H]``, their biases, ``mlp.router.weight``/``.bias``, attention sinks),
+    every tensor (biases and sinks too) redrawn, stored in ``dtype``."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = GptOssForCausalLM(GptOssConfig(**{**GPT_OSS, **overrides}))
+    randomize(model, seed)
+    return _save(model.to(dtype), folder, "v5", tokenizer)
+
+
+def mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., in]`` floats -> (blocks ``[..., in/32, 16]``, scales ``[..., in/32]``) uint8, as gpt-oss's
+    release stores its experts: per 32 values a power-of-two scale that brings the largest into E2M1's
+    range, each value rounded to the nearest E2M1 number, two codes a byte, the low nibble first."""
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    w = weight.float().reshape(*weight.shape[:-1], -1, 32)
+    amax = w.abs().amax(-1).clamp(min=2.0**-100)
+    exponent = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)  # 6 = 1.5 · 2²: E2M1's largest
+    scaled = (w / torch.pow(2.0, exponent).unsqueeze(-1)).clamp(-6, 6)
+    code = (scaled.abs().unsqueeze(-1) - values).abs().argmin(-1) | ((scaled < 0).long() << 3)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def make_gpt_oss_mxfp4(folder: Path, source: Path) -> Path:
+    """An MXFP4 copy of a gpt-oss folder, as the release ships: each ``experts.*_proj`` as ``_blocks`` and
+    ``_scales`` in ``[E, out, ...]`` (transposed from transformers' bf16 layout) and
+    ``quantization_config`` ``mxfp4``; everything else as in ``source``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4_encode(state.pop(name).transpose(1, 2))
+        state[f"{name}_blocks"], state[f"{name}_scales"] = blocks.contiguous(), scales.contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 FAMILY_MAKERS = {
     "mixtral": make_mixtral,
     "qwen2_moe": make_qwen2_moe,
     "deepseek": make_deepseek,
     "deepseek_v3": make_deepseek_v3,
     "glm4_moe": make_glm4_moe,
+    "gpt_oss": make_gpt_oss,
 }

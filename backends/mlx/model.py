@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 from mlx_lm.utils import load_model
 
+from moe_local.checkpoint.names import FusedExperts
 from moe_local.errors import UserError
 from moe_local.families import config_for_writing, family
 from moe_local.spec import ModelSpec
@@ -48,7 +49,56 @@ class WithProjectBlocks:
 
     def sanitize(self, weights):
         weights = {k: v for k, v in weights.items() if not self.spec.is_unused(k)}
-        return stack_per_expert(super().sanitize(weights), self.spec)
+        if self.spec.names.fused:
+            weights = unfuse_experts(weights, self.spec)
+        return our_names(stack_per_expert(super().sanitize(weights), self.spec), self.spec)
+
+
+def our_names(weights: dict, spec: ModelSpec) -> dict:
+    """mlx-lm's names inside the MoE block -> the project's block's (``gate``, ``switch_mlp``): gpt-oss's
+    mlx-lm model calls them ``router`` and ``experts``. save.py renames them back."""
+    lib = family(spec.family).mlx
+    renames = [
+        (f".{lib.block}.{lib.router}.", f".{lib.block}.gate."),
+        (f".{lib.block}.{lib.experts}.", f".{lib.block}.switch_mlp."),
+    ]
+    renames = [(a, b) for a, b in renames if a != b]
+    if not renames:
+        return weights
+    out = {}
+    for name, value in weights.items():
+        for a, b in renames:
+            name = name.replace(a, b)
+        out[name] = value
+    return out
+
+
+def unfuse_experts(weights: dict, spec: ModelSpec) -> dict:
+    """Fused experts (``TensorNames.fused``: gpt-oss's ``experts.gate_up_proj``, ``down_proj`` and their
+    ``_bias``; MXFP4 ``_blocks``/``_scales``) as mlx-lm's sanitized layout: ``experts.<part>.weight``
+    ``[E, out, in]`` (MXFP4 blocks as uint32 words, the scales beside them), ``experts.<part>.bias``.
+    mlx-lm's own sanitize reads the MXFP4 release but not the bf16 layout transformers writes."""
+    layout, names = spec.names.fused, spec.names
+    for moe in spec.moe:
+        for part in FusedExperts.PARTS:
+            for suffix in FusedExperts.SUFFIXES:
+                name = names.fused_expert(moe.layer, part, suffix)
+                if name not in weights:
+                    continue
+                value = weights.pop(name)
+                if suffix == "":
+                    value = value.swapaxes(1, 2) if layout.in_out else value
+                elif suffix == "_blocks":
+                    value = value.view(mx.uint32).flatten(-2)
+                prefix = name[: -len(part + suffix)]
+                kind = "bias" if suffix == "_bias" else "scales" if suffix == "_scales" else "weight"
+                if part == "down_proj":
+                    weights[f"{prefix}down_proj.{kind}"] = value
+                else:
+                    gate, up = (value[:, 0::2], value[:, 1::2]) if layout.interleaved else mx.split(value, 2, axis=1)
+                    weights[f"{prefix}gate_proj.{kind}"] = mx.contiguous(gate)
+                    weights[f"{prefix}up_proj.{kind}"] = mx.contiguous(up)
+    return weights
 
 
 def stack_per_expert(weights: dict, spec: ModelSpec) -> dict:

@@ -20,11 +20,11 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
+from mlx_lm.models.activations import swiglu, swiglu_oai
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from moe_local.checkpoint.names import TensorNames
-from moe_local.spec import MoESpec
+from moe_local.spec import ClampedSwiGLU, MoESpec
 
 from .router import route
 
@@ -64,29 +64,48 @@ def execution(spec, impl: str, device) -> str:
     routed = "through gather_mm (gather_qmm when quantized), rows sorted by expert from 64 rows on"
     if impl == "reference":
         routed = "the per-slot reference loop"
+    if any(m.expert_bias or m.activation for m in spec.moe):
+        routed += ", the experts' biases and clamped SwiGLU as mlx-lm's SwitchGLU(bias=True) and swiglu_oai"
     shared = "; shared experts as a dense MLP beside them" if any(m.shared for m in spec.moe) else ""
     return f"mlx on {device}: routed experts {routed}{shared}"
 
 
-class Experts(nn.Module):
-    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
+def glu(gate: mx.array, up: mx.array, activation: ClampedSwiGLU | None) -> mx.array:
+    """The experts' gated unit: mlx-lm's ``swiglu``, or its ``swiglu_oai`` with the spec's alpha and limit."""
+    if activation is None:
+        return swiglu(gate, up)
+    return swiglu_oai(gate, up, alpha=activation.alpha, limit=activation.limit)
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+
+class Experts(nn.Module):
+    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``, each with a
+    per-expert ``bias`` when ``bias`` (gpt-oss, mlx-lm's ``SwitchGLU(bias=True)``); ``activation``: None
+    (SwiGLU) or gpt-oss's :class:`ClampedSwiGLU`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        activation: ClampedSwiGLU | None = None,
+    ):
         super().__init__()
-        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
-        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
-        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=False)
+        self.activation = activation
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=bias)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=bias)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=bias)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         """Rows ``x[..., 1, H]`` through experts ``indices`` (gather_mm / gather_qmm)."""
         up = self.up_proj(x, indices, sorted_indices=sorted_indices)
         gate = self.gate_proj(x, indices, sorted_indices=sorted_indices)
-        return self.down_proj(swiglu(gate, up), indices, sorted_indices=sorted_indices)
+        return self.down_proj(glu(gate, up, self.activation), indices, sorted_indices=sorted_indices)
 
     def one(self, e: int, x: mx.array) -> mx.array:
         """Expert ``e`` on rows ``x [n, H]`` with dense matmuls (the reference path)."""
         gate, up = dense(self.gate_proj, e, x), dense(self.up_proj, e, x)
-        return dense(self.down_proj, e, nn.silu(gate) * up)
+        return dense(self.down_proj, e, glu(gate, up, self.activation))
 
 
 class SwiGLU(nn.Module):
@@ -131,7 +150,8 @@ def expert_weight(layer, e: int) -> mx.array:
 
 
 def dense(layer, e: int, x: mx.array) -> mx.array:
-    return x @ expert_weight(layer, e).astype(x.dtype).T
+    y = x @ expert_weight(layer, e).astype(x.dtype).T
+    return y + layer["bias"][e].astype(x.dtype) if "bias" in layer else y
 
 
 class GroupPlan(NamedTuple):
@@ -181,7 +201,7 @@ class MoEBlock(nn.Module):
             self.gate = SelectionGate(hidden_size, moe.num_experts)
         else:
             self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
-        self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
+        self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size, moe.expert_bias, moe.activation)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
         # Shared experts under the family's own names, as mlx-lm's models name them.

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_local.checkpoint import carried_tensor_names, is_quantized, tensor_index
+from moe_local.checkpoint import TensorNames, carried_tensor_names, is_quantized, tensor_index
 from moe_local.errors import UserError
 from moe_local.families import config_for_writing, family
 from moe_local.spec import ModelSpec
 
-from .moe import MoEBlock
+from . import fused
+from .moe import MoEBlock, TupleMoEBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROJECTIONS = ("gate", "up", "down")
@@ -46,25 +47,30 @@ def library_classes(spec: ModelSpec):
     return model_cls, config_cls
 
 
-def hf_config(spec: ModelSpec, attn_implementation: str = "sdpa"):
-    """The transformers config object for a spec (the library's model type, e.g. Grove's Qwen3-MoE)."""
+def hf_config(spec: ModelSpec, attn_implementation: str | None = None):
+    """The transformers config object for a spec (the library's model type, e.g. Grove's Qwen3-MoE);
+    the attention implementation is the family's (sdpa; eager for gpt-oss's sinks) unless given."""
+    lib = family(spec.family).torch
     _, config_cls = library_classes(spec)
     values = config_for_writing(spec)
     values.pop("architectures", None)
     values.pop("auto_map", None)
-    values["model_type"] = family(spec.family).torch.model_type
-    values["attn_implementation"] = attn_implementation
+    values.pop("quantization_config", None)  # MXFP4 experts are dequantized at load (fused.py)
+    values["model_type"] = lib.model_type
+    values["attn_implementation"] = attn_implementation or lib.attn_implementation
     return config_cls(**values)
 
 
 def build(spec: ModelSpec, impl: str):
-    """The causal LM on the meta device, MoE layers replaced by the project's blocks."""
+    """The causal LM on the meta device, MoE layers replaced by the project's blocks (returning the
+    tuple the family's decoder layer unpacks, where it unpacks one)."""
     model_cls, _ = library_classes(spec)
     config = hf_config(spec)
+    block_cls = TupleMoEBlock if family(spec.family).torch.block_returns_tuple else MoEBlock
     with torch.device("meta"):
         model = model_cls(config)
         for moe in spec.moe:
-            block = MoEBlock(moe, spec.hidden_size, impl, spec.names)
+            block = block_cls(moe, spec.hidden_size, impl, spec.names)
             setattr(model.model.layers[moe.layer], _block(spec), block)
     return model
 
@@ -114,21 +120,29 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for name, (path, _, _) in index.items():
         by_file.setdefault(path, []).append(name)
     per_expert = spec.names.per_expert()
-    state, experts = {}, {}
+    stacked = fused.pattern(spec.names) if spec.names.fused else None
+    state, experts, fused_parts = {}, {}, {}
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
                 if spec.is_unused(name):
                     continue
                 m = per_expert.match(name)
+                s = stacked.match(name) if stacked else None
                 if m:
                     part = PROJECTIONS[spec.names.projections.index(m.group(3))]
                     experts.setdefault(m.group(1), {})[(int(m.group(2)), part)] = f.get_tensor(name)
+                elif s:
+                    fused_parts.setdefault(f"{s.group(1)}.{s.group(2)}", {})[s.group(3) or ""] = f.get_tensor(name)
                 else:
                     keep = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
                     state[_model_name(spec, name)] = f.get_tensor(name).to(keep)
     for prefix, parts in experts.items():
         state.update(_fused_experts(folder, spec, prefix, parts, dtype))
+    for name, pieces in fused_parts.items():
+        moe = spec.moe_at(int(name.split(".")[2]))
+        tensors = fused.to_model(folder, name, pieces, moe, spec.hidden_size, spec.names.fused, dtype)
+        state.update({_model_name(spec, k): v for k, v in tensors.items()})
     return state
 
 
@@ -202,7 +216,7 @@ def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder:
 
 def _checkpoint_name(spec: ModelSpec, name: str) -> str:
     """How a model parameter is spelled in a checkpoint, for error messages (expert 0 for fused ones)."""
-    if name.endswith((".gate_up_proj", ".down_proj")):
+    if name.endswith((".gate_up_proj", ".down_proj")) and not spec.names.fused:
         prefix, fused = name.rsplit(".", 1)
         part = 0 if fused == "gate_up_proj" else 2
         return f"{_checkpoint_prefix(spec, prefix)}.0.{spec.names.projections[part]}.weight"
@@ -237,14 +251,17 @@ def carried_tensors(folder: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
 def checkpoint_tensors(model, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The model's weights under the family's checkpoint names (per-expert tensors, as transformers writes)."""
     out = {}
+    stacked = fused.pattern(TensorNames(block=_block(spec))) if spec.names.fused else None
     for name, tensor in model.state_dict().items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if name.endswith((".gate_up_proj", ".down_proj")):
-            prefix, fused = name.rsplit(".", 1)
+        if stacked and stacked.match(name):
+            out[_checkpoint_router_name(spec, name)] = fused.to_checkpoint(name, tensor, spec.names.fused)
+        elif name.endswith((".gate_up_proj", ".down_proj")):
+            prefix, part = name.rsplit(".", 1)
             prefix = _checkpoint_prefix(spec, prefix)
             for e, weight in enumerate(tensor):
-                if fused == "gate_up_proj":
+                if part == "gate_up_proj":
                     gate, up = weight.chunk(2, dim=0)
                     out[f"{prefix}.{e}.{spec.names.projections[0]}.weight"] = gate.contiguous()
                     out[f"{prefix}.{e}.{spec.names.projections[1]}.weight"] = up.contiguous()

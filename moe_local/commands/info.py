@@ -50,8 +50,11 @@ def describe(spec, folder) -> list[str]:
     m = spec.moe[0]
     counts = spec.parameter_counts()
     quantized = is_quantized(tensor_index(folder))
+    method = (spec.config.get("quantization_config") or {}).get("quant_method")
+    mxfp4 = method == "mxfp4"  # gpt-oss's release: torch dequantizes the experts, MLX runs them as stored
     # A quantized folder's weights are what it stores; a float one runs at its dtype.
-    mem = estimate_memory(spec, weights=weight_bytes(folder) if quantized else None)
+    stored = quantized or (mxfp4 and auto_backend() == "mlx")
+    mem = estimate_memory(spec, weights=weight_bytes(folder) if stored else None)
     router = m.router.describe()
     active = _params(counts["active_min"])
     if counts["active_max"] != counts["active_min"]:
@@ -63,7 +66,7 @@ def describe(spec, folder) -> list[str]:
         f"{len(spec.dense_layers)} dense: {_ranges(spec.dense_layers)})",
         f"hidden:       {spec.hidden_size}, {spec.num_heads} heads ({spec.num_kv_heads} KV) of {spec.head_dim}, "
         f"vocab {spec.vocab_size}",
-        f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}",
+        f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}; {m.describe_experts()}",
         f"router:       {router}",
     ]
     if m.shared:
@@ -78,7 +81,9 @@ def describe(spec, folder) -> list[str]:
         )
     lines += [
         f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
-        f"dtype:        {spec.dtype}" + (", weights quantized (MLX)" if quantized else ""),
+        f"dtype:        {spec.dtype}"
+        + (", weights quantized (MLX)" if quantized else "")
+        + (", experts MXFP4 (dequantized at load on torch, run as mxfp4 on MLX)" if mxfp4 else ""),
         f"backend:      {auto_backend()} (what --backend auto picks here)",
         f"execution:    {execution_here(spec)}",
         f"memory chat:  {_gb(mem.chat)} (weights {_gb(mem.weights)} + KV cache {_gb(mem.kv_cache)} "

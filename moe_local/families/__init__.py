@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoint.folder import has_weights, read_config, tensor_index
 from ..errors import UserError
 from ..spec import ModelSpec
-from . import deepseek, deepseek_v3, glm4_moe, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, deepseek_v3, glm4_moe, gpt_oss, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Family, LibraryModel
 from .config import Config
 
@@ -30,6 +30,7 @@ FAMILIES: dict[str, Family] = {
         deepseek.FAMILY,
         deepseek_v3.FAMILY,
         glm4_moe.FAMILY,
+        gpt_oss.FAMILY,
     )
 }
 

@@ -65,10 +65,12 @@ class RouterAdapters:
             check_fingerprint(folder.config, model.spec, folder.path)
         self.model = model
         self.weights = {folder.name: folder.weights for folder in folders}
-        names = sorted({key for weights in self.weights.values() for key in weights})
-        layers = sorted({layer for layer in model.spec.moe_layers if model.spec.names.router_weight(layer) in names})
-        if len(layers) != len(names):
+        names = {key for weights in self.weights.values() for key in weights}
+        # the routers' tuned tensors: each weight, and its bias where the router has one (gpt-oss)
+        tuned = {name: layer for layer in model.spec.moe_layers for name in model.spec.router_tensors(layer)}
+        if not names <= set(tuned):
             raise UserError("an adapter holds tensors that are not router weights of this model's MoE layers")
+        layers = sorted({tuned[name] for name in names})
         self.base = model.get_router_weights(layers) if layers else {}
         if self.base:
             model.set_router_weights(self.base)  # the form a restore leaves them in (see the module docstring)

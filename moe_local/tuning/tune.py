@@ -96,7 +96,7 @@ class TuneSettings:
 
 @dataclass
 class TuneResult:
-    weights: dict  # gate name -> float32 numpy, the tuned routers
+    weights: dict  # checkpoint name -> float32 numpy: the tuned routers' weights (and biases where they have them)
     layers: tuple
     metrics: list  # the metrics.jsonl rows
     bank: Bank
@@ -128,8 +128,28 @@ class _Run:
     neighbours: roma.Neighbours | None = None
     prompting: Prompting | None = None
 
-    def gate(self, layer: int) -> str:
-        return self.model.spec.names.router_weight(layer)
+    @property
+    def tensors(self) -> list[str]:
+        """The tuned tensors' checkpoint names, layer by layer: each router's weight, and its bias where
+        the rule has one (gpt-oss)."""
+        return [name for i in self.layers for name in self.model.spec.router_tensors(i)]
+
+    def per_layer(self, arrays: dict) -> dict:
+        """Arrays keyed by tensor name as TuningOps takes them: ``{layer: weight}``, or
+        ``{layer: (weight, bias)}`` for a router with a bias."""
+        out = {}
+        for i in self.layers:
+            names = self.model.spec.router_tensors(i)
+            out[i] = arrays[names[0]] if len(names) == 1 else tuple(arrays[n] for n in names)
+        return out
+
+    def by_name(self, per_layer: dict) -> dict:
+        """The inverse of :meth:`per_layer` (gradients as TuningOps returns them)."""
+        out = {}
+        for i in self.layers:
+            names = self.model.spec.router_tensors(i)
+            out.update(zip(names, per_layer[i] if len(names) > 1 else (per_layer[i],)))
+        return out
 
 
 def tune(
@@ -240,8 +260,8 @@ def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
 
 
 def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, np.ndarray]:
-    """One global batch ``index`` on this rank: (the routers' gradients, summed over ranks, in layer order;
-    the metric sums loss·size, Σ CE, Σ manifold, correct answers over the whole batch).
+    """One global batch ``index`` on this rank: (the routers' gradients, summed over ranks, in the order
+    of ``run.tensors``; the metric sums loss·size, Σ CE, Σ manifold, correct answers over the whole batch).
 
     Each rank runs the records of the batch it owns (all of them in one process). The loss is a sum
     over samples divided by the global batch size, so the sum of the ranks' gradients is the
@@ -250,7 +270,7 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
     """
     settings, layers, size = run.settings, run.layers, len(index)
     mine = run.dist.shard(index)
-    grads = {i: np.zeros_like(opt.params[run.gate(i)]) for i in layers}
+    grads = {name: np.zeros_like(opt.params[name]) for name in run.tensors}
     sums = np.zeros(4)
     if len(mine):
         batch = make_batch([run.encoded[i] for i in mine], mine)
@@ -263,8 +283,9 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
             layers,
             loss_fn,
             {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
-            router_weights={i: opt.params[run.gate(i)] for i in layers},
+            router_weights=run.per_layer(opt.params),
         )
+        grads = run.by_name(grads)
         check_finite(aux["scores"], aux["routing"], batch, run.records, run.data_file)
         if not math.isfinite(loss):
             raise UserError(
@@ -275,7 +296,7 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
             [loss * size, aux["ce"].sum(), aux["manifold"].sum(), (predictions(aux["scores"]) == batch.answers).sum()],
             dtype=np.float64,
         )
-    *summed, sums = run.dist.sum([grads[i] for i in layers] + [sums])
+    *summed, sums = run.dist.sum([grads[name] for name in run.tensors] + [sums])
     return summed, sums
 
 
@@ -299,7 +320,7 @@ def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
         trained_samples = _epochs(run, opt, reporter, ckpt_info, callbacks)
     train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     reporter.bar.close()
-    weights = {run.gate(i): opt.params[run.gate(i)].copy() for i in layers}
+    weights = {name: opt.params[name].copy() for name in run.tensors}
     hyper = {
         **settings.hyperparameters(),
         "effective_lam": settings.effective_lam,
@@ -352,7 +373,7 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
             step = opt.step_count + 1
             lam = roma.lam_at(step, settings.effective_lam, settings.lam_warmup)
             grads, sums = _step(run, opt, index, lam)
-            opt.step({run.gate(i): g for i, g in zip(run.layers, grads)})
+            opt.step(dict(zip(run.tensors, grads)))
             trained += len(index)
             row = reporter.step(
                 step, len(index), sums, settings.lr, lam, run.neighbours is not None, run.model.peak_memory_gb
@@ -389,9 +410,10 @@ def _global_batches(order: np.ndarray, batch_size: int):
 
 
 def _gates(model, layers) -> dict:
-    """The model's current gates of ``layers``, float32, keyed by checkpoint name."""
+    """The model's current routers of ``layers`` (weights, and biases where they have them), float32,
+    keyed by checkpoint name."""
     weights = model.get_router_weights(layers)
-    names = [model.spec.names.router_weight(i) for i in layers]
+    names = [name for i in layers for name in model.spec.router_tensors(i)]
     return {name: np.asarray(weights[name], dtype=np.float32) for name in names}
 
 
