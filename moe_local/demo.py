@@ -2,8 +2,9 @@
 
 For each built-in model: prepare (one base pass: bank + prefix cache) -> tune with ``router`` (CE only)
 and ``roma`` -> evaluate ``base`` (with its oracle and the oracle's wrong-label control, and C3PO from the
-same bank), ``router`` and ``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``,
-``report.png`` and the adapters. Settings come from ``assets/demo.yaml`` (chosen on ``val_unseen`` only).
+same bank), ``router`` and ``roma`` on the test splits -> a table, ``report.json`` (report rows,
+docs/architecture.md), ``report.md``, ``report.png`` and the adapters. Settings come from
+``assets/demo.yaml`` (chosen on ``val_unseen`` only).
 """
 
 from __future__ import annotations
