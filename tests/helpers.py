@@ -229,7 +229,8 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
 def both_spellings(folder: Path, out: Path) -> Path:
     """A copy mlx-lm reads: transformers 5 folds keys into ``rope_parameters`` that mlx-lm reads at the top
     level (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``), spells ``num_local_experts`` for
-    ``num_experts`` and may leave ``head_dim`` out; written here from the folder's own config.json."""
+    ``num_experts``, may leave ``head_dim`` out and writes Qwen3-Next's ``layer_types`` where mlx-lm reads
+    ``full_attention_interval``; written here from the folder's own config.json."""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
     if "num_local_experts" in config or "num_experts" in config:
@@ -243,6 +244,8 @@ def both_spellings(folder: Path, out: Path) -> Path:
         config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
     if config.get("head_dim") is None:
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    if "linear_attention" in (config.get("layer_types") or []):  # mlx-lm's Qwen3-Next builds it from the interval
+        config.setdefault("full_attention_interval", config["layer_types"].index("full_attention") + 1)
     (out / "config.json").write_text(json.dumps(config))
     return out
 

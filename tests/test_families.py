@@ -1,4 +1,4 @@
-"""Mixtral, Qwen2-MoE, DeepSeekMoE, DeepSeek-V3 and GLM-4.5 on both backends, against the libraries' own
+"""Mixtral, Qwen2-MoE, DeepSeekMoE, DeepSeek-V3, GLM-4.5 and Qwen3-Next on both backends, against the libraries' own
 models: transformers' eager models (torch) and mlx-lm's (MLX); DeepSeekMoE, which transformers lacks,
 against mlx-lm's ``deepseek``. Tiny random checkpoints made by the libraries in checkpoints.py."""
 
@@ -52,8 +52,21 @@ VARIANTS = {
         {"use_qk_norm": False, "attention_bias": False, "n_group": 1, "topk_group": 1},
         True,
     ),
+    "qwen3_next": ("qwen3_next", {}, True),
+    # a dense first layer, no renormalisation, full attention every second layer, attention biases
+    "qwen3_next-dense": (
+        "qwen3_next",
+        {
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+            "layer_types": None,
+            "full_attention_interval": 2,
+            "attention_bias": True,
+        },
+        True,
+    ),
 }
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe", "qwen3_next"]
 LONG = np.array([3, 17, 42, 5, 99, 64, 12, 7, 120, 33])
 SHORT = LONG[3:]
 
@@ -270,7 +283,7 @@ def test_bad_family_configs_are_one_line_errors(family, change, message, folders
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v3", "glm4_moe", "qwen3_next"])
 def test_quantized_mlx_folders_equal_mlx_lm(family, folders, tmp_path):
     """A folder mlx_lm.convert quantized (4-bit experts, the gates as mlx-lm's predicates leave them)."""
     pytest.importorskip("mlx_lm")
@@ -292,7 +305,7 @@ def test_quantized_mlx_folders_equal_mlx_lm(family, folders, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_next"])
 def test_every_command_runs_on_the_family(family, backend, folders, tmp_path, capsys):
     """prepare, tune (roma and router), eval with the oracle, generate, fuse and info through the CLI; the
     fused folder (written by this backend) loads in mlx-lm with the tuned logits."""

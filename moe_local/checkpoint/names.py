@@ -59,6 +59,7 @@ class TensorNames:
     shared: str = "shared_expert"  # Qwen2-MoE's name; DeepSeek's is "shared_experts"
     shared_gate: str = "shared_expert_gate"
     carried: tuple[str, ...] = ()  # block tensors no model reads but written folders keep (Grove's expert_bias)
+    carried_prefixes: tuple[str, ...] = ()  # whole modules the same (Qwen3-Next's multi-token prediction: "mtp.")
     fused: FusedExperts | None = None  # the experts stacked and fused (gpt-oss) instead of one tensor per expert
 
     def block_prefix(self, layer: int) -> str:
@@ -100,8 +101,10 @@ class TensorNames:
 
     def is_carried(self, name: str, num_layers: int) -> bool:
         """A tensor no model reads that written folders keep as it is: the family's carried block
-        tensors, and the layers past ``num_layers`` (DeepSeek-V3's and GLM-4.5's multi-token-prediction
-        layers are stored as extra decoder layers)."""
+        tensors and modules (``carried_prefixes``), and the layers past ``num_layers`` (DeepSeek-V3's and
+        GLM-4.5's multi-token-prediction layers are stored as extra decoder layers)."""
+        if name.startswith(self.carried_prefixes):
+            return True
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= num_layers:
             return True

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoint.folder import has_weights, read_config, tensor_index
 from ..errors import UserError
 from ..spec import ModelSpec
-from . import deepseek, deepseek_v3, glm4_moe, gpt_oss, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, deepseek_v3, glm4_moe, gpt_oss, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next
 from .base import Family, LibraryModel
 from .config import Config
 
@@ -31,6 +31,7 @@ FAMILIES: dict[str, Family] = {
         deepseek_v3.FAMILY,
         glm4_moe.FAMILY,
         gpt_oss.FAMILY,
+        qwen3_next.FAMILY,
     )
 }
 
