@@ -451,6 +451,50 @@ def make_qwen3_next(folder: Path, seed: int = 0, tokenizer: bool = True, **overr
     return _save(model, folder, "v5", tokenizer)
 
 
+# Qwen3.5-MoE at tiny sizes: Qwen3-Next's text model, every layer MoE; as released a vision-language
+# checkpoint (a one-block vision tower) with its experts stacked and fused.
+QWEN3_5_TEXT = dict(
+    {k: v for k, v in QWEN3_NEXT.items() if k not in ("intermediate_size", "norm_topk_prob", "mlp_only_layers")},
+)
+QWEN3_5_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
+
+
+def make_qwen3_5_moe(folder: Path, seed: int = 0, tokenizer: bool = True, vision: bool = True, **overrides) -> Path:
+    """Qwen3.5-MoE as released (``vision``: ``Qwen3_5MoeForConditionalGeneration``, text model under
+    ``model.language_model.``, ``model.visual.*``, experts fused: transformers' ``save_original_format=False``)
+    or as transformers writes the text model alone by default (``qwen3_5_moe_text``, per-expert tensors)."""
+    from transformers import (
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+        Qwen3_5MoeTextConfig,
+    )
+
+    text = {**QWEN3_5_TEXT, **overrides}
+    if vision:
+        config = Qwen3_5MoeConfig(text_config=text, vision_config=QWEN3_5_VISION, tie_word_embeddings=False)
+        model = Qwen3_5MoeForConditionalGeneration(config)
+    else:
+        model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
+    randomize(model, seed)
+    randomize_recurrence(model, seed)
+    folder = Path(folder)
+    model.save_pretrained(str(folder), save_original_format=not vision)
+    if tokenizer:
+        write_tokenizer(folder, text["vocab_size"])
+    return folder
+
+
 FAMILY_MAKERS = {
     "mixtral": make_mixtral,
     "qwen2_moe": make_qwen2_moe,
@@ -459,4 +503,5 @@ FAMILY_MAKERS = {
     "glm4_moe": make_glm4_moe,
     "gpt_oss": make_gpt_oss,
     "qwen3_next": make_qwen3_next,
+    "qwen3_5_moe": make_qwen3_5_moe,
 }

@@ -174,8 +174,8 @@ def make_adapter(model_dir: Path, out: Path, layers: int = 2, scale: float = 1.0
     rng = np.random.default_rng(seed)
     weights = {}
     for layer in tuned:
-        name = spec.names.router_weight(layer)
-        base = state[name].astype(np.float32)
+        name = spec.names.router_weight(layer)  # as adapters name it (Qwen3.5's release: mlx-lm's name)
+        base = state[spec.names.checkpoint_router(layer)].astype(np.float32)
         weights[name] = base + scale * base.std() * rng.standard_normal(base.shape).astype(np.float32)
     write_adapter(out, weights, spec, tuned, method="test", hyperparameters={"scale": scale, "seed": seed})
     return Path(out)
@@ -233,6 +233,8 @@ def both_spellings(folder: Path, out: Path) -> Path:
     ``full_attention_interval``; written here from the folder's own config.json."""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
+    if "text_config" in config:  # vision-language (Qwen3.5): mlx-lm reads the text config as transformers 5 writes it
+        return out
     if "num_local_experts" in config or "num_experts" in config:
         config = checkpoints.spelled(config, "both")
     rope = dict(config.get("rope_parameters") or {})

@@ -54,7 +54,7 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
         elif r:
             out[f"{spec.names.block_prefix(int(r.group(1)))}.{spec.names.router}.{r.group(2)}"] = value
         else:
-            out[library_name(name, spec) if quantized else name] = value
+            out[library_name(name, spec) if quantized else spec.names.to_checkpoint(name)] = value
     out.update(_fused(spec, fused))
     return out
 
@@ -121,7 +121,11 @@ def quantization_config(config: dict, tensors: dict) -> dict:
 def as_stored(folder: Path, spec, tensors: dict) -> dict[str, mx.array]:
     """``tensors`` (a float model's, under checkpoint names) with each one the folder holds under the same
     name, the routers excepted, taken as the folder stores it."""
-    routers = {name for layer in spec.moe_layers for name in spec.router_tensors(layer)}
+    routers = {
+        spec.names.checkpoint_router(layer, name.rsplit(".", 1)[1])
+        for layer in spec.moe_layers
+        for name in spec.router_tensors(layer)
+    }
     wanted = {name for name in tensors if name not in routers}
     by_file: dict[Path, list[str]] = {}
     for name, (path, _, _) in tensor_index(folder).items():

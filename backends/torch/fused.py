@@ -27,7 +27,7 @@ def pattern(names) -> re.Pattern:
     parts = "|".join(FusedExperts.PARTS)
     suffixes = "|".join(s for s in FusedExperts.SUFFIXES if s)
     return re.compile(
-        rf"^(model\.layers\.\d+\.{re.escape(names.block)}\.{re.escape(names.experts)})\.({parts})({suffixes})?$"
+        rf"^({re.escape(names.prefix)}\.layers\.\d+\.{re.escape(names.block)}\.{re.escape(names.experts)})\.({parts})({suffixes})?$"
     )
 
 

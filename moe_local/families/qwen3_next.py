@@ -63,10 +63,12 @@ def linear_attention_parameters(c: Config, hidden: int) -> int:
     return projections + conv + 2 * v_heads + c.positive("linear_value_head_dim")
 
 
-def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
+def hybrid_fields(c: Config, defaults: dict) -> dict:
+    """The ModelSpec fields of a Qwen3-Next-style text model (Qwen3.5's too): gated attention with partial
+    RoPE, and gated DeltaNet layers (``layer_types``, ``linear_attention_parameters``)."""
     for key, value in CONFIG_DEFAULTS.items():
         c.values.setdefault(key, value)
-    fields = common_fields(c, DEFAULTS)
+    fields = common_fields(c, defaults)
     partial = (c.values.get("rope_parameters") or {}).get("partial_rotary_factor")
     partial = partial if partial is not None else c.number("partial_rotary_factor", PARTIAL_ROTARY_FACTOR)
     if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
@@ -78,6 +80,23 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     fields["attention_parameters"] = attention_parameters(shape, bias, "head") + shape["hidden_size"] * q + bias * q
     fields["layer_types"] = layer_types(c, fields["num_layers"])
     fields["linear_attention_parameters"] = linear_attention_parameters(c, fields["hidden_size"])
+    return fields
+
+
+def hybrid_config(spec: ModelSpec, c: dict) -> dict:
+    """The keys :func:`hybrid_fields` reads, over ``c`` (the text model's common config), in the spellings
+    transformers and mlx-lm read."""
+    c.update(
+        head_dim=spec.head_dim,
+        layer_types=list(spec.layer_types),
+        full_attention_interval=spec.layer_types.index("full_attention") + 1,  # mlx-lm's spelling
+        partial_rotary_factor=spec.rope["partial_rotary_factor"],  # mlx-lm's Qwen3-Next reads it at the top level
+    )
+    return c
+
+
+def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
+    fields = hybrid_fields(c, DEFAULTS)
     experts = c.num_experts()
     router = RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, True))
     shared = SharedExperts(count=1, size=c.positive("shared_expert_intermediate_size"), gated=True)
@@ -98,17 +117,13 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
 
 
 def write_config(spec: ModelSpec) -> dict:
-    c = common_config(spec)
+    c = hybrid_config(spec, common_config(spec))
     first = spec.moe[0]
     c.update(
         norm_topk_prob=first.router.renormalize,
         moe_intermediate_size=first.expert_size,
         shared_expert_intermediate_size=first.shared.size,
         intermediate_size=spec.dense_size if spec.dense_size is not None else c.get("intermediate_size", 0),
-        head_dim=spec.head_dim,
-        layer_types=list(spec.layer_types),
-        full_attention_interval=spec.layer_types.index("full_attention") + 1,  # mlx-lm's spelling
-        partial_rotary_factor=spec.rope["partial_rotary_factor"],  # mlx-lm reads it at the top level
         mlp_only_layers=list(c.get("mlp_only_layers") or []),
         model_type="qwen3_next",
     )
