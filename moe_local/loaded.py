@@ -142,7 +142,7 @@ class TuningOps(ABC):
         """
 
     @abstractmethod
-    def suffix_scores(self, hidden, batch, layer: int, layers, router_weights=None, offsets=None):
+    def suffix_scores(self, hidden, batch, layer: int, layers, router_weights=None, offsets=None, remix=None):
         """Decoder layers ``layer`` .. end, the final norm and the LM head on ``hidden``, no gradient.
 
         hidden: per-sequence arrays as ``prefix_hidden`` returns them (re-padded to ``batch``).
@@ -151,6 +151,10 @@ class TuningOps(ABC):
             ``x.float32 @ Wᵀ (+ b)`` (fp32 routers whatever the model dtype).
         offsets: None or numpy float32 ``[B, len(layers), E]`` added to the router logits of the
             tuned layers at the last prompt token of every sequence of sample b (the oracle).
+        remix: None or ``(targets, share)``: numpy float32 ``targets [B, len(layers), E]`` (distributions)
+            and a float α in (0, 1]; at the same tokens the router logits become
+            ``log((1 - α) softmax(logits) + α targets[b])`` (C3PO): a softmax router routes with that mix,
+            its input being what the layers below computed in this pass.
         Top-k selection and expert weights follow the model's router rule from those logits.
         Returns float32 numpy ``(scores [B, C], routing [B, len(layers), E])``:
         ``scores[b, c] = Σ_l cand_tokmask · log_softmax(logits[head_seq[r], head_pos[r]])[cand_tok]``

@@ -492,3 +492,25 @@ def test_cli_prepare_and_tune_in_rc_from_a_datasets_folder(olmoe_dir, tmp_path, 
     again = ["--bank", bank, "--adapter-path", tmp_path / "B", "--layers", 2]
     r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", folder, "--split", "train", *again)
     assert r[0] == 2 and "made from other data" in r[2]  # an rc bank for an mc run
+
+
+class Snapshots(TuneCallback):
+    def __init__(self):
+        self.epochs = {}
+
+    def on_epoch(self, epoch, weights):
+        self.epochs[epoch] = weights
+
+
+def test_epoch_snapshots_are_the_routers_of_shorter_runs(olmoe_dir, tmp_path):
+    """on_epoch(e, weights): what a run of e epochs ends with, bit for bit (the sweep picks epochs this way)."""
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = answerable_records(m, 10), unit_rows(10)
+    seen = Snapshots()
+    three = tune.tune(m, records, emb, tune.TuneSettings(epochs=3, **SMALL), tmp_path / "3", callbacks=[seen])
+    two = tune.tune(m, records, emb, tune.TuneSettings(epochs=2, **SMALL), tmp_path / "2", progress="off")
+    assert sorted(seen.epochs) == [1, 2, 3]
+    for name in two.weights:
+        np.testing.assert_array_equal(seen.epochs[2][name], two.weights[name])
+        np.testing.assert_array_equal(seen.epochs[3][name], three.weights[name])
+        assert not np.array_equal(seen.epochs[1][name], seen.epochs[2][name])

@@ -6,7 +6,7 @@ own decoder layers the way its ``Qwen3MoeModel`` / ``OlmoeModel`` do, left paddi
 with padding gets mlx-lm's ``BatchKVCache`` per layer (RoPE offsets ``-padding``, a causal mask that
 hides the padding), as ``MLXModel.logits`` and mlx-lm's batched generation do. Only the gates of the
 tuned layers are swapped, for the duration of one call, for :class:`LiveGate`, which computes the
-router logits from the given float32 weights (plus the oracle's offsets) and records the routing
+router logits from the given float32 weights (plus the oracle's offsets, or C3PO's re-mix) and records the routing
 distribution (router.py, the block's own rule) at each sample's last prompt token. MoE blocks stay in
 eval mode: our blocks call ``gather_mm`` / ``gather_qmm`` directly, and their gradients need no
 training mode (checked by the tests against a full-model ``nn.value_and_grad`` and against the torch
@@ -33,14 +33,17 @@ class LiveGate(nn.Module):
 
     logits = x.float32 @ weightᵀ (+ bias) (or the layer's own gate when ``weight`` is None), plus
     ``offsets`` [rows, E] added at ``offset_rows``; the routing distribution at ``capture_rows`` goes
-    to ``sink``. ``weight``: the weight, or (weight, bias) for routers with a bias. Rows index the
-    flattened [sequences · T] tokens the MoE block sees.
+    to ``sink``. ``remix`` = (targets [rows, E], share α): the logits at ``offset_rows`` become
+    ``log((1 - α) softmax(logits) + α targets)``, so a softmax router routes with that mix (C3PO).
+    ``weight``: the weight, or (weight, bias) for routers with a bias. Rows index the flattened
+    [sequences · T] tokens the MoE block sees.
     """
 
-    def __init__(self, base, rule, weight, offset_rows, offsets, capture_rows, sink: list):
+    def __init__(self, base, rule, weight, offset_rows, offsets, capture_rows, sink: list, remix=None):
         super().__init__()
         # Plain attributes, not module parameters: nothing here is the model's.
-        object.__setattr__(self, "_state", (base, rule, weight, offset_rows, offsets, capture_rows, sink))
+        state = (base, rule, weight, offset_rows, offsets, capture_rows, sink, remix)
+        object.__setattr__(self, "_state", state)
 
     @property
     def e_score_correction_bias(self):
@@ -48,7 +51,7 @@ class LiveGate(nn.Module):
         return self._state[0].e_score_correction_bias
 
     def __call__(self, x: mx.array) -> mx.array:
-        base, rule, weight, offset_rows, offsets, capture_rows, sink = self._state
+        base, rule, weight, offset_rows, offsets, capture_rows, sink, remix = self._state
         if weight is None:
             logits = base(x)
         elif isinstance(weight, tuple):
@@ -57,6 +60,13 @@ class LiveGate(nn.Module):
             logits = x.astype(mx.float32) @ weight.T
         if offsets is not None:
             logits = logits.astype(mx.float32).at[offset_rows].add(offsets)
+        if remix is not None:
+            targets, share = remix
+            logits = logits.astype(mx.float32)
+            mixed = (
+                targets if share == 1.0 else (1 - share) * mx.softmax(logits[offset_rows], axis=-1) + share * targets
+            )
+            logits[offset_rows] = mx.log(mx.maximum(mixed, np.finfo(np.float32).tiny))
         sink.append(routing_distribution(logits[capture_rows], rule))
         return logits
 
@@ -102,7 +112,7 @@ class MLXTuning:
         mx.eval(out)
         return out
 
-    def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+    def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None, remix=None):
         check_suffix_layers(self.spec, layer, layers)
         S, T = batch.ids.shape
         flat = mx.concatenate(list(hidden)) if len(hidden) > 1 else hidden[0]
@@ -119,8 +129,9 @@ class MLXTuning:
             for n, i in enumerate(layers):
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n][seq_sample]
+                mix = None if remix is None else (remix[0][:, n][seq_sample], remix[1])
                 block = self.moe_block(i)
-                gate = LiveGate(block.gate, block.spec.router, weight, seq_rows, off, capture, sink[i])
+                gate = LiveGate(block.gate, block.spec.router, weight, seq_rows, off, capture, sink[i], mix)
                 stack.enter_context(swapped_gate(block, gate))
             out = self._run_layers(padded, self._padding(batch), layer, self.spec.num_layers)
         rows = out[mx.array(batch.head_seq.astype(np.int32)), mx.array(batch.head_pos.astype(np.int32))]
@@ -132,10 +143,12 @@ class MLXTuning:
         routing = mx.stack([sink[i][0] for i in layers], axis=1)
         return scores, routing
 
-    def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+    def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None, remix=None):
         weights = None if router_weights is None else _arrays(router_weights)
         off = None if offsets is None else mx.array(np.asarray(offsets, dtype=np.float32))
-        scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
+        if remix is not None:
+            remix = (mx.array(np.asarray(remix[0], dtype=np.float32)), float(remix[1]))
+        scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off, remix)
         return np.array(scores), np.array(routing)
 
     def suffix_value_and_grad(

@@ -5,8 +5,8 @@ dtype, ragged per sequence) and ``suffix_forward`` (grad enabled). The suffix dr
 own decoder layers with transformers' own causal mask and RoPE tables, the way
 ``Qwen3MoeModel.forward`` / ``OlmoeModel.forward`` do; only the gates of the tuned layers are swapped,
 for the duration of one call, for :class:`LiveGate`, which computes the router logits from the
-given float32 weights (and adds per-sample offsets for the oracle) and records the routing
-distribution (router.py, the block's own rule) at each sample's last prompt token.
+given float32 weights (adds per-sample offsets for the oracle, or imposes C3PO's re-mix) and records the
+routing distribution (router.py, the block's own rule) at each sample's last prompt token.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ class LiveGate(nn.Module):
 
     logits = x @ weightᵀ (+ bias) in float32 (or the layer's own gate when ``router`` is None), plus
     ``offsets`` added at ``offset_rows``; the routing distribution at ``capture_rows`` goes to ``sink``.
+    ``remix`` = (targets [rows, E], share α): the logits at ``offset_rows`` become
+    ``log((1 - α) softmax(logits) + α targets)``, so a softmax router routes with that mix (C3PO).
     ``router``: the weight, or (weight, bias) for routers with a bias. Rows index the flattened
     [sequences · T] tokens the MoE block sees. The selection-only bias stays the base gate's.
     """
 
-    def __init__(self, base, router, offset_rows, offsets, capture_rows, sink: list):
+    def __init__(self, base, router, offset_rows, offsets, capture_rows, sink: list, remix=None):
         super().__init__()
         self.base = base
         self.e_score_correction_bias = base.e_score_correction_bias
@@ -51,6 +53,7 @@ class LiveGate(nn.Module):
         self.offsets = offsets
         self.capture_rows = capture_rows
         self.sink = sink
+        self.remix = remix
 
     @property
     def weight(self) -> torch.Tensor:
@@ -64,6 +67,11 @@ class LiveGate(nn.Module):
             logits = F.linear(x.to(self.live_weight.dtype), self.live_weight, self.live_bias)
         if self.offsets is not None:
             logits = logits.float().index_add(0, self.offset_rows, self.offsets)
+        if self.remix is not None:
+            targets, share = self.remix
+            logits = logits.float()
+            mixed = targets if share == 1.0 else (1 - share) * logits[self.offset_rows].softmax(-1) + share * targets
+            logits = logits.index_copy(0, self.offset_rows, mixed.clamp_min(torch.finfo(torch.float32).tiny).log())
         self.sink.append(routing_distribution(logits.index_select(0, self.capture_rows), self.base.rule))
         return logits
 
@@ -112,7 +120,7 @@ class TorchTuning:
         flat = hidden[mask.bool()]  # row-major: sequence after sequence, real tokens only
         return list(torch.split(flat, batch.lengths.tolist()))
 
-    def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+    def suffix_forward(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None, remix=None):
         check_suffix_layers(self.spec, layer, layers)
         S, T = batch.ids.shape
         mask = self._mask(batch)
@@ -127,7 +135,8 @@ class TorchTuning:
             for n, i in enumerate(layers):
                 weight = None if router_weights is None else router_weights[i]
                 off = None if offsets is None else offsets[:, n].index_select(0, seq_sample)
-                gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i])
+                mix = None if remix is None else (remix[0][:, n].index_select(0, seq_sample), remix[1])
+                gate = LiveGate(self.moe_block(i).gate, weight, seq_rows, off, capture, sink[i], mix)
                 stack.enter_context(swapped_gate(self.moe_block(i), gate))
             out = self._run_layers(padded, mask, layer, self.spec.num_layers)
         rows = out[
@@ -143,10 +152,12 @@ class TorchTuning:
         return scores, routing
 
     @torch.no_grad()
-    def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None):
+    def suffix_scores(self, hidden, batch: Batch, layer: int, layers, router_weights=None, offsets=None, remix=None):
         weights = None if router_weights is None else self._router_tensors(router_weights, False)
         off = None if offsets is None else torch.as_tensor(offsets, dtype=torch.float32, device=self.device)
-        scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
+        if remix is not None:
+            remix = (torch.as_tensor(remix[0], dtype=torch.float32, device=self.device), float(remix[1]))
+        scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off, remix)
         return scores.cpu().numpy(), routing.cpu().numpy()
 
     def suffix_value_and_grad(

@@ -1,4 +1,5 @@
-"""``moe-local eval``: multiple-choice accuracy, per task, with the oracle-routing bound and its control."""
+"""``moe-local eval``: multiple-choice accuracy, per task, with the oracle-routing bound and its control,
+and C3PO's test-time re-mixing toward a routing bank."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .options import (
     seed_option,
     task_data_options,
 )
+from .prepare import load_data
 
 
 def read_report(path: Path) -> list[dict]:
@@ -38,6 +40,19 @@ def read_report(path: Path) -> list[dict]:
 def append_report(path: Path, rows: list[dict]) -> None:
     """Write the rows as a JSON list; an existing report of rows is extended, anything else refused."""
     atomic_write_text(path, json.dumps(read_report(path) + rows, indent=2) + "\n")
+
+
+def read_c3po_data(c3po: bool, bank, data, embeddings, asked: dict):
+    """(records, prompting, routing bank, the records' embeddings); the last two None without --c3po."""
+    from moe_local.tuning.bank import read_bank
+    from moe_local.tuning.data import read_task
+
+    if c3po != (bank is not None):
+        raise UserError("--c3po and --bank go together: C3PO re-mixes toward a routing bank")
+    if not c3po:
+        return (*read_task(data, **asked), None, None)
+    records, prompting, emb = load_data(data, embeddings, True, **asked)
+    return records, prompting, read_bank(bank), emb
 
 
 @click.command(cls=ConfigCommand)
@@ -78,6 +93,38 @@ def append_report(path: Path, rows: list[dict]) -> None:
     type=click.Path(dir_okay=False),
     help="JSON report file (rows are appended to an existing report).",
 )
+@click.option(
+    "--c3po",
+    is_flag=True,
+    help="Also report C3PO: each sample's routing re-mixed toward its successful neighbours in --bank.",
+)
+@click.option(
+    "--bank",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The routing bank C3PO re-mixes toward (`moe-local prepare` on the reference data).",
+)
+@click.option(
+    "--embeddings",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The evaluated records' task embeddings for C3PO (.npy); default: the data path with .npy.",
+)
+@click.option("--c3po-k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours per sample.")
+@click.option(
+    "--c3po-sigma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.4,
+    show_default=True,
+    help="Gaussian kernel width (unit-norm embedding distances).",
+)
+@click.option(
+    "--c3po-alpha",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Share of the neighbours' routing in the re-mix (1: the kernel regression itself).",
+)
 @seed_option
 def eval_(
     model,
@@ -91,6 +138,12 @@ def eval_(
     oracle_steps,
     oracle_lr,
     report,
+    c3po,
+    bank,
+    embeddings,
+    c3po_k,
+    c3po_sigma,
+    c3po_alpha,
     seed,
     **asked,
 ):
@@ -98,7 +151,8 @@ def eval_(
     import moe_local
     from moe_local.distributed import session
     from moe_local.tuning.adapter import check_fingerprint, read_adapter
-    from moe_local.tuning.data import read_task
+    from moe_local.tuning.bank import check_bank_model
+    from moe_local.tuning.c3po import C3PO
     from moe_local.tuning.evaluate import evaluate, format_result
 
     with session(device, backend) as (dist, device):  # under torchrun each rank scores its share of the file
@@ -108,15 +162,25 @@ def eval_(
 
         if report is not None:
             dist.on_main(check_report)
-        records, prompting = read_task(data, **asked)
+        records, prompting, the_bank, emb = read_c3po_data(c3po, bank, data, embeddings, asked)
+        layers = layers if the_bank is None else tuple(the_bank.layers)
         method, weights = "base", None
         if adapter_path is not None:  # read once: its layers and method here, its gates for the evaluation
             weights, config = read_adapter(adapter_path)
             method = config["moe_local"].get("method", "adapter")
+            if c3po and list(layers) != config["moe_local"]["layers"]:
+                raise UserError(
+                    f"the routing bank {bank} covers layers {list(layers)}, the adapter "
+                    f"{config['moe_local']['layers']}: C3PO re-mixes the layers the adapter tunes"
+                )
             layers = tuple(config["moe_local"]["layers"])
         loaded = moe_local.load(model, backend=backend, device=device)
         if adapter_path is not None:
             check_fingerprint(config, loaded.spec, Path(adapter_path))
+        remix = None
+        if c3po:
+            check_bank_model(the_bank, loaded.spec, bank)
+            remix = C3PO(the_bank, emb, c3po_k, c3po_sigma, c3po_alpha)
         result = evaluate(
             loaded,
             records,
@@ -130,6 +194,7 @@ def eval_(
             dist=dist,
             data_file=data,
             prompting=prompting,
+            c3po=remix,
         )
         if dist.is_main:
             for line in format_result(result, method):

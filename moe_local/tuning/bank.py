@@ -100,14 +100,19 @@ def read_bank(folder) -> Bank:
     return Bank(t["correct"], t["routing"], t["embeddings"], meta)
 
 
-def check_bank(bank: Bank, spec, layers, data_sha256: str, where) -> None:
-    """A bank must come from this model, these tuned layers and this data file."""
+def check_bank_model(bank: Bank, spec, where) -> None:
+    """A bank must come from this model (its fingerprint over the bank's layers)."""
     try:
         ours = spec.fingerprint(bank.layers)
     except UserError:  # a layer that is not an MoE layer here
         ours = None
     if bank.meta["fingerprint"] != ours:
         raise UserError(f"the routing bank {where} was made for another model; run `moe-local prepare` again")
+
+
+def check_bank(bank: Bank, spec, layers, data_sha256: str, where) -> None:
+    """A bank must come from this model, these tuned layers and this data file."""
+    check_bank_model(bank, spec, where)
     if list(layers) != bank.layers:
         raise UserError(f"the routing bank {where} covers layers {bank.layers}, the tune asks for {list(layers)}")
     if bank.meta.get("data_sha256") != data_sha256:

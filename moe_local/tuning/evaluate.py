@@ -14,6 +14,11 @@ oracle's accuracy it counts samples that were there before the steps (compare ea
 Offsets are per sample and Adam is elementwise, so optimising a batch at once equals optimising
 each sample alone (the loss is a sum over samples).
 
+C3PO (``c3po``, tuning/c3po.py): after each batch's plain pass, its routing at the tuned layers is
+re-mixed toward the bank's successful neighbours and the batch is scored again with the re-mix imposed;
+the row ``c3po`` carries the extra seconds per sample this took (``seconds_per_sample``), next to the
+plain pass's (``base_seconds_per_sample``), both measured on this process.
+
 Under torchrun (``dist``, moe_local/distributed.py) each rank evaluates the records it owns and the
 per-record predictions are summed across ranks (zero where a rank does not own a record), so every
 count — overall, per task, oracle — is taken over the whole file, as one process takes it.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +37,7 @@ from ..distributed import LOCAL
 from ..errors import UserError
 from ..progress import Progress
 from . import roma
+from .c3po import check_routers
 from .data import MISSING_SCORE, Record, batches, encode_records, norm_predictions, predictions
 from .optim import adam
 from .tasks import Prompting
@@ -66,6 +73,12 @@ class EvalResult:
     scores: np.ndarray | None = None  # [records, widest] summed log-probabilities, MISSING_SCORE past the choices
     oracle_norm: Accuracy | None = None
     oracle_wrong_norm: Accuracy | None = None
+    c3po: Accuracy | None = None
+    c3po_norm: Accuracy | None = None
+    c3po_scores: np.ndarray | None = None  # [records, widest], as ``scores``
+    c3po_routing: np.ndarray | None = None  # [records, layers, E]: the re-mix imposed on each record
+    seconds_per_sample: float = 0.0  # the plain pass (prefix + suffix), this process
+    c3po_seconds_per_sample: float = 0.0  # C3PO's extra: neighbour search, re-mix, second suffix pass
 
     def rows(self, model: str, split: str, method: str, seed: int, backend: str) -> list[dict]:
         """Report rows (docs/architecture.md, reports)."""
@@ -74,6 +87,15 @@ class EvalResult:
         if self.oracle is not None:
             out.append(row("oracle", self.oracle, self.oracle_norm))
             out.append(row("oracle_wrong", self.oracle_wrong, self.oracle_wrong_norm))
+        if self.c3po is not None:
+            name = "c3po" if method == "base" else f"{method}+c3po"
+            out.append(
+                row(name, self.c3po, self.c3po_norm)
+                | {
+                    "seconds_per_sample": self.c3po_seconds_per_sample,
+                    "base_seconds_per_sample": self.seconds_per_sample,
+                }
+            )
         return out
 
 
@@ -148,6 +170,12 @@ def check_finite(scores, routing, batch, records: list[Record], data_file=None) 
         raise UserError(f"{where}: the model's scores for this record are NaN or infinite (are its weights corrupt?)")
 
 
+def c3po_pass(model, hidden, batch, layers, c3po) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate scores, the routing imposed) with C3PO's re-mix at the tuned layers."""
+    remix = (c3po.targets(batch.index), c3po.alpha)
+    return model.suffix_scores(hidden, batch, layers[0], layers, remix=remix)
+
+
 def evaluate(
     model,
     records: list[Record],
@@ -162,49 +190,74 @@ def evaluate(
     dist=LOCAL,
     data_file=None,
     prompting: Prompting | None = None,
+    c3po=None,
 ) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
     ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
     ``prompting``: the format and few-shot examples (tasks.Prompting; default mc, none).
+    ``c3po``: a :class:`moe_local.tuning.c3po.C3PO` over ``records`` (its bank's layers are ``layers``).
     ``dist``: the torchrun process group; every rank returns the result over all records.
     """
     if isinstance(layers, int) and not oracle:  # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
     layers = roma.tuned_layers(model.spec, layers, oracle=True)
+    if c3po is not None:
+        check_routers(model.spec, layers)
     prompting = prompting or Prompting()
     encoded = encode_records(model.tokenizer, records, prompting)
     wrong = wrong_labels(records, seed)
     rows = dist.owned(len(records))
     label = "eval" + (f" {prompting.format}" if prompting.format != "mc" else "") + (" + oracle" if oracle else "")
+    label += " + c3po" if c3po is not None else ""
     bar = Progress(len(rows), label, progress if dist.is_main else "off", unit="records")
     widest = max(len(r.choices) for r in records)
-    scores = np.zeros((3 if oracle else 1, len(records), widest), np.float32)  # base, oracle, oracle_wrong
+    passes = ["base"] + (["oracle", "oracle_wrong"] if oracle else []) + (["c3po"] if c3po is not None else [])
+    scores = {name: np.zeros((len(records), widest), np.float32) for name in passes}
+    experts = model.spec.moe_at(layers[0]).num_experts
+    remixed = np.zeros((len(records), len(layers), experts) if c3po is not None else (0,), np.float32)
+    seconds = {"base": 0.0, "c3po": 0.0}
     with router_weights_applied(model, router_weights):
         for batch in batches(encoded, rows, batch_size):
+            start = time.perf_counter()
             hidden = model.prefix_hidden(batch, layers[0])
             found, _ = model.suffix_scores(hidden, batch, layers[0], layers)
+            seconds["base"] += time.perf_counter() - start
             check_finite(found, None, batch, records, data_file)
             width = found.shape[1]
-            scores[0, batch.index, :width] = found
+            scores["base"][batch.index, :width] = found
             if oracle:
                 steer = functools.partial(oracle_scores, model, hidden, batch, layers, steps=oracle_steps, lr=oracle_lr)
-                scores[1, batch.index, :width] = steer(batch.answers)
-                scores[2, batch.index, :width] = steer(wrong[batch.index])
+                scores["oracle"][batch.index, :width] = steer(batch.answers)
+                scores["oracle_wrong"][batch.index, :width] = steer(wrong[batch.index])
+            if c3po is not None:
+                start = time.perf_counter()
+                scores["c3po"][batch.index, :width], remixed[batch.index] = c3po_pass(
+                    model, hidden, batch, layers, c3po
+                )
+                seconds["c3po"] += time.perf_counter() - start
             bar.update(batch.size)
     bar.close()
-    (scores,) = dist.sum([scores])
-    return _result(scores, encoded, records, wrong, layers, prompting.format)
+    summed = dist.sum([scores[name] for name in passes] + [remixed])
+    result = _result(dict(zip(passes, summed[: len(passes)])), encoded, records, wrong, layers, prompting.format)
+    result.seconds_per_sample = seconds["base"] / max(len(rows), 1)
+    if c3po is not None:
+        result.c3po_routing = summed[-1]
+        result.c3po_seconds_per_sample = seconds["c3po"] / max(len(rows), 1)
+    return result
 
 
-def _result(scores, encoded, records, wrong, layers, format) -> EvalResult:
-    """Accuracies from the summed scores [base, oracle, oracle_wrong][records, widest]."""
+def _result(scores: dict, encoded, records, wrong, layers, format) -> EvalResult:
+    """Accuracies from each pass's summed scores {pass: [records, widest]}."""
     answers = np.array([r.answer for r in records])
     index = np.arange(len(records))
     n = np.array([len(r.choices) for r in records])
-    scores[:, np.arange(scores.shape[-1])[None, :] >= n[:, None]] = MISSING_SCORE
-    found = [(predictions(s), norm_predictions(s, encoded, index)) for s in scores]
-    (preds, norm), *steered = found
+    past_choices = np.arange(scores["base"].shape[-1])[None, :] >= n[:, None]
+    found = {}
+    for name, s in scores.items():
+        s[past_choices] = MISSING_SCORE
+        found[name] = (predictions(s), norm_predictions(s, encoded, index))
+    preds, norm = found["base"]
     result = EvalResult(
         Accuracy.of(preds == answers, records),
         preds,
@@ -212,14 +265,19 @@ def _result(scores, encoded, records, wrong, layers, format) -> EvalResult:
         format=format,
         accuracy_norm=Accuracy.of(norm == answers, records),
         norm_predictions=norm,
-        scores=scores[0],
+        scores=scores["base"],
     )
-    if steered:
-        (oracle, oracle_norm), (flipped, flipped_norm) = steered
+    if "oracle" in found:
+        (oracle, oracle_norm), (flipped, flipped_norm) = found["oracle"], found["oracle_wrong"]
         result.oracle = Accuracy.of(oracle == answers, records)
         result.oracle_norm = Accuracy.of(oracle_norm == answers, records)
         result.oracle_wrong = Accuracy.of(flipped == wrong, records)
         result.oracle_wrong_norm = Accuracy.of(flipped_norm == wrong, records)
+    if "c3po" in found:
+        c3po, c3po_norm = found["c3po"]
+        result.c3po = Accuracy.of(c3po == answers, records)
+        result.c3po_norm = Accuracy.of(c3po_norm == answers, records)
+        result.c3po_scores = scores["c3po"]
     return result
 
 
@@ -245,4 +303,10 @@ def format_result(result: EvalResult, method: str) -> list[str]:
             if rc:
                 extra = f"  acc_norm {result.accuracy_norm.per_task[task][0]:.4f}" + extra
             lines.append(f"  {task}: {acc:.4f} (n={n}){extra}")
+    if result.c3po is not None:
+        norm = f", acc_norm {result.c3po_norm.accuracy:.4f}" if rc else ""
+        lines.append(
+            f"c3po: accuracy {result.c3po.accuracy:.4f}{norm}; {result.c3po_seconds_per_sample * 1000:.1f} ms per "
+            f"sample on top of the plain pass's {result.seconds_per_sample * 1000:.1f} ms"
+        )
     return lines

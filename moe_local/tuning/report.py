@@ -19,9 +19,14 @@ METRIC_KEYS = ("step", "loss", "ce", "manifold", "acc", "lr", "lam", "samples_pe
 
 
 class TuneCallback:
-    """Told of each step once its update is applied; ``row`` is the metrics row on logged steps, else None."""
+    """Told of each step once its update is applied; ``row`` is the metrics row on logged steps, else None.
+    Told of each epoch's end with a copy of the tuned routers then (checkpoint name -> float32 numpy, as
+    an adapter holds them): the routers a run of that many epochs would end with."""
 
     def on_step(self, step: int, row: dict | None) -> None:
+        pass
+
+    def on_epoch(self, epoch: int, weights: dict) -> None:
         pass
 
 

@@ -62,27 +62,31 @@ class Neighbours:
 
 
 def nearest_successful(
-    embeddings: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024
+    embeddings: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024, queries: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(index [N, k], squared distance [N, k]) of each sample's k nearest successful samples."""
+    """(index [N, k], squared distance [N, k]) of each sample's k nearest successful samples, itself
+    excluded; with ``queries`` [Q, D] (samples from elsewhere, C3PO's test samples), of each query's
+    k nearest successful samples among ``embeddings``, nothing excluded."""
     emb = np.asarray(embeddings, dtype=np.float64)
+    query = emb if queries is None else np.asarray(queries, dtype=np.float64)
     success = np.flatnonzero(np.asarray(correct).astype(bool))  # ascending: stable sort keeps lowest index first
     if len(success) == 0:
         raise UserError(
             "no successful sample for the neighbour search: the base model answers none of the "
             f"{len(emb)} reference samples correctly (use more or easier data, or --method router)"
         )
-    n = len(emb)
+    n = len(query)
     index = np.full((n, k), -1, dtype=np.int64)
     dist2 = np.full((n, k), np.inf)
     cand = emb[success]
     cand_sq = (cand * cand).sum(1)
     for start in range(0, n, chunk):
         rows = np.arange(start, min(n, start + chunk))
-        q = emb[rows]
+        q = query[rows]
         d2 = (q * q).sum(1)[:, None] + cand_sq[None, :] - 2.0 * q @ cand.T
         d2 = np.round(np.maximum(d2, 0.0), TIE_DECIMALS)
-        d2[rows[:, None] == success[None, :]] = np.inf  # self excluded
+        if queries is None:
+            d2[rows[:, None] == success[None, :]] = np.inf  # self excluded
         take = min(k, len(success))
         order = np.argsort(d2, axis=1, kind="stable")[:, :take]
         picked = np.take_along_axis(d2, order, axis=1)
@@ -104,10 +108,11 @@ def gaussian_weights(dist2: np.ndarray, index: np.ndarray, sigma: float) -> np.n
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0).astype(np.float32)
 
 
-def neighbours(embeddings, correct, k: int, sigma: float) -> Neighbours:
+def neighbours(embeddings, correct, k: int, sigma: float, queries=None) -> Neighbours:
+    """Each sample's (or query's, see :func:`nearest_successful`) successful neighbours and weights."""
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
-    index, dist2 = nearest_successful(embeddings, correct, k)
+    index, dist2 = nearest_successful(embeddings, correct, k, queries=queries)
     return Neighbours(index, gaussian_weights(dist2, index, sigma), dist2)
 
 

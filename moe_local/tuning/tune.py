@@ -383,6 +383,8 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
                 save_checkpoint(run.work, opt, state, settings.keep_checkpoints)
             for callback in callbacks:
                 callback.on_step(step, row)
+                if step % steps_per_epoch == 0:
+                    callback.on_epoch(step // steps_per_epoch, {k: v.copy() for k, v in opt.params.items()})
             if opt.step_count >= total:
                 return trained
     return trained

@@ -1,0 +1,167 @@
+"""C3PO (``eval --c3po``): the kernel-regression re-mix against a direct numpy computation, and the
+candidate scores against transformers' own model routed by that re-mix at the last prompt token."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import moe_local
+from moe_local.errors import UserError
+from moe_local.tuning import data
+from moe_local.tuning.c3po import C3PO
+from moe_local.tuning.evaluate import evaluate
+from moe_local.tuning.prepare import prepare
+
+import checkpoints
+from helpers import run_cli, task_records, unit_rows
+
+SUITE = "moe_local/assets/suite"
+
+
+def numpy_targets(bank, queries, k, sigma):
+    """r̂ = Σ_j w_j r_j over each query's k nearest successful bank rows, w = softmax(-d²/2σ²)."""
+    success = np.flatnonzero(bank.correct)
+    out = []
+    for q in queries.astype(np.float64):
+        d2 = ((bank.embeddings[success].astype(np.float64) - q) ** 2).sum(1)
+        near = np.argsort(d2, kind="stable")[:k]
+        w = np.exp(-(d2[near] - d2[near].min()) / (2 * sigma**2))
+        out.append(((w / w.sum())[:, None, None] * bank.routing[success[near]]).sum(0))
+    return np.array(out)
+
+
+class Forced(torch.nn.Module):
+    """transformers' Qwen3-MoE router with one token's routing imposed: r' = (1-α) r + α r̂ from its own
+    distribution r there, then its top-k of r' and their weights (renormalised as the config says);
+    every other token routed by the gate itself. ``seen`` keeps the r' of the first call."""
+
+    def __init__(self, gate, row: int, target: np.ndarray, alpha: float, seen: list):
+        super().__init__()
+        self.gate, self.row, self.alpha, self.seen = gate, row, alpha, seen
+        self.target = torch.from_numpy(np.asarray(target, np.float32))
+
+    def forward(self, h):
+        logits, weights, index = self.gate(h)
+        mixed = (1 - self.alpha) * torch.softmax(logits[self.row].float(), -1) + self.alpha * self.target
+        top, chosen = torch.topk(mixed, self.gate.top_k)
+        if self.gate.norm_topk_prob:
+            top = top / top.sum()
+        weights, index = weights.clone(), index.clone()
+        weights[self.row], index[self.row] = top.to(weights.dtype), chosen
+        self.seen.append(mixed)
+        return logits, weights, index
+
+
+def hf_routed(hf, tokenizer, record, layers, target, alpha):
+    """(candidate scores, r' [layers, E]) of ``record`` — lm-eval's way: one sequence per candidate,
+    summed log-probs — by transformers' model re-mixed toward ``target`` at the last prompt token."""
+    prompt = data.render_prompt(record)
+    ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    blocks = [hf.model.layers[i].mlp for i in layers]
+    gates = [b.gate for b in blocks]
+    seen = [[] for _ in layers]
+    out = []
+    try:
+        for b, g, t, s in zip(blocks, gates, target, seen):
+            b.gate = Forced(g, len(ctx) - 1, t, alpha, s)
+        for cand in data.candidates(len(record.choices)):
+            whole = tokenizer(prompt + cand, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].float(), -1)
+            out.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+    finally:
+        for b, g in zip(blocks, gates):
+            b.gate = g
+    return out, np.stack([s[0].numpy() for s in seen])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_c3po_matches_numpy_remix_and_transformers_routed_by_it(qwen3_dir, backend, alpha):
+    from transformers import AutoModelForCausalLM
+
+    m = moe_local.load(str(qwen3_dir), backend=backend)
+    layers = tuple(m.spec.moe_layers[-2:])  # MoE layers with a dense one between them
+    reference = [data.parse_record(r, "ref", i + 1) for i, r in enumerate(task_records(40, seed=3))]
+    bank = prepare(m, reference, unit_rows(40, seed=3), layers, progress="off")
+    assert 0 < bank.correct.sum() < len(reference)  # neighbours are chosen among the successful only
+    records = [data.parse_record(r, "t", i + 1) for i, r in enumerate(task_records(5, seed=4))]
+    emb = unit_rows(5, seed=4)
+    c3po = C3PO(bank, emb, k=3, sigma=0.5, alpha=alpha)
+    result = evaluate(m, records, layers, batch_size=2, c3po=c3po, progress="off")
+
+    hf = AutoModelForCausalLM.from_pretrained(str(qwen3_dir), attn_implementation="eager").eval()
+    targets = numpy_targets(bank, emb, 3, 0.5)
+    np.testing.assert_allclose(c3po.targets(np.arange(len(records))), targets, atol=1e-6)
+    for b, r in enumerate(records):
+        want, remixed = hf_routed(hf, m.tokenizer, r, layers, targets[b], alpha)
+        np.testing.assert_allclose(result.c3po_routing[b], remixed, atol=2e-6)
+        np.testing.assert_allclose(result.c3po_scores[b, : len(r.choices)], want, atol=1e-4)
+    if alpha == 1.0:
+        np.testing.assert_allclose(result.c3po_routing, targets, atol=2e-6)
+    # the re-mix changed the routing and, through it, the scores
+    assert not np.allclose(result.c3po_scores, result.scores, atol=1e-3)
+    assert result.c3po_seconds_per_sample > 0
+
+
+def test_c3po_settings_and_dimensions_are_checked():
+    from moe_local.tuning.bank import Bank
+
+    bank = Bank(np.ones(2, np.uint8), np.full((2, 1, 4), 0.25, np.float32), unit_rows(2, 4), {})
+    with pytest.raises(UserError, match="dimensions"):
+        C3PO(bank, unit_rows(3, 8))
+    with pytest.raises(UserError, match="alpha"):
+        C3PO(bank, unit_rows(3, 4), alpha=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_eval_c3po_cli_writes_its_row(tmp_path, backend):
+    bank = tmp_path / "bank"
+    prep = run_cli(
+        "prepare", "--model", "tiny", "--backend", backend, "--data", f"{SUITE}/train.jsonl", "--limit", "200",
+        "--layers", "2", "--bank", bank,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", "tiny", "--backend", backend, "--data", f"{SUITE}/test_unseen.jsonl", "--limit", "24"]
+    out = run_cli(*args, "--c3po", "--bank", bank, "--report", report)
+    assert out.returncode == 0, out.stderr
+    assert "c3po: accuracy" in out.stdout and "ms per sample" in out.stdout
+    base, c3po = json.loads(report.read_text())
+    assert (base["method"], c3po["method"]) == ("base", "c3po")
+    assert c3po["n"] == 24 and c3po["seconds_per_sample"] > 0 and c3po["base_seconds_per_sample"] > 0
+    assert set(base) | {"seconds_per_sample", "base_seconds_per_sample"} == set(c3po)
+
+
+def test_eval_c3po_refusals(tmp_path):
+    eval_args = ["eval", "--model", "tiny", "--data", f"{SUITE}/test_unseen.jsonl", "--limit", "8"]
+    alone = run_cli(*eval_args, "--c3po")
+    assert alone.returncode == 2 and "--c3po and --bank go together" in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
+    # a bank made for another model
+    other = checkpoints.make_mixtral(tmp_path / "mixtral")
+    bank = tmp_path / "bank"
+    prep = run_cli(
+        "prepare", "--model", other, "--data", f"{SUITE}/train.jsonl", "--limit", "16", "--layers", "1",
+        "--bank", bank, "--embeddings", f"{SUITE}/train.npy",
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    foreign = run_cli(*eval_args, "--c3po", "--bank", bank)
+    assert foreign.returncode == 2 and "made for another model" in foreign.stderr
+    # sigmoid-scored routers: no routing C3PO could impose
+    sigmoid = checkpoints.make_deepseek_v3(tmp_path / "v3")
+    bank = tmp_path / "bank_v3"
+    prep = run_cli(
+        "prepare", "--model", sigmoid, "--data", f"{SUITE}/train.jsonl", "--limit", "16", "--layers", "1",
+        "--bank", bank,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    refused = run_cli(
+        "eval", "--model", sigmoid, "--data", f"{SUITE}/test_unseen.jsonl", "--limit", "8", "--c3po", "--bank", bank
+    )
+    assert refused.returncode == 2 and "softmax routers" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
