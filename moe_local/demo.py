@@ -1,8 +1,8 @@
 """``moe-local demo``: the embedded default end to end, in one process per model.
 
 For each built-in model: prepare (one base pass: bank + prefix cache) -> tune with ``router`` (CE only)
-and ``roma`` -> evaluate ``base`` (with its oracle and the oracle's wrong-label control), ``router`` and
-``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``,
+and ``roma`` -> evaluate ``base`` (with its oracle and the oracle's wrong-label control, and C3PO from the
+same bank), ``router`` and ``roma`` on the test splits -> a table, ``report.json`` (report rows, docs/architecture.md), ``report.md``,
 ``report.png`` and the adapters. Settings come from ``assets/demo.yaml`` (chosen on ``val_unseen`` only).
 """
 
@@ -25,6 +25,7 @@ SETTINGS_FILE = ASSETS / "demo.yaml"
 SUITE = ASSETS / "suite"
 METHODS = ("base", "router", "roma")
 CONTROLS = ("oracle", "oracle_wrong")
+TEST_TIME = ("c3po",)  # no training: the base model re-routed toward the bank's successful neighbours
 
 
 @dataclass
@@ -87,9 +88,10 @@ def expert_usage(model, records, layers, router_weights=None, batch_size: int = 
 def run_model(
     name: str, settings: DemoSettings, out: Path, backend: str, seed: int, progress="auto", log=print
 ) -> tuple[list[dict], dict]:
-    """Prepare, tune router and roma, evaluate; returns (report rows, expert usage before/after)."""
+    """Prepare, tune router and roma, evaluate (and C3PO); returns (report rows, expert usage before/after)."""
     import moe_local
 
+    from .tuning.c3po import C3PO
     from .tuning.evaluate import evaluate
     from .tuning.roma import tuned_layers
     from .tuning.tune import TuneSettings, prepare, tune
@@ -100,7 +102,7 @@ def run_model(
     tune_values = {**settings.tune, **settings.models.get(name, {}), "seed": seed}
     base_settings = TuneSettings(**{**tune_values, "method": "router"})
     train, train_emb = load_split(settings.train_split)
-    splits = {s: load_split(s)[0] for s in settings.eval_splits}
+    splits = {s: load_split(s) for s in settings.eval_splits}
     layers = tuned_layers(model.spec, base_settings.layers)
     log(f"[{name}] {len(train)} reference samples, tuning layers {list(layers)}; {model.execution}")
     bank = prepare(model, train, train_emb, layers, batch_size=settings.batch_size, progress=progress)
@@ -118,8 +120,9 @@ def run_model(
         adapters[method] = result.weights
         log(f"[{name}] tuned {method}: {result.steps} steps in {result.train_s:.1f}s")
     rows = []
-    for split, records in splits.items():
+    for split, (records, emb) in splits.items():
         for method in METHODS:
+            c3po = C3PO(bank, emb, base_settings.k, base_settings.sigma) if method == "base" else None
             result = evaluate(
                 model,
                 records,
@@ -131,6 +134,7 @@ def run_model(
                 oracle_lr=settings.oracle_lr,
                 seed=seed,
                 progress=progress,
+                c3po=c3po,
             )
             rows += result.rows(name, split, method, seed, backend_name)
     test = settings.eval_splits[-1]
@@ -138,7 +142,8 @@ def run_model(
         "layers": list(layers),
         "split": test,
         **{
-            m: expert_usage(model, splits[test], layers, adapters.get(m), settings.batch_size).tolist() for m in METHODS
+            m: expert_usage(model, splits[test][0], layers, adapters.get(m), settings.batch_size).tolist()
+            for m in METHODS
         },
     }
     log(f"[{name}] done in {time.perf_counter() - start:.0f}s")
@@ -147,7 +152,7 @@ def run_model(
 
 def table(rows: list[dict]) -> list[str]:
     """Markdown: one row per (model, split), one column per method."""
-    methods = [m for m in (*METHODS, *CONTROLS) if any(r["method"] == m for r in rows)]
+    methods = [m for m in (*METHODS, *TEST_TIME, *CONTROLS) if any(r["method"] == m for r in rows)]
     keys = list(dict.fromkeys((r["model"], r["split"]) for r in rows))
     lines = ["| model | split | n | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
     for model, split in keys:
@@ -175,7 +180,7 @@ def write_plot(path: Path, rows: list[dict], usage: dict) -> bool:
     for i, name in enumerate(models):
         mine = [r for r in rows if r["model"] == name]
         splits = list(dict.fromkeys(r["split"] for r in mine))
-        methods = [m for m in (*METHODS, *CONTROLS) if any(r["method"] == m for r in mine)]
+        methods = [m for m in (*METHODS, *TEST_TIME, *CONTROLS) if any(r["method"] == m for r in mine)]
         ax = axes[i][0]
         width = 0.8 / len(methods)
         for j, method in enumerate(methods):

@@ -54,12 +54,14 @@ def test_demo_writes_report_rows_tables_plot_and_adapters(assets, tmp_path):
     out, rows = demo.run_demo(tmp_path / "run", backend="torch", seed=3, progress="off", log=lambda *_: None)
     assert json.loads((out / "report.json").read_text()) == rows
     keys = ("acc_norm", "accuracy", "backend", "format", "method", "model", "n", "seed", "split")
-    assert {tuple(sorted(r)) for r in rows} == {keys}
+    timed = tuple(sorted((*keys, "seconds_per_sample", "base_seconds_per_sample")))
+    assert {tuple(sorted(r)) for r in rows if r["method"] != "c3po"} == {keys}
+    assert {tuple(sorted(r)) for r in rows if r["method"] == "c3po"} == {timed}
     assert all(r["format"] == "mc" and r["acc_norm"] == r["accuracy"] for r in rows)  # letters: one character
     for model in ("tiny", "tiny-grove"):
         for split, n in (("test_seen", 10), ("test_unseen", 9)):
             got = {r["method"]: r for r in rows if r["model"] == model and r["split"] == split}
-            assert sorted(got) == ["base", "oracle", "oracle_wrong", "roma", "router"]
+            assert sorted(got) == ["base", "c3po", "oracle", "oracle_wrong", "roma", "router"]
             assert all(r["n"] == n and r["seed"] == 3 and r["backend"] == "torch" for r in got.values())
             assert all(0 <= r["accuracy"] <= 1 for r in got.values())
         for method in ("router", "roma"):
