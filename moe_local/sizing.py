@@ -38,9 +38,11 @@ def estimate_memory(
     counts = spec.parameter_counts()
     weights = counts["total"] * b if weights is None else weights
     width = spec.kv_width or 2 * spec.num_kv_heads * spec.head_dim  # MLA caches its compressed latent
-    sliding = sum(spec.layer_type(i) == "sliding_attention" for i in range(spec.num_layers))
+    types = [spec.layer_type(i) for i in range(spec.num_layers)]
+    sliding, full = types.count("sliding_attention"), types.count("full_attention")
     window = min(chat_context, spec.sliding_window or chat_context)  # a sliding layer keeps its window only
-    kv_cache = width * b * ((spec.num_layers - sliding) * chat_context + sliding * window)
+    # A linear-attention layer keeps a fixed-size recurrent state instead of keys and values: not counted.
+    kv_cache = width * b * (full * chat_context + sliding * window)
     chat = weights + kv_cache + spec.vocab_size * 4 * 2  # plus fp32 logits of the last step
     layers = spec.last_moe_layers(min(tune_layers, len(spec.moe)))
     tokens = tune_batch * tune_seq

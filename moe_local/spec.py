@@ -172,7 +172,8 @@ class ModelSpec:
     dtype: str  # the checkpoint's dtype name: float32, bfloat16, float16
     rope: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # rope_parameters (v5 keys)
     kv_width: int | None = None  # values a KV cache keeps per token and layer (None: 2 · kv heads · head dim)
-    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention" (empty: all full)
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention", "sliding_attention" or "linear_attention"
+    linear_attention_parameters: int = 0  # per linear-attention layer (Qwen3-Next's gated DeltaNet), in their place
     sliding_window: int | None = None  # how many tokens a sliding-attention layer sees
     names: TensorNames = field(default=TensorNames(), compare=False, repr=False)  # its checkpoint tensor names
     config: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # the config.json
@@ -244,8 +245,11 @@ class ModelSpec:
         h = self.hidden_size
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        per_layer_common = self.attention_parameters + 2 * h  # two RMSNorms
-        total = active_min = active_max = embed + head + h + self.num_layers * per_layer_common
+        mixers = sum(
+            self.linear_attention_parameters if self.layer_type(i) == "linear_attention" else self.attention_parameters
+            for i in range(self.num_layers)
+        )
+        total = active_min = active_max = embed + head + h + mixers + self.num_layers * 2 * h  # two RMSNorms a layer
         dense = 3 * h * (self.dense_size or 0)
         total += dense * len(self.dense_layers)
         active_min += dense * len(self.dense_layers)

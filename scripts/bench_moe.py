@@ -4,6 +4,7 @@
     python scripts/bench_moe.py --backend mlx   # MLX section (scripts/bench_moe_mlx.py)
     python scripts/bench_moe.py --tokens 1,16 --repeats 3
     python scripts/bench_moe.py --family mixtral-8x7b,glm-4.5-air,deepseek-v3 --shapes '' --no-grove
+    python scripts/bench_moe.py --family qwen3-next --shapes '' --no-grove
 
 Roof: the least time the layer can take on this machine = max(FLOPs / dense-matmul FLOP/s,
 bytes of the distinct experts the batch touches / read bandwidth), both rates measured in this
@@ -163,6 +164,28 @@ FAMILIES = {
         "transformers' GptOssMLP (router with a bias: top-4 of the logits, softmax over them; experts with "
         "biases and the clamped SwiGLU, stored [E, H, 2I] interleaved: its own copy of our experts, converted); "
         "the release's MXFP4 experts dequantized, as both load them on a CPU.",
+    ),
+    "qwen3-next": Family(
+        dict(
+            model_type="qwen3_next",
+            hidden_size=2048,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            num_experts=512,
+            num_experts_per_tok=10,
+            norm_topk_prob=True,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=256,
+            vocab_size=151936,
+            num_hidden_layers=1,
+            full_attention_interval=1,  # the one layer run is a full-attention layer (the block is the same)
+        ),
+        {"float32": (1, 16), "bfloat16": (1, 16, 128)},
+        ("transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextSparseMoeBlock", "Qwen3NextConfig"),
+        "transformers' Qwen3NextSparseMoeBlock (Qwen3-Next-80B-A3B: softmax, top-10 of 512 renormalised, one "
+        "shared expert of 512 gated by sigmoid(shared_expert_gate(x))); fp32 stops at 16 tokens (128 touch "
+        "nearly all 512 experts, 6 GB).",
     ),
 }
 
@@ -388,8 +411,8 @@ class FamilyLayer:
             for bias in (block.gate.bias, block.experts.gate_up_proj_bias, block.experts.down_proj_bias):
                 if bias is not None:  # gpt-oss
                     bias.normal_(0, 0.02)
-            if self.moe.shared:
-                for p in getattr(block, block.shared_names[0]).parameters():
+            if self.moe.shared:  # the shared MLP, and its gate where it has one
+                for p in [p for n in block.shared_names if hasattr(block, n) for p in getattr(block, n).parameters()]:
                     p.normal_(0, 0.02)
 
     def row(self, name, tokens, roofs, repeats, max_expert_bytes) -> str:
@@ -492,6 +515,8 @@ def transformers_block(torch, family: Family, ours, fused=None):
             config = getattr(transformers, config_class)(**values)
             routed = getattr(importlib.import_module(module), cls)(config)
             shared = getattr(routed, "shared_experts", None)
+            if shared is None:  # Qwen2-MoE's and Qwen3-Next's one shared expert
+                shared = getattr(routed, "shared_expert", None)
             modules = (routed,)
     if fused is not None:
         routed = share_fused(torch, ours, routed)
@@ -545,6 +570,8 @@ def share_tensors(ours, routed, shared=None):
         ours_shared = getattr(ours, ours.shared_names[0])
         for part in ("gate_proj", "up_proj", "down_proj"):
             getattr(shared, part).weight = getattr(ours_shared, part).weight
+    if getattr(routed, "shared_expert_gate", None) is not None:  # Qwen2-MoE / Qwen3-Next: the gated shared expert
+        routed.shared_expert_gate.weight = getattr(ours, ours.shared_names[1]).weight
 
 
 def peak_rss_gb() -> float:

@@ -403,6 +403,98 @@ def make_gpt_oss_mxfp4(folder: Path, source: Path) -> Path:
     return folder
 
 
+# Qwen3-Next at tiny sizes: three gated-DeltaNet layers, then a full-attention one (interval 4), every
+# layer MoE with a gated shared expert.
+QWEN3_NEXT = dict(
+    SMALL,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    intermediate_size=96,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    rms_norm_eps=1e-6,
+)
+
+
+def randomize_recurrence(model: torch.nn.Module, seed: int) -> None:
+    """Gated DeltaNet's decay parameters in the ranges trained models have (``A_log`` so that
+    ``exp(A_log)`` lies in 0.5..8.5, ``dt_bias`` in 0..1): randomize's spread would make some decay
+    rates vanish or explode."""
+    g = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 8 + 0.5))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.rand(p.shape, generator=g))
+
+
+def make_qwen3_next(folder: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+    """Qwen3-Next as transformers writes it (per-expert tensors; zero-centred norms drawn around 1, as
+    randomize draws every norm, which makes them about twice a trained model's scale)."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**{**QWEN3_NEXT, **overrides}))
+    randomize(model, seed)
+    randomize_recurrence(model, seed)
+    return _save(model, folder, "v5", tokenizer)
+
+
+# Qwen3.5-MoE at tiny sizes: Qwen3-Next's text model, every layer MoE; as released a vision-language
+# checkpoint (a one-block vision tower) with its experts stacked and fused.
+QWEN3_5_TEXT = dict(
+    {k: v for k, v in QWEN3_NEXT.items() if k not in ("intermediate_size", "norm_topk_prob", "mlp_only_layers")},
+)
+QWEN3_5_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
+
+
+def make_qwen3_5_moe(folder: Path, seed: int = 0, tokenizer: bool = True, vision: bool = True, **overrides) -> Path:
+    """Qwen3.5-MoE as released (``vision``: ``Qwen3_5MoeForConditionalGeneration``, text model under
+    ``model.language_model.``, ``model.visual.*``, experts fused: transformers' ``save_original_format=False``)
+    or as transformers writes the text model alone by default (``qwen3_5_moe_text``, per-expert tensors)."""
+    from transformers import (
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+        Qwen3_5MoeTextConfig,
+    )
+
+    text = {**QWEN3_5_TEXT, **overrides}
+    if vision:
+        config = Qwen3_5MoeConfig(text_config=text, vision_config=QWEN3_5_VISION, tie_word_embeddings=False)
+        model = Qwen3_5MoeForConditionalGeneration(config)
+    else:
+        model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
+    randomize(model, seed)
+    randomize_recurrence(model, seed)
+    folder = Path(folder)
+    model.save_pretrained(str(folder), save_original_format=not vision)
+    if tokenizer:
+        write_tokenizer(folder, text["vocab_size"])
+    return folder
+
+
 FAMILY_MAKERS = {
     "mixtral": make_mixtral,
     "qwen2_moe": make_qwen2_moe,
@@ -410,4 +502,6 @@ FAMILY_MAKERS = {
     "deepseek_v3": make_deepseek_v3,
     "glm4_moe": make_glm4_moe,
     "gpt_oss": make_gpt_oss,
+    "qwen3_next": make_qwen3_next,
+    "qwen3_5_moe": make_qwen3_5_moe,
 }

@@ -174,8 +174,8 @@ def make_adapter(model_dir: Path, out: Path, layers: int = 2, scale: float = 1.0
     rng = np.random.default_rng(seed)
     weights = {}
     for layer in tuned:
-        name = spec.names.router_weight(layer)
-        base = state[name].astype(np.float32)
+        name = spec.names.router_weight(layer)  # as adapters name it (Qwen3.5's release: mlx-lm's name)
+        base = state[spec.names.checkpoint_router(layer)].astype(np.float32)
         weights[name] = base + scale * base.std() * rng.standard_normal(base.shape).astype(np.float32)
     write_adapter(out, weights, spec, tuned, method="test", hyperparameters={"scale": scale, "seed": seed})
     return Path(out)
@@ -229,9 +229,12 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
 def both_spellings(folder: Path, out: Path) -> Path:
     """A copy mlx-lm reads: transformers 5 folds keys into ``rope_parameters`` that mlx-lm reads at the top
     level (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``), spells ``num_local_experts`` for
-    ``num_experts`` and may leave ``head_dim`` out; written here from the folder's own config.json."""
+    ``num_experts``, may leave ``head_dim`` out and writes Qwen3-Next's ``layer_types`` where mlx-lm reads
+    ``full_attention_interval``; written here from the folder's own config.json."""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
+    if "text_config" in config:  # vision-language (Qwen3.5): mlx-lm reads the text config as transformers 5 writes it
+        return out
     if "num_local_experts" in config or "num_experts" in config:
         config = checkpoints.spelled(config, "both")
     rope = dict(config.get("rope_parameters") or {})
@@ -243,6 +246,8 @@ def both_spellings(folder: Path, out: Path) -> Path:
         config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
     if config.get("head_dim") is None:
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    if "linear_attention" in (config.get("layer_types") or []):  # mlx-lm's Qwen3-Next builds it from the interval
+        config.setdefault("full_attention_interval", config["layer_types"].index("full_attention") + 1)
     (out / "config.json").write_text(json.dumps(config))
     return out
 

@@ -1,6 +1,7 @@
-"""Mixtral, Qwen2-MoE, DeepSeekMoE, DeepSeek-V3 and GLM-4.5 on both backends, against the libraries' own
-models: transformers' eager models (torch) and mlx-lm's (MLX); DeepSeekMoE, which transformers lacks,
-against mlx-lm's ``deepseek``. Tiny random checkpoints made by the libraries in checkpoints.py."""
+"""Mixtral, Qwen2-MoE, DeepSeekMoE, DeepSeek-V3, GLM-4.5, Qwen3-Next and Qwen3.5-MoE on both backends,
+against the libraries' own models: transformers' eager models (torch) and mlx-lm's (MLX); DeepSeekMoE,
+which transformers lacks, against mlx-lm's ``deepseek``. Tiny random checkpoints made by the libraries
+in checkpoints.py."""
 
 import json
 import shutil
@@ -52,8 +53,22 @@ VARIANTS = {
         {"use_qk_norm": False, "attention_bias": False, "n_group": 1, "topk_group": 1},
         True,
     ),
+    "qwen3_next": ("qwen3_next", {}, True),
+    "qwen3_5_moe": ("qwen3_5_moe", {}, True),  # the release's layout: vision-language, experts fused
+    # a dense first layer, no renormalisation, full attention every second layer, attention biases
+    "qwen3_next-dense": (
+        "qwen3_next",
+        {
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+            "layer_types": None,
+            "full_attention_interval": 2,
+            "attention_bias": True,
+        },
+        True,
+    ),
 }
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"]
 LONG = np.array([3, 17, 42, 5, 99, 64, 12, 7, 120, 33])
 SHORT = LONG[3:]
 
@@ -127,12 +142,16 @@ def test_the_selection_bias_changes_which_experts_are_chosen(folders, tmp_path):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parameter_counts_equal_the_checkpoint(name, folders):
-    """info's totals: every tensor of the checkpoint but the selection bias (a buffer, not a parameter)."""
+    """info's totals: every tensor of the checkpoint the model runs (not the carried ones: Qwen3.5's vision
+    tower) but the selection bias (a buffer, not a parameter)."""
     from safetensors.numpy import load_file
 
+    spec = load_spec(folders[name])
     state = load_file(str(folders[name] / "model.safetensors"))
-    expected = sum(v.size for k, v in state.items() if not k.endswith("e_score_correction_bias"))
-    assert load_spec(folders[name]).parameter_counts()["total"] == expected
+    expected = sum(
+        v.size for k, v in state.items() if not k.endswith("e_score_correction_bias") and not spec.is_carried(k)
+    )
+    assert spec.parameter_counts()["total"] == expected
 
 
 @pytest.mark.slow
@@ -163,10 +182,9 @@ def test_an_adapter_loads_in_mlx_lm_and_a_fused_folder_in_both_libraries(family,
     the fused folder loads in transformers (where it has the family) and mlx-lm with the tuned logits."""
     folder = folders[family]
     adapter = make_adapter(folder, tmp_path / "adapter", layers=1, scale=2.0)
-    names = list(json.loads((adapter / "adapter_config.json").read_text())["moe_local"]["layers"])
-    assert names and moe_local.load(str(folder), backend="torch").spec.names.router_weight(names[0]).startswith(
-        "model.layers."
-    )
+    spec = load_spec(folder)
+    layers = list(json.loads((adapter / "adapter_config.json").read_text())["moe_local"]["layers"])
+    assert layers and ".layers." in spec.names.router_weight(layers[0])
     ours = moe_local.load(str(folder), backend="torch", adapter_path=adapter).logits(LONG)[0]
     base = moe_local.load(str(folder), backend="torch").logits(LONG)[0]
     assert rel(ours, base) > 1e-4  # the adapter changes the model
@@ -185,7 +203,10 @@ def test_an_adapter_loads_in_mlx_lm_and_a_fused_folder_in_both_libraries(family,
     from safetensors.numpy import load_file
 
     before, after = load_file(str(folder / "model.safetensors")), load_file(str(fused / "model.safetensors"))
-    tuned = set(load_file(str(adapter / "adapters.safetensors")))
+    tuned = {
+        spec.names.checkpoint_router(spec.names.layer_of_router(n))
+        for n in load_file(str(adapter / "adapters.safetensors"))
+    }
     assert set(after) == set(before)
     for name in set(before) - tuned:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
@@ -270,7 +291,7 @@ def test_bad_family_configs_are_one_line_errors(family, change, message, folders
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"])
 def test_quantized_mlx_folders_equal_mlx_lm(family, folders, tmp_path):
     """A folder mlx_lm.convert quantized (4-bit experts, the gates as mlx-lm's predicates leave them)."""
     pytest.importorskip("mlx_lm")
@@ -292,7 +313,7 @@ def test_quantized_mlx_folders_equal_mlx_lm(family, folders, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_next", "qwen3_5_moe"])
 def test_every_command_runs_on_the_family(family, backend, folders, tmp_path, capsys):
     """prepare, tune (roma and router), eval with the oracle, generate, fuse and info through the CLI; the
     fused folder (written by this backend) loads in mlx-lm with the tuned logits."""

@@ -33,7 +33,9 @@ def test_float16_grove_logits_close_to_float32(grove_dir):
     assert err <= 1.5 * torch_err + 1e-3 * np.abs(exact).max(), (err, torch_err)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "qwen2_moe", "deepseek", "deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next"]
+)
 def test_every_swiglu_family_runs_through_the_fused_op(family, tmp_path):
     """The fused op serves any router rule (weights come from the block's router), gpt-oss's biased,
     clamped experts in its kernels, and any family's shared experts run as a dense MLP beside it."""

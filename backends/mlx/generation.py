@@ -52,11 +52,14 @@ class MLXGeneration:
 
     @staticmethod
     def cache_length(cache) -> int:
-        return cache[0].offset
+        """Tokens the cache holds, read from an attention layer's cache: a linear-attention layer's
+        ``ArraysCache`` (Qwen3-Next) keeps a recurrent state of no length."""
+        return next(c.offset for c in cache if hasattr(c, "offset"))
 
     def trim_cache(self, cache, length: int) -> None:
-        """Keep ``length`` tokens; a sliding-window layer's ``RotatingKVCache`` past its window cannot be cut
-        back (mlx-lm trims nothing then), so the cache is emptied instead and everything is prefilled again."""
+        """Keep ``length`` tokens; a sliding-window layer's ``RotatingKVCache`` past its window, or a
+        linear-attention layer's recurrent state (never), cannot be cut back (mlx-lm trims nothing then),
+        so the cache is emptied instead and everything is prefilled again."""
         excess = self.cache_length(cache) - length
         if excess > 0 and trim_prompt_cache(cache, excess) != excess:
             cache[:] = make_prompt_cache(self.model)

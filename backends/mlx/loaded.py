@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache, RotatingKVCache, make_prompt_cache
 
 from moe_local.checkpoint import check_router_weights
 from moe_local.errors import UserError
@@ -98,11 +98,9 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
 
     def batch_caches(self, padding: list[int]) -> list:
         """One mlx-lm batch cache per layer, of the kind its own cache is (``BatchRotatingKVCache`` for a
-        sliding-window layer, ``BatchKVCache`` otherwise): per-row RoPE offsets and masks for left padding."""
-        return [
-            BatchRotatingKVCache(c.max_size, padding) if isinstance(c, RotatingKVCache) else BatchKVCache(padding)
-            for c in make_prompt_cache(self.model)
-        ]
+        sliding-window layer, ``ArraysCache`` with ``left_padding`` for a linear-attention layer's recurrent
+        state, ``BatchKVCache`` otherwise): per-row RoPE offsets and masks for left padding."""
+        return [batch_cache(c, padding) for c in make_prompt_cache(self.model)]
 
     def logits(self, ids, attention_mask=None) -> np.ndarray:
         ids, caches = self.as_batch(ids, attention_mask)
@@ -144,6 +142,15 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
             for part, array in parts.items():
                 setattr(block.gate, part, mx.array(np.asarray(array, dtype=np.float32)))
         mx.eval([self.moe_block(i).gate.parameters() for i in self.spec.moe_layers])
+
+
+def batch_cache(cache, padding: list[int]):
+    """The batch kind of one of mlx-lm's caches, as its batched generation makes them."""
+    if isinstance(cache, RotatingKVCache):
+        return BatchRotatingKVCache(cache.max_size, padding)
+    if isinstance(cache, ArraysCache):
+        return ArraysCache(len(cache.cache), left_padding=padding)
+    return BatchKVCache(padding)
 
 
 def float_gate(gate) -> mx.array:

@@ -22,7 +22,7 @@ from mlx_lm.utils import load_model
 
 from moe_local.checkpoint.names import FusedExperts
 from moe_local.errors import UserError
-from moe_local.families import config_for_writing, family
+from moe_local.families import family, library_config
 from moe_local.spec import ModelSpec
 
 from .moe import MoEBlock, SwiGLU
@@ -51,7 +51,21 @@ class WithProjectBlocks:
         weights = {k: v for k, v in weights.items() if not self.spec.is_unused(k)}
         if self.spec.names.fused:
             weights = unfuse_experts(weights, self.spec)
+        weights = text_model_names(weights, self.spec)
         return our_names(stack_per_expert(super().sanitize(weights), self.spec), self.spec)
+
+
+def text_model_names(weights: dict, spec: ModelSpec) -> dict:
+    """A vision-language checkpoint's text-model names as the text model's (``TensorNames.prefix``:
+    Qwen3.5's ``model.language_model.`` -> ``model.``), and mlx-lm's own names for them in folders it
+    converted (``language_model.model.`` -> ``model.``, ``language_model.lm_head`` -> ``lm_head``)."""
+    names = spec.names
+    wrapper = names.adapter_prefix.removesuffix("model")  # "language_model." (mlx-lm's), or ""
+    if names.prefix == "model" and not wrapper:
+        return weights
+    return {
+        (k[len(wrapper) :] if wrapper and k.startswith(wrapper) else names.to_model(k)): v for k, v in weights.items()
+    }
 
 
 def our_names(weights: dict, spec: ModelSpec) -> dict:
@@ -75,9 +89,10 @@ def our_names(weights: dict, spec: ModelSpec) -> dict:
 
 def unfuse_experts(weights: dict, spec: ModelSpec) -> dict:
     """Fused experts (``TensorNames.fused``: gpt-oss's ``experts.gate_up_proj``, ``down_proj`` and their
-    ``_bias``; MXFP4 ``_blocks``/``_scales``) as mlx-lm's sanitized layout: ``experts.<part>.weight``
-    ``[E, out, in]`` (MXFP4 blocks as uint32 words, the scales beside them), ``experts.<part>.bias``.
-    mlx-lm's own sanitize reads the MXFP4 release but not the bf16 layout transformers writes."""
+    ``_bias``; MXFP4 ``_blocks``/``_scales``; Qwen3.5's) as mlx-lm's sanitized layout under its experts'
+    name (gpt-oss: ``experts``, Qwen3.5: ``switch_mlp``): ``<experts>.<part>.weight`` ``[E, out, in]``
+    (MXFP4 blocks as uint32 words, the scales beside them), ``<experts>.<part>.bias``. mlx-lm's own
+    sanitize reads gpt-oss's MXFP4 release but not the bf16 layout transformers writes."""
     layout, names = spec.names.fused, spec.names
     for moe in spec.moe:
         for part in FusedExperts.PARTS:
@@ -90,7 +105,7 @@ def unfuse_experts(weights: dict, spec: ModelSpec) -> dict:
                     value = value.swapaxes(1, 2) if layout.in_out else value
                 elif suffix == "_blocks":
                     value = value.view(mx.uint32).flatten(-2)
-                prefix = name[: -len(part + suffix)]
+                prefix = f"{name[: -len(f'{names.experts}.{part}{suffix}')]}{family(spec.family).mlx.experts}."
                 kind = "bias" if suffix == "_bias" else "scales" if suffix == "_scales" else "weight"
                 if part == "down_proj":
                     weights[f"{prefix}down_proj.{kind}"] = value
@@ -114,7 +129,7 @@ def stack_per_expert(weights: dict, spec: ModelSpec) -> dict:
         for source, target, count in groups:
             for part, name in zip(names.projections, _PARTS):
                 for suffix in _SUFFIXES:
-                    first = f"{names.block_prefix(moe.layer)}.{source}.0.{part}.{suffix}"
+                    first = f"model.layers.{moe.layer}.{names.block}.{source}.0.{part}.{suffix}"  # the text model's
                     if first not in weights:
                         continue
                     keys = [first.replace(f".{source}.0.", f".{source}.{j}.") for j in range(count)]
@@ -137,7 +152,7 @@ def library_classes(spec: ModelSpec):
 
 def mlx_config(spec: ModelSpec) -> dict:
     """The config mlx-lm's ModelArgs read, from the spec (one parser: moe_local.spec)."""
-    config = config_for_writing(spec)
+    config = library_config(spec)
     config["model_type"] = family(spec.family).mlx.model_type
     return config
 

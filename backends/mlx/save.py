@@ -7,7 +7,10 @@ read it (and mlx-lm, where its sanitize reads the family's layout). A quantized 
 format (stacked ``switch_mlp`` experts with ``.scales``/``.biases``, mlx-lm's names inside the block),
 and its config's per-layer quantization entries are dropped for layers that are no longer quantized:
 float gates installed by ``set_router_weights`` are then loaded as float by mlx-lm (no ``.scales``).
-Floating tensors are written in the checkpoint's dtype, as they came.
+Floating tensors are written in the checkpoint's dtype, as they came. A float model differs from its
+folder only in its routers, so every other tensor the folder holds under a name written here is written
+as the folder stores it, byte for byte: mlx-lm's sanitize rewrites some (Qwen3-Next's zero-centred norms
+get 1 added, its convolution weights change axes), and those must not reach a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moe_local.checkpoint import carried_tensor_names, write_model
+from moe_local.checkpoint import carried_tensor_names, tensor_index, write_model
 from moe_local.families import config_for_writing, family
 
 from .model import DTYPES
@@ -51,7 +54,7 @@ def checkpoint_tensors(model, spec) -> dict[str, mx.array]:
         elif r:
             out[f"{spec.names.block_prefix(int(r.group(1)))}.{spec.names.router}.{r.group(2)}"] = value
         else:
-            out[library_name(name, spec) if quantized else name] = value
+            out[library_name(name, spec) if quantized else spec.names.to_checkpoint(name)] = value
     out.update(_fused(spec, fused))
     return out
 
@@ -115,8 +118,30 @@ def quantization_config(config: dict, tensors: dict) -> dict:
     return out
 
 
+def as_stored(folder: Path, spec, tensors: dict) -> dict[str, mx.array]:
+    """``tensors`` (a float model's, under checkpoint names) with each one the folder holds under the same
+    name, the routers excepted, taken as the folder stores it."""
+    routers = {
+        spec.names.checkpoint_router(layer, name.rsplit(".", 1)[1])
+        for layer in spec.moe_layers
+        for name in spec.router_tensors(layer)
+    }
+    wanted = {name for name in tensors if name not in routers}
+    by_file: dict[Path, list[str]] = {}
+    for name, (path, _, _) in tensor_index(folder).items():
+        if name in wanted:
+            by_file.setdefault(path, []).append(name)
+    out = dict(tensors)
+    for path, names in by_file.items():
+        arrays = mx.load(str(path))
+        out.update({name: arrays[name] for name in names})
+    return out
+
+
 def save_model(loaded, out: Path) -> Path:
     tensors = {**carried_tensors(loaded.folder, loaded.spec), **checkpoint_tensors(loaded.model, loaded.spec)}
+    if not any(name.endswith(".scales") for name in tensors):  # a float model: see the module's docstring
+        tensors = as_stored(loaded.folder, loaded.spec, tensors)
     config = config_for_writing(loaded.spec, loaded.spec.dtype)
     config.update(quantization_config(dict(loaded.spec.config), tensors))
     return write_model(out, config, tensors, tokenizer_src=loaded.folder)

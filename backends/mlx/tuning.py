@@ -20,7 +20,7 @@ import contextlib
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
 from moe_local.tuning.data import MISSING_SCORE, Batch
 
@@ -77,13 +77,16 @@ class MLXTuning:
     # -- shared pieces --------------------------------------------------------------------------
     def _run_layers(self, hidden: mx.array, padding: np.ndarray, start: int, stop: int) -> mx.array:
         """Decoder layers ``start .. stop-1`` on left-padded ``hidden`` [S, T, H], masks and RoPE as mlx-lm's:
-        one mask per attention type (sliding-window layers see ``spec.sliding_window`` tokens)."""
+        one mask per attention type (sliding-window layers see ``spec.sliding_window`` tokens; linear
+        attention gets the padding mask its recurrent state skips padded tokens by)."""
         layers = self.model.model.layers[start:stop]
         caches = self.batch_caches(padding.tolist())[start:stop] if padding.any() else [None] * len(layers)
         masks = {}
         for i, (layer, cache) in enumerate(zip(layers, caches), start):
             kind = self.spec.layer_type(i)
-            if kind not in masks:
+            if kind == "linear_attention" and kind not in masks:
+                masks[kind] = create_ssm_mask(hidden, cache)
+            elif kind not in masks:
                 window = self.spec.sliding_window if kind == "sliding_attention" else None
                 masks[kind] = create_attention_mask(hidden, cache, window_size=window)
             hidden = layer(hidden, masks[kind], cache)

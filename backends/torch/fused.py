@@ -26,9 +26,8 @@ def pattern(names) -> re.Pattern:
     """Matches a fused tensor's name: groups (experts prefix, part, suffix)."""
     parts = "|".join(FusedExperts.PARTS)
     suffixes = "|".join(s for s in FusedExperts.SUFFIXES if s)
-    return re.compile(
-        rf"^(model\.layers\.\d+\.{re.escape(names.block)}\.{re.escape(names.experts)})\.({parts})({suffixes})?$"
-    )
+    experts = rf"{re.escape(names.prefix)}\.layers\.\d+\.{re.escape(names.block)}\.{re.escape(names.experts)}"
+    return re.compile(rf"^({experts})\.({parts})({suffixes})?$")
 
 
 def halves(t: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -14,6 +14,7 @@ transformers 5 does (``mlp.gate``, experts fused into ``gate_up_proj [E, 2I, H]`
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from safetensors import safe_open
 
 from moe_local.checkpoint import TensorNames, carried_tensor_names, is_quantized, tensor_index
 from moe_local.errors import UserError
-from moe_local.families import config_for_writing, family
+from moe_local.families import family, library_config
 from moe_local.spec import ModelSpec
 
 from . import fused
@@ -52,7 +53,7 @@ def hf_config(spec: ModelSpec, attn_implementation: str | None = None):
     the attention implementation is the family's (sdpa; eager for gpt-oss's sinks) unless given."""
     lib = family(spec.family).torch
     _, config_cls = library_classes(spec)
-    values = config_for_writing(spec)
+    values = library_config(spec)
     values.pop("architectures", None)
     values.pop("auto_map", None)
     values.pop("quantization_config", None)  # MXFP4 experts are dequantized at load (fused.py)
@@ -79,9 +80,16 @@ def _block(spec: ModelSpec) -> str:
     return family(spec.family).torch.block
 
 
+def _layer(name: str) -> int:
+    """The decoder layer a tensor name is in."""
+    return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+
+
 def _model_name(spec: ModelSpec, name: str) -> str:
-    """A checkpoint tensor of an MoE block under the model's name (the family's block and router
-    attributes -> ``mlp`` and ``gate``); every other name is the same on both sides."""
+    """A checkpoint tensor under the model's name: the text model's prefix as a text-only model spells it
+    (Qwen3.5's ``model.language_model.`` -> ``model.``), and in an MoE block the family's block and router
+    attributes -> ``mlp`` and ``gate``; every other name is the same on both sides."""
+    name = spec.names.to_model(name)
     names, parts = spec.names, name.split(".", 3)
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
         return name
@@ -97,9 +105,9 @@ def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
     """The inverse of :func:`_model_name`."""
     names, parts = spec.names, name.split(".", 3)
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
-        return name
+        return names.to_checkpoint(name)
     if not parts[3].startswith(_block(spec) + "."):
-        return name
+        return names.to_checkpoint(name)
     rest = parts[3][len(_block(spec)) + 1 :]
     if rest.startswith("gate."):
         rest = f"{names.router}.{rest[len('gate.') :]}"
@@ -140,7 +148,7 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for prefix, parts in experts.items():
         state.update(_fused_experts(folder, spec, prefix, parts, dtype))
     for name, pieces in fused_parts.items():
-        moe = spec.moe_at(int(name.split(".")[2]))
+        moe = spec.moe_at(_layer(name))
         tensors = fused.to_model(folder, name, pieces, moe, spec.hidden_size, spec.names.fused, dtype)
         state.update({_model_name(spec, k): v for k, v in tensors.items()})
     return state
@@ -173,7 +181,7 @@ def _projection(spec: ModelSpec, part: str) -> str:
 
 def _model_prefix(spec: ModelSpec, checkpoint_prefix: str) -> str:
     """``model.layers.L.<block>.<experts|adjugates>`` -> ``model.layers.L.mlp.<experts|chunk_experts>``."""
-    layer, group = checkpoint_prefix.split(".")[2], checkpoint_prefix.rsplit(".", 1)[1]
+    layer, group = _layer(checkpoint_prefix), checkpoint_prefix.rsplit(".", 1)[1]
     return f"model.layers.{layer}.{_block(spec)}.{'experts' if group == spec.names.experts else 'chunk_experts'}"
 
 

@@ -17,13 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
 
 from moe_local.tuning.data import MISSING_SCORE, Batch
 
 from ..shared import check_suffix_layers, swapped_gate
 from .model import positions_from_mask
 from .router import routing_distribution
+
+MASKS = {"sliding_attention": create_sliding_window_causal_mask, "linear_attention": create_recurrent_attention_mask}
 
 
 class LiveGate(nn.Module):
@@ -75,14 +81,16 @@ class TorchTuning:
 
     # -- shared pieces --------------------------------------------------------------------------
     def _run_layers(self, hidden, mask, start: int, stop: int):
-        """Decoder layers ``start .. stop-1`` as the model's own forward runs them: each with the causal
-        mask of its attention type (``config.layer_types``; full attention where a config has none)."""
+        """Decoder layers ``start .. stop-1`` as the model's own forward runs them: each with the mask of
+        its attention type (``config.layer_types``; full attention where a config has none): causal,
+        sliding-window, or for linear attention the 2-D padding mask that zeroes padded tokens before
+        they reach the recurrent state."""
         config = self.model.config
         positions = positions_from_mask(mask)
         types = getattr(config, "layer_types", None) or ["full_attention"] * len(self.model.model.layers)
         masks = {}
         for kind in set(types[start:stop]):
-            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            make = MASKS.get(kind, create_causal_mask)
             masks[kind] = make(
                 config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
             )

@@ -3,15 +3,18 @@
 Every name outside the MoE blocks (attention, norms, embeddings, dense MLPs) is the library's own and
 passes through unchanged; inside a block, names follow :class:`TensorNames`::
 
-    model.layers.{L}.{block}.{router}.weight                       the router (and .bias when it has one)
-    model.layers.{L}.{block}.{experts}.{E}.{projection}.weight     expert E's gate, up and down projections
-    model.layers.{L}.{block}.{experts}.gate_up_proj, .down_proj    or all experts stacked, gate and up fused
-        (+ _bias; MXFP4: _blocks and _scales)                      (:class:`FusedExperts`: gpt-oss)
-    model.layers.{L}.{block}.{adjugates}.{J}.{projection}.weight   GroveMoE's adjugate J (a group of experts)
-    model.layers.{L}.{block}.{shared}.{projection}.weight          shared experts (one SwiGLU), and
-    model.layers.{L}.{block}.{shared_gate}.weight                  their gate when they are gated
+    P.layers.{L}.{block}.{router}.weight                       the router (and .bias when it has one)
+    P.layers.{L}.{block}.{experts}.{E}.{projection}.weight     expert E's gate, up and down projections
+    P.layers.{L}.{block}.{experts}.gate_up_proj, .down_proj    or all experts stacked, gate and up fused
+        (+ _bias; MXFP4: _blocks and _scales)                  (:class:`FusedExperts`: gpt-oss, Qwen3.5)
+    P.layers.{L}.{block}.{adjugates}.{J}.{projection}.weight   GroveMoE's adjugate J (a group of experts)
+    P.layers.{L}.{block}.{shared}.{projection}.weight          shared experts (one SwiGLU), and
+    P.layers.{L}.{block}.{shared_gate}.weight                  their gate when they are gated
 
-Router adapters hold the router tensors under exactly these names, so mlx-lm loads them as they are.
+``P`` (``TensorNames.prefix``) is ``model`` except in vision-language checkpoints (Qwen3.5:
+``model.language_model``). Router adapters hold the router tensors under these names with mlx-lm's
+prefix for the text model (``adapter_prefix``: ``model``, the same, except Qwen3.5's vision-language
+``language_model.model``), so mlx-lm loads them as they are.
 """
 
 from __future__ import annotations
@@ -59,18 +62,41 @@ class TensorNames:
     shared: str = "shared_expert"  # Qwen2-MoE's name; DeepSeek's is "shared_experts"
     shared_gate: str = "shared_expert_gate"
     carried: tuple[str, ...] = ()  # block tensors no model reads but written folders keep (Grove's expert_bias)
+    carried_prefixes: tuple[str, ...] = ()  # whole modules the same (Qwen3-Next's multi-token prediction: "mtp.")
     fused: FusedExperts | None = None  # the experts stacked and fused (gpt-oss) instead of one tensor per expert
+    # Where the text model (embed_tokens, layers, norm) sits in the checkpoint, and where mlx-lm's model of the
+    # checkpoint keeps it (adapters name the routers as mlx-lm's parameters are named, so that it loads them):
+    # "model" for every text-only checkpoint; Qwen3.5's vision-language ones keep it at "model.language_model",
+    # mlx-lm at "language_model.model".
+    prefix: str = "model"
+    adapter_prefix: str = "model"
 
     def block_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.block}"
+        return f"{self.prefix}.layers.{layer}.{self.block}"
+
+    def checkpoint_router(self, layer: int, part: str = "weight") -> str:
+        """The router's weight or bias under its checkpoint name (its adapter name may differ: ``router_weight``)."""
+        return f"{self.block_prefix(layer)}.{self.router}.{part}"
 
     def router_weight(self, layer: int) -> str:
-        """The tuned tensor: the router's weight ``[experts, hidden]``."""
-        return f"{self.block_prefix(layer)}.{self.router}.weight"
+        """The tuned tensor: the router's weight ``[experts, hidden]``, as adapters name it."""
+        return f"{self.adapter_prefix}.layers.{layer}.{self.block}.{self.router}.weight"
 
     def router_bias(self, layer: int) -> str:
         """The router's bias ``[experts]``, tuned with the weight where the rule has one (gpt-oss)."""
-        return f"{self.block_prefix(layer)}.{self.router}.bias"
+        return f"{self.adapter_prefix}.layers.{layer}.{self.block}.{self.router}.bias"
+
+    def to_model(self, name: str) -> str:
+        """A checkpoint name with the text model's prefix as a text-only model spells it (``model.``)."""
+        if self.prefix != "model" and name.startswith(self.prefix + "."):
+            return "model." + name[len(self.prefix) + 1 :]
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        """The inverse of :meth:`to_model`."""
+        if self.prefix != "model" and name.startswith("model.") and not name.startswith(self.prefix + "."):
+            return self.prefix + name[len("model") :]
+        return name
 
     def fused_expert(self, layer: int, part: str, suffix: str = "") -> str:
         """A stacked tensor: ``part`` "gate_up_proj" or "down_proj", ``suffix`` "", "_bias", "_blocks", "_scales"."""
@@ -82,8 +108,8 @@ class TensorNames:
 
     def router_tensor(self, name: str) -> tuple[int, str]:
         """(layer, "weight" or "bias") of a router tensor's name; anything else is a one-line error."""
-        block, router = re.escape(self.block), re.escape(self.router)
-        m = re.fullmatch(rf"model\.layers\.(\d+)\.{block}\.{router}\.(weight|bias)", name)
+        block, router, prefix = re.escape(self.block), re.escape(self.router), re.escape(self.adapter_prefix)
+        m = re.fullmatch(rf"{prefix}\.layers\.(\d+)\.{block}\.{router}\.(weight|bias)", name)
         if m is None:
             raise UserError(f"'{name}' is not a router weight name ({self.router_weight(0).replace('.0.', '.N.')})")
         return int(m.group(1)), m.group(2)
@@ -96,17 +122,23 @@ class TensorNames:
         """Matches per-expert projections (experts and adjugates): groups prefix, index, projection."""
         groups = "|".join(re.escape(g) for g in (self.experts, self.adjugates))
         parts = "|".join(re.escape(p) for p in self.projections)
-        return re.compile(rf"^(model\.layers\.\d+\.{re.escape(self.block)}\.(?:{groups}))\.(\d+)\.({parts})\.weight$")
+        prefix = re.escape(self.prefix)
+        return re.compile(
+            rf"^({prefix}\.layers\.\d+\.{re.escape(self.block)}\.(?:{groups}))\.(\d+)\.({parts})\.weight$"
+        )
 
     def is_carried(self, name: str, num_layers: int) -> bool:
         """A tensor no model reads that written folders keep as it is: the family's carried block
-        tensors, and the layers past ``num_layers`` (DeepSeek-V3's and GLM-4.5's multi-token-prediction
-        layers are stored as extra decoder layers)."""
-        m = re.match(r"model\.layers\.(\d+)\.", name)
+        tensors and modules (``carried_prefixes``), and the layers past ``num_layers`` (DeepSeek-V3's and
+        GLM-4.5's multi-token-prediction layers are stored as extra decoder layers)."""
+        if name.startswith(self.carried_prefixes):
+            return True
+        prefix = re.escape(self.prefix)
+        m = re.match(rf"{prefix}\.layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= num_layers:
             return True
         return any(
-            re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.block)}\.{re.escape(c)}", name) for c in self.carried
+            re.fullmatch(rf"{prefix}\.layers\.\d+\.{re.escape(self.block)}\.{re.escape(c)}", name) for c in self.carried
         )
 
     def is_unused(self, name: str, num_layers: int) -> bool:

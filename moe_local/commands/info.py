@@ -46,6 +46,25 @@ def execution_here(spec) -> str:
         return str(e)
 
 
+KINDS = {
+    "full_attention": "full attention",
+    "sliding_attention": "sliding-window attention",
+    "linear_attention": "linear attention (a recurrent state, no KV cache)",
+}
+
+
+def _attention(spec) -> list[str]:
+    """The layers of each attention kind, where a model mixes kinds (gpt-oss, Qwen3-Next)."""
+    if len(set(spec.layer_types)) < 2:
+        return []
+    kinds = [k for k in KINDS if k in spec.layer_types]
+    parts = []
+    for kind in kinds:
+        layers = [i for i, t in enumerate(spec.layer_types) if t == kind]
+        parts.append(f"{len(layers)} {KINDS[kind]}: {_ranges(layers)}")
+    return ["attention:    " + "; ".join(parts)]
+
+
 def describe(spec, folder) -> list[str]:
     m = spec.moe[0]
     counts = spec.parameter_counts()
@@ -66,6 +85,7 @@ def describe(spec, folder) -> list[str]:
         f"{len(spec.dense_layers)} dense: {_ranges(spec.dense_layers)})",
         f"hidden:       {spec.hidden_size}, {spec.num_heads} heads ({spec.num_kv_heads} KV) of {spec.head_dim}, "
         f"vocab {spec.vocab_size}",
+        *_attention(spec),
         f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}; {m.describe_experts()}",
         f"router:       {router}",
     ]

@@ -15,7 +15,19 @@ from pathlib import Path
 from ..checkpoint.folder import has_weights, read_config, tensor_index
 from ..errors import UserError
 from ..spec import ModelSpec
-from . import deepseek, deepseek_v3, glm4_moe, gpt_oss, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import (
+    deepseek,
+    deepseek_v3,
+    glm4_moe,
+    gpt_oss,
+    grove_moe,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_5_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from .base import Family, LibraryModel
 from .config import Config
 
@@ -31,6 +43,8 @@ FAMILIES: dict[str, Family] = {
         deepseek_v3.FAMILY,
         glm4_moe.FAMILY,
         gpt_oss.FAMILY,
+        qwen3_next.FAMILY,
+        qwen3_5_moe.FAMILY,
     )
 }
 
@@ -79,6 +93,14 @@ def config_for_writing(spec: ModelSpec, dtype: str | None = None) -> dict:
     return c
 
 
+def library_config(spec: ModelSpec) -> dict:
+    """The config the libraries' classes are built from: the written one, or the family's view of it
+    (Qwen3.5's text model from its vision-language config)."""
+    c = config_for_writing(spec)
+    convert = family(spec.family).library_config
+    return convert(c) if convert else c
+
+
 __all__ = [
     "FAMILIES",
     "Family",
@@ -86,6 +108,7 @@ __all__ = [
     "config_for_writing",
     "family",
     "family_for",
+    "library_config",
     "load_spec",
     "spec_from_config",
 ]

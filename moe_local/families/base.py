@@ -49,3 +49,6 @@ class Family:
     mlx: LibraryModel
     names: TensorNames = TensorNames()
     display_name: str = ""  # how error messages list it (default: its model_type)
+    # The written config.json -> what the libraries' config classes take, where they differ (Qwen3.5's
+    # vision-language config: its ``text_config``, as the text model the backends build reads it).
+    library_config: Callable[[dict], dict] | None = None
