@@ -25,7 +25,7 @@ from moe_local.errors import UserError
 from moe_local.files import atomic_write_text
 
 SPLITS = ("test_unseen", "test_fresh")
-COLUMNS = ("base", "router", "roma", "oracle", "oracle_wrong")
+COLUMNS = ("base", "router", "roma", "c3po", "oracle", "oracle_wrong")
 
 
 def run(models, seeds, backend: str, splits=SPLITS, log=print) -> list[dict]:

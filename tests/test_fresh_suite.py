@@ -172,4 +172,4 @@ def test_eval_fresh_summary_is_mean_and_std_over_seeds():
     head, rule, line = eval_fresh.summary(rows)
     assert "seeds 0, 1, 2" in head and rule.count("---") == 4 + len(eval_fresh.COLUMNS)
     # sample std: router 50, 70, 60 -> 10.0; roma 61, 62, 66 -> 2.6; paired differences 11, -8, 6 -> 3.0 ± 9.8
-    assert line == "| tiny | test_fresh | 360 | 25.0 ± 0.0 | 60.0 ± 10.0 | 63.0 ± 2.6 |  |  | 3.0 ± 9.8 |"
+    assert line == "| tiny | test_fresh | 360 | 25.0 ± 0.0 | 60.0 ± 10.0 | 63.0 ± 2.6 |  |  |  | 3.0 ± 9.8 |"
