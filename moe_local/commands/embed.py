@@ -31,7 +31,9 @@ from .options import ConfigCommand
     type=click.Path(file_okay=False),
     help="A local sentence-transformers model folder; default: the offline all-MiniLM-L6-v2 package.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Texts per encoder batch.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Texts per encoder batch."
+)
 @click.option("--device", default=None, help="torch device for the encoder (default cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def embed(data, out, embedder, batch_size, device, overwrite):
@@ -43,7 +45,7 @@ def embed(data, out, embedder, batch_size, device, overwrite):
         raise UserError(f"--out must end in .npy, got {out}")
     records = read_records(data)
     array = compute_embeddings(
-        [embedding_text(r) for r in records], embedder, batch_size, progress=sys.stdout.isatty(), device=device
+        [embedding_text(r) for r in records], embedder, batch_size, progress=sys.stderr.isatty(), device=device
     )
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32), allow_pickle=False)

@@ -25,7 +25,8 @@ from ..distributed import LOCAL
 from ..errors import UserError
 from ..progress import Progress
 from . import roma
-from .data import Record, batches, encode_records, predictions
+from .data import Record, batches, predictions
+from .lengths import encode_fitting
 from .optim import adam
 
 NO_TASK = "(none)"
@@ -132,7 +133,7 @@ def check_finite(scores, routing, batch, records: list[Record], data_file=None) 
 def evaluate(
     model,
     records: list[Record],
-    layers=5,
+    layers=None,
     batch_size: int = 32,
     router_weights: dict | None = None,
     oracle: bool = False,
@@ -145,13 +146,14 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
-    ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
+    ``layers``: the tuned layers (tuple), how many last MoE layers, or None (roma.tuned_layers' default);
+    the oracle's offsets go there.
     ``dist``: the torchrun process group; every rank returns the result over all records.
     """
     if isinstance(layers, int) and not oracle:  # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
     layers = roma.tuned_layers(model.spec, layers, oracle=True)
-    encoded = encode_records(model.tokenizer, records)
+    encoded = encode_fitting(model, records, data_file)
     answers = np.array([r.answer for r in records])
     wrong = wrong_labels(records, seed)
     preds = np.zeros(len(records), np.int64)
