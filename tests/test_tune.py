@@ -540,3 +540,24 @@ def test_claim_repairs_what_a_killed_overwrite_run_left(tmp_path):
             k: v.encode() for k, v in {**new, "bank/bank.json": "{}", ".keep": "mine"}.items()
         }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+
+
+def test_a_checkpoint_or_bank_that_is_not_finite_is_refused(olmoe_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = answerable_records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    for path, key, run in [
+        (tune_folder.latest_checkpoint(tmp_path / "A") / "state.safetensors", "exp_avg_sq", dict(resume=True)),
+        (tmp_path / "A" / "bank" / "bank.safetensors", "routing", dict(bank=tmp_path / "A" / "bank")),
+    ]:
+        tensors = load_file(str(path))
+        name = next(n for n in tensors if key in n)
+        tensors[name][0] = np.nan
+        save_file(tensors, str(path))
+        out = tmp_path / ("A" if "resume" in run else "B")
+        with pytest.raises(UserError, match=f"{name}' holds NaN or infinite values|{name} holds NaN or infinite"):
+            tune.tune(m, records, emb, settings, out, progress="off", **run)
+    assert not (tmp_path / "B").exists()

@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import UserError
 from ..files import AtomicFolder, atomic_save_numpy_safetensors, remove_partials, temp_folder_beside
 from ..locks import output_lock
@@ -268,9 +270,14 @@ def save_checkpoint(out: Path, opt, info: dict, keep: int) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(the tensors, the state) of a checkpoint; one with a NaN or infinite value is refused."""
     from safetensors.numpy import load_file
 
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise UserError(f"{path / 'state.safetensors'}: {name} holds NaN or infinite values; it cannot be resumed")
+    return tensors, json.loads((path / "state.json").read_text())
 
 
 def check_resume(info: dict, hyperparameters: dict, data_sha: str, fingerprint: dict, where: Path) -> None:

@@ -305,7 +305,6 @@ def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
     opt = AdamW(_gates(model, layers), settings.lr, settings.weight_decay)
     if ckpt_info:
         opt.load(ckpt_tensors, ckpt_info["optimizer"])
-        check_routers(opt.params, "in the checkpoint resumed from")
     if run.work is not None:
         atomic_write_text(run.work / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in logged))
     total = math.ceil(len(run.records) / settings.batch_size) * settings.epochs
