@@ -21,12 +21,13 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import UserError
 from .files import remove_partials
 
-_held: dict[str, list] = {}  # lock file -> [fd, depth]
+_held: set[str] = set()  # the lock files this process holds
 
 
 def lock_path(path: Path) -> Path:
@@ -43,12 +44,14 @@ def _command() -> str:
 
 
 def _holder(lock: Path) -> str:
-    """The running holder, as its lock file names it."""
-    try:
-        info = json.loads(lock.read_text())
-        return f"PID {int(info['pid'])}: {info['command']}"
-    except (OSError, ValueError, KeyError, TypeError):  # written a moment after the lock is taken
-        return "PID unknown"
+    """The running holder, as its lock file names it (written a moment after the lock is taken)."""
+    for _ in range(20):
+        try:
+            info = json.loads(lock.read_text())
+            return f"PID {int(info['pid'])}: {info['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "PID unknown"
 
 
 def _cannot_write(what: str, path: Path, where: Path, e: OSError) -> UserError:
@@ -106,12 +109,8 @@ def output_lock(path, what: str = "output"):
     path = Path(path).expanduser()
     lock = lock_path(path)
     key = str(lock)
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
+    if key in _held:  # taken further up this process's stack
+        yield
         return
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     try:
@@ -123,7 +122,7 @@ def output_lock(path, what: str = "output"):
     except BaseException:
         _remove_empty(made)
         raise
-    _held[key] = [fd, 1]
+    _held.add(key)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": _command()}).encode())
@@ -131,7 +130,7 @@ def output_lock(path, what: str = "output"):
         remove_partials(path)
         yield
     finally:
-        del _held[key]
+        _held.discard(key)
         with contextlib.suppress(OSError):
             os.unlink(lock)  # still holding it: a run that opened it before retries on a new file
         os.close(fd)
