@@ -458,7 +458,6 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
         np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss, rtol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_a_tuned_result_that_is_not_finite_is_never_written(olmoe_dir, tmp_path):
     m = moe_local.load(str(olmoe_dir), backend="torch")
     records, emb = answerable_records(m, 4), unit_rows(4)

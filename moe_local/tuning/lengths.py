@@ -13,6 +13,8 @@ soon as it is certainly past the limit: the refusal costs what a prompt of the c
 
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import UserError
 from .data import Encoded, Record, encode_records, render_prompt
 
@@ -79,10 +81,25 @@ def check_encoded(encoded: list[Encoded], records: list[Record], context: int, d
             )
 
 
+@contextlib.contextmanager
+def _no_length_warning():
+    """transformers warns when a text is longer than the tokenizer's own ``model_max_length``, which is
+    not the model's context: the limit that counts is checked here, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def encode_fitting(model, records: list[Record], data_file=None) -> list[Encoded]:
     """``encode_records`` for ``model``, after and with the checks that every record fits its context."""
     context = model.spec.max_position_embeddings
-    check_prompts(model.tokenizer, records, context, data_file)
-    encoded = encode_records(model.tokenizer, records)
+    with _no_length_warning():
+        check_prompts(model.tokenizer, records, context, data_file)
+        encoded = encode_records(model.tokenizer, records)
     check_encoded(encoded, records, context, data_file)
     return encoded
