@@ -271,6 +271,7 @@ class Conversation:
             self.cache = model.new_cache()
         keep = min(common_prefix(self.tokens, ids), len(ids) - 1)  # at least one token to prefill
         model.trim_cache(self.cache, keep)
+        keep = model.cache_length(self.cache)  # less when the cache could not be cut there (sliding windows)
         self.tokens = self.tokens[:keep]
         stats = GenerationStats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
         seed, self._pending_seed = self._pending_seed, None  # seeded once per conversation
@@ -321,7 +322,7 @@ class Conversation:
         n = self.model.cache_length(self.cache)
         if n > len(known):
             self.model.trim_cache(self.cache, len(known))
-            n = len(known)
+            n = self.model.cache_length(self.cache)
         self.tokens = known[:n]
 
 

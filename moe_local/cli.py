@@ -29,6 +29,7 @@ COMMANDS = {
     "prepare": "moe_local.commands.prepare:prepare",
     "tune": "moe_local.commands.tune:tune",
     "eval": "moe_local.commands.eval:eval_",
+    "serve": "moe_local.commands.serve:serve",
 }
 
 

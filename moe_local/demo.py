@@ -102,7 +102,7 @@ def run_model(
     train, train_emb = load_split(settings.train_split)
     splits = {s: load_split(s)[0] for s in settings.eval_splits}
     layers = tuned_layers(model.spec, base_settings.layers)
-    log(f"[{name}] {len(train)} reference samples, tuning layers {list(layers)} on {backend_name}")
+    log(f"[{name}] {len(train)} reference samples, tuning layers {list(layers)}; {model.execution}")
     bank = prepare(model, train, train_emb, layers, batch_size=settings.batch_size, progress=progress)
     adapters = {}
     for method in ("router", "roma"):

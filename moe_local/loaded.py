@@ -39,18 +39,24 @@ class LoadedModel(ABC):
             self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
+    @property
+    @abstractmethod
+    def execution(self) -> str:
+        """One line: the backend, the device and how the MoE layers run (grouped, Triton, gather_mm)."""
+
     @abstractmethod
     def logits(self, ids, attention_mask=None):
         """ids: int [batch, seq] (1-D = one sequence), left padding -> float32 numpy [batch, seq, vocab]."""
 
     @abstractmethod
     def get_router_weights(self, layers=None) -> dict:
-        """float32 numpy router weights of ``layers`` (all MoE layers by default), keyed by their
-        checkpoint names (``spec.names.router_weight(layer)``); quantized gates dequantized."""
+        """float32 numpy router tensors of ``layers`` (all MoE layers by default), keyed by their
+        checkpoint names (``spec.router_tensors(layer)``: the weight, and the bias where the router has
+        one); quantized gates dequantized."""
 
     @abstractmethod
     def set_router_weights(self, weights: dict) -> None:
-        """Install router weights given as numpy arrays keyed by checkpoint names."""
+        """Install router weights (and biases) given as numpy arrays keyed by checkpoint names."""
 
     @abstractmethod
     def save(self, out: Path) -> Path:
@@ -93,7 +99,9 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def trim_cache(self, cache, length: int) -> None:
-        """Keep the first ``length`` tokens of the cache (no-op when it holds no more)."""
+        """Keep the first ``length`` tokens of the cache (no-op when it holds no more). A cache that cannot
+        be cut there (a sliding-window layer past its window: gpt-oss) is emptied instead; callers read
+        ``cache_length`` for what it holds."""
 
     @abstractmethod
     def stream_tokens(self, ids, cache, max_tokens, temp=0.0, top_p=1.0, seed=None, eos_ids=()) -> Iterator[int]:
@@ -121,7 +129,9 @@ class TuningOps(ABC):
     (numpy only; its docstring defines every field): S left-padded sequences [S, T] with their mask,
     B samples, candidate rows to score, and each sample's routing position (the last prompt token of
     its sequence ``sample_seq[b]``). ``layers`` is the tuple of tuned MoE layers, all at or after the
-    suffix start ``layer``. Router weights are ``{layer: float32 [E, H]}``."""
+    suffix start ``layer``. Router weights are ``{layer: float32 [E, H]}``; for a router with a bias
+    (``RouterSpec.bias``: gpt-oss) ``{layer: (weight [E, H], bias [E])}``, both tuned, and its gradients
+    come back in the same form."""
 
     @abstractmethod
     def prefix_hidden(self, batch, layer: int) -> list:
@@ -137,8 +147,8 @@ class TuningOps(ABC):
 
         hidden: per-sequence arrays as ``prefix_hidden`` returns them (re-padded to ``batch``).
         router_weights: None (the model's own gates, in its dtype) or numpy ``{layer: float32 [E, H]}``
-            for every tuned layer; the router logits are then ``x.float32 @ Wᵀ`` (fp32 routers
-            whatever the model dtype).
+            (``(weight, bias)`` for routers with a bias) for every tuned layer; the router logits are then
+            ``x.float32 @ Wᵀ (+ b)`` (fp32 routers whatever the model dtype).
         offsets: None or numpy float32 ``[B, len(layers), E]`` added to the router logits of the
             tuned layers at the last prompt token of every sequence of sample b (the oracle).
         Top-k selection and expert weights follow the model's router rule from those logits.
@@ -170,7 +180,8 @@ class TuningOps(ABC):
         wrt: "router_weights" (numpy ``{layer: float32 [E, H]}``, required) or "offsets" (numpy
         float32 ``[B, len(layers), E]``, required; router_weights may then be None).
         Returns ``(loss float, aux as numpy plus "scores" and "routing", grads)`` with grads
-        ``{layer: float32 numpy [E, H]}`` or a float32 numpy array shaped like ``offsets``.
+        ``{layer: float32 numpy [E, H]}`` (``(weight grad, bias grad)`` where ``(weight, bias)`` were
+        given) or a float32 numpy array shaped like ``offsets``.
         The model's own parameters are never trained (the optimiser is numpy, in moe_local.tuning).
         """
 

@@ -37,8 +37,10 @@ def estimate_memory(
     b = BYTES[dtype or spec.dtype]
     counts = spec.parameter_counts()
     weights = counts["total"] * b if weights is None else weights
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * b
-    kv_cache = kv_per_token * chat_context
+    width = spec.kv_width or 2 * spec.num_kv_heads * spec.head_dim  # MLA caches its compressed latent
+    sliding = sum(spec.layer_type(i) == "sliding_attention" for i in range(spec.num_layers))
+    window = min(chat_context, spec.sliding_window or chat_context)  # a sliding layer keeps its window only
+    kv_cache = width * b * ((spec.num_layers - sliding) * chat_context + sliding * window)
     chat = weights + kv_cache + spec.vocab_size * 4 * 2  # plus fp32 logits of the last step
     layers = spec.last_moe_layers(min(tune_layers, len(spec.moe)))
     tokens = tune_batch * tune_seq
@@ -54,6 +56,8 @@ def estimate_memory(
             mlp = (moe.num_experts * 2 + moe.top_k * (h + 3 * moe.expert_size)) * b
             if moe.grove:
                 mlp += min(moe.top_k, moe.num_groups) * 3 * moe.grove.adjugate_size * b
+            if moe.shared:
+                mlp += (h + 3 * moe.shared.count * moe.shared.size) * b
             if layer in layers:
                 router_state += 4 * moe.num_experts * h * 4  # fp32 weight, grad, two AdamW moments
         else:

@@ -110,8 +110,22 @@ class GroveSpec:
 
 
 @dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation in place of SwiGLU's ``silu(gate) · up``: the gate clamped above at
+    ``limit``, up clamped to ±``limit``, then ``(up + 1) · gate · sigmoid(alpha · gate)``."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class MoESpec:
-    """One sparse MoE layer."""
+    """One sparse MoE layer.
+
+    Its routed experts are SwiGLU MLPs, ``down(act(gate(x), up(x)))`` with ``act`` = ``silu(gate) · up``
+    unless ``activation`` says otherwise (gpt-oss: :class:`ClampedSwiGLU`); ``expert_bias``: each
+    projection adds a per-expert bias (gpt-oss).
+    """
 
     layer: int
     num_experts: int
@@ -120,6 +134,17 @@ class MoESpec:
     router: RouterSpec = RouterSpec()
     shared: SharedExperts | None = None
     grove: GroveSpec | None = None
+    activation: ClampedSwiGLU | None = None  # None: SwiGLU
+    expert_bias: bool = False
+
+    def describe_experts(self) -> str:
+        """How the routed experts compute, for ``info``."""
+        if self.activation is None:
+            text = "SwiGLU"
+        else:
+            a = self.activation
+            text = f"clamped SwiGLU ((up + 1) · gate · sigmoid({a.alpha:g} · gate), |up| and gate <= {a.limit:g})"
+        return text + (", projections with biases" if self.expert_bias else "")
 
     @property
     def num_groups(self) -> int:
@@ -145,6 +170,10 @@ class ModelSpec:
     max_position_embeddings: int
     attention_bias: bool
     dtype: str  # the checkpoint's dtype name: float32, bfloat16, float16
+    rope: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # rope_parameters (v5 keys)
+    kv_width: int | None = None  # values a KV cache keeps per token and layer (None: 2 · kv heads · head dim)
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention" (empty: all full)
+    sliding_window: int | None = None  # how many tokens a sliding-attention layer sees
     names: TensorNames = field(default=TensorNames(), compare=False, repr=False)  # its checkpoint tensor names
     config: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)  # the config.json
 
@@ -172,7 +201,28 @@ class ModelSpec:
             raise UserError(f"the model has {len(self.moe)} MoE layers; cannot tune the last {n}")
         return self.moe_layers[-n:]
 
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else "full_attention"
+
+    # -- checkpoint tensors ---------------------------------------------------------------------
+    def is_carried(self, name: str) -> bool:
+        """A checkpoint tensor no model reads but a written folder keeps (TensorNames.is_carried)."""
+        return self.names.is_carried(name, self.num_layers)
+
+    def is_unused(self, name: str) -> bool:
+        """A checkpoint tensor no model reads: carried, or a stale RoPE table."""
+        return self.names.is_unused(name, self.num_layers)
+
     # -- identity -----------------------------------------------------------------------------
+    def router_tensors(self, layer: int) -> tuple[str, ...]:
+        """The checkpoint names of a layer's router tensors, the tuned ones: its weight, and its bias
+        when the rule has one (gpt-oss)."""
+        m = self.moe_at(layer)
+        if m is None:
+            raise UserError(f"layer {layer} is not an MoE layer of this model")
+        weight = self.names.router_weight(layer)
+        return (weight, self.names.router_bias(layer)) if m.router.bias else (weight,)
+
     def fingerprint(self, layers=None) -> dict:
         """What an adapter must match: independent of dtype, quantization and backend."""
         layers = self.moe_layers if layers is None else tuple(layers)
@@ -201,7 +251,7 @@ class ModelSpec:
         active_min += dense * len(self.dense_layers)
         active_max += dense * len(self.dense_layers)
         for m in self.moe:
-            expert = 3 * h * m.expert_size
+            expert = 3 * h * m.expert_size + ((2 * m.expert_size + h) if m.expert_bias else 0)
             router = m.num_experts * h + (m.num_experts if m.router.bias else 0)
             shared = 0
             if m.shared:

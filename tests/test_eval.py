@@ -12,7 +12,7 @@ from moe_local.tuning.evaluate import evaluate, oracle_predictions, wrong_labels
 
 from helpers import BACKENDS, answerable, run_main, task_records, unit_rows, write_jsonl
 
-ROW_KEYS = ["accuracy", "backend", "method", "model", "n", "seed", "split"]
+ROW_KEYS = ["acc_norm", "accuracy", "backend", "format", "method", "model", "n", "seed", "split"]
 
 
 def _records(rows):
@@ -146,6 +146,7 @@ def test_eval_command_report(backend, olmoe_dir, tmp_path, capsys):
         assert sorted(row) == ROW_KEYS
         assert row["split"] == "val" and row["n"] == 6 and row["backend"] == backend and row["seed"] == 0
         assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["format"] == "mc" and row["acc_norm"] == row["accuracy"]  # letters: one character each
     r = run_main(
         capsys, "eval", "--model", olmoe_dir, "--data", path, "--layers", 2, "--report", report, "--backend", backend
     )
@@ -248,3 +249,10 @@ def test_a_huge_question_is_refused_without_tokenizing_it_all(qwen3_dir):
     with pytest.raises(UserError, match="t:2: the prompt is over 256 tokens"):
         evaluate(m, _records(rows), progress="off", data_file="t")
     assert counting.chars < 10_000  # a few pieces of it, not the megabyte
+
+
+def test_progress_bar_counts_records(olmoe_dir, capsys):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    evaluate(m, _records(task_records(3)), layers=2, batch_size=1, progress="bar")
+    err = capsys.readouterr().err
+    assert "eval:" in err and "records/s" in err and "3/3" in err

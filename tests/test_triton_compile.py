@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe_local.backends.torch import triton_configs, triton_kernels, triton_moe
+from moe_local.spec import ClampedSwiGLU
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ class Recorder:
         return Launch()
 
 
-def launches(monkeypatch, dtype, config, grove=True):
+def launches(monkeypatch, dtype, config, grove=True, gpt_oss=False):
     recorder = Recorder()
     monkeypatch.setattr(triton_moe, "kernels_for", lambda device: (recorder, False))
     g = torch.Generator().manual_seed(0)
@@ -46,6 +47,10 @@ def launches(monkeypatch, dtype, config, grove=True):
         experts_per_group=2,
         scale=0.05,
     )
+    biased = dict(
+        biases=(torch.randn(E, 2 * I).to(dtype), torch.randn(E, H).to(dtype)),
+        activation=ClampedSwiGLU(alpha=1.702, limit=7.0),
+    )
     triton_moe.moe_forward(
         x,
         idx,
@@ -53,6 +58,7 @@ def launches(monkeypatch, dtype, config, grove=True):
         torch.randn(E, 2 * I, H).to(dtype),
         torch.randn(E, H, I).to(dtype),
         **(adjugates if grove else {}),
+        **(biased if gpt_oss else {}),
         config=config,
         align="triton",
     )
@@ -92,8 +98,8 @@ def test_every_launch_compiles_for_sm90(monkeypatch, dtype, configs):
     pytest.importorskip("triton.backends.nvidia.compiler")
     seen = set()
     for name in configs:
-        for grove in (True, False):
-            for kernel, args, kwargs in launches(monkeypatch, dtype, triton_configs.CONFIGS[name], grove):
+        for grove, gpt_oss in ((True, False), (False, False), (False, True)):  # gpt-oss: biases, clamped SwiGLU
+            for kernel, args, kwargs in launches(monkeypatch, dtype, triton_configs.CONFIGS[name], grove, gpt_oss):
                 key = (
                     kernel.__name__,
                     tuple(str(getattr(a, "dtype", type(a))) for a in args),

@@ -16,20 +16,27 @@ from moe_local.backends.torch import triton_moe
 from moe_local.backends.torch.moe import MoEBlock, expert_rows, group_rows, grouped_swiglu
 from moe_local.backends.torch.router import route
 from moe_local.families.grove_moe import ROUTER as GROVE_ROUTER
-from moe_local.spec import GroveSpec, MoESpec, RouterSpec
+from moe_local.spec import ClampedSwiGLU, GroveSpec, MoESpec, RouterSpec
 
 pytestmark = pytest.mark.slow
 
 
-def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0):
-    """A MoE block with random weights; ``grove`` = (experts per group, adjugate size, λ)."""
+# gpt-oss's experts, the limit low enough that the random products are clamped both ways
+GPT_OSS = dict(activation=ClampedSwiGLU(alpha=1.702, limit=1.5), expert_bias=True)
+
+
+def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0, gpt_oss=False):
+    """A MoE block with random weights; ``grove`` = (experts per group, adjugate size, λ); ``gpt_oss``:
+    biased experts with the clamped SwiGLU, gpt-oss's router."""
+    router = GROVE_ROUTER if grove else RouterSpec(renormalize=True)
     spec = MoESpec(
         layer=0,
         num_experts=E,
         top_k=k,
         expert_size=I,
-        router=GROVE_ROUTER if grove else RouterSpec(renormalize=True),
+        router=RouterSpec(order="topk-score", bias=True) if gpt_oss else router,
         grove=GroveSpec(*grove) if grove else None,
+        **(GPT_OSS if gpt_oss else {}),
     )
     b = MoEBlock(spec, H, "grouped")
     g = torch.Generator().manual_seed(seed)
@@ -40,17 +47,30 @@ def block(E=8, k=2, H=64, I=32, grove=None, dtype=torch.float32, seed=0):
 
 
 def formula(x, idx, w, b):
-    """The reference formula, per slot, in float64: Σ_s w E_s(x) + λ Σ_s w A_{s // p}(x)."""
+    """The reference formula, per slot, in float64: Σ_s w E_s(x) + λ Σ_s w A_{s // p}(x); gpt-oss's experts
+    ``Wd · ((clamp(u, ±l) + 1) · g · sigmoid(α g)) + bd``, ``g = min(Wg x + bg, l)``, ``u = Wu x + bu``."""
 
     def swiglu(gate_up, down, v):
         gate, up = (gate_up.double() @ v).chunk(2)
         return down.double() @ (torch.nn.functional.silu(gate) * up)
+
+    def clamped(e, v):
+        ex, act = b.experts, b.spec.activation
+        gate, up = (ex.gate_up_proj[e].double() @ v + ex.gate_up_proj_bias[e].double()).chunk(2)
+        gate, up = gate.clamp(max=act.limit), up.clamp(-act.limit, act.limit)
+        return (
+            ex.down_proj[e].double() @ ((up + 1) * gate * torch.sigmoid(act.alpha * gate))
+            + ex.down_proj_bias[e].double()
+        )
 
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         v = x[t].double()
         for s in range(idx.shape[1]):
             e, ws = int(idx[t, s]), float(w[t, s])
+            if b.spec.activation:
+                y[t] += ws * clamped(e, v)
+                continue
             y[t] += ws * swiglu(b.experts.gate_up_proj[e], b.experts.down_proj[e], v)
             if b.spec.grove:
                 a = e // b.spec.grove.experts_per_group
@@ -69,6 +89,8 @@ def run_op(x, idx, w, b, **kwargs):
             experts_per_group=grove.experts_per_group,
             scale=grove.scale,
         )
+    if b.spec.expert_bias:
+        extra = dict(biases=(b.experts.gate_up_proj_bias, b.experts.down_proj_bias), activation=b.spec.activation)
     return triton_moe.moe_forward(x, idx, w, b.experts.gate_up_proj, b.experts.down_proj, **extra, **kwargs)
 
 
@@ -114,6 +136,20 @@ def test_matches_torch_paths(kind, dtype):
     b = block(**kind, dtype=dtype)
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     check(b, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_experts_biases_and_clamped_swiglu(dtype):
+    """gpt-oss's biased experts and clamped SwiGLU in the kernels' epilogues (clamps active both ways),
+    several M-blocks per expert; refused beside Grove's adjugates."""
+    b = block(E=4, gpt_oss=True, dtype=dtype)
+    x = (2 * torch.randn(20, 64, generator=torch.Generator().manual_seed(9))).to(dtype)
+    gate_up = torch.nn.functional.linear(x.float(), b.experts.gate_up_proj[0].float())
+    assert (gate_up > 1.5).any() and (gate_up < -1.5).any()
+    check(b, x)
+    grove = block(**GROVE)
+    with pytest.raises(ValueError, match="without adjugates"):
+        run_op(x.float(), *route(grove.gate(x.float()), grove.spec.router, 2), grove, activation=GPT_OSS["activation"])
 
 
 @pytest.mark.parametrize("kind", [PLAIN, GROVE], ids=["plain", "grove"])

@@ -560,3 +560,40 @@ def test_a_checkpoint_or_bank_that_is_not_finite_is_refused(olmoe_dir, tmp_path)
         with pytest.raises(UserError, match=f"{name}' holds NaN or infinite values|{name} holds NaN or infinite"):
             tune.tune(m, records, emb, settings, out, progress="off", **run)
     assert not (tmp_path / "B").exists()
+
+
+@pytest.mark.slow
+def test_cli_prepare_and_tune_in_rc_from_a_datasets_folder(olmoe_dir, tmp_path, capsys):
+    """--format rc reaches what prepare counts as correct (acc, as eval counts it) and the CE tune
+    trains on; a bank made in one format is refused for another."""
+    import datasets
+
+    from moe_local.tuning.bank import read_bank
+    from moe_local.tuning.data import read_task
+    from moe_local.tuning.evaluate import evaluate
+
+    rows = [
+        {"goal": r["question"], "sol1": r["choices"][0], "sol2": r["choices"][1], "label": i % 2}
+        for i, r in enumerate(task_records(6))
+    ]
+    folder = tmp_path / "piqa"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    np.save(tmp_path / "piqa.train.npy", unit_rows(6))  # the default embeddings of split train
+    bank = tmp_path / "A" / "bank"
+    picked = ["--data", folder, "--split", "train", "--format", "rc"]
+    r = run_main(capsys, "prepare", "--model", olmoe_dir, *picked, "--bank", bank, "--layers", 2)
+    assert r[0] == 0, r[2]
+    made = read_bank(bank)
+    assert made.meta["prompting"]["format"] == "rc"
+    records, asked = read_task(folder, "train", format="rc")
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    result = evaluate(m, records, layers=2, progress="off", prompting=asked)
+    np.testing.assert_array_equal(made.correct, result.predictions == [r.answer for r in records])
+    tuned = ["--adapter-path", tmp_path / "A", "--layers", 2, "--epochs", 1, "--batch-size", 3, "--method", "router"]
+    r = run_main(capsys, "tune", "--model", olmoe_dir, *picked, *tuned)
+    assert r[0] == 0, r[2]
+    _, config = read_adapter(tmp_path / "A")
+    assert config["moe_local"]["hyperparameters"]["prompting"]["format"] == "rc"
+    again = ["--bank", bank, "--adapter-path", tmp_path / "B", "--layers", 2]
+    r = run_main(capsys, "tune", "--model", olmoe_dir, "--data", folder, "--split", "train", *again)
+    assert r[0] == 2 and "made from other data" in r[2]  # an rc bank for an mc run

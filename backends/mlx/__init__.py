@@ -7,7 +7,7 @@ except ImportError:  # mlx without mlx-lm: say what to install instead of a trac
 
     raise UserError("the mlx backend needs mlx-lm: pip install 'moe-local[mlx]'") from None
 
-from .loaded import MLXModel, load
+from .loaded import MLXModel, describe_execution, load
 from .moe import MOE_IMPLS
 
-__all__ = ["MOE_IMPLS", "MLXModel", "load"]
+__all__ = ["MOE_IMPLS", "MLXModel", "describe_execution", "load"]

@@ -55,9 +55,11 @@ class MLXGeneration:
         return cache[0].offset
 
     def trim_cache(self, cache, length: int) -> None:
+        """Keep ``length`` tokens; a sliding-window layer's ``RotatingKVCache`` past its window cannot be cut
+        back (mlx-lm trims nothing then), so the cache is emptied instead and everything is prefilled again."""
         excess = self.cache_length(cache) - length
-        if excess > 0:
-            trim_prompt_cache(cache, excess)
+        if excess > 0 and trim_prompt_cache(cache, excess) != excess:
+            cache[:] = make_prompt_cache(self.model)
 
     def _generation_stream(self):
         """mlx-lm's generation stream when it lives on the model's device, else one there: mlx-lm makes

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache, make_prompt_cache
 
 from moe_local.checkpoint import check_router_weights
 from moe_local.errors import UserError
@@ -27,7 +27,7 @@ from moe_local.loaded import LoadedModel, TuningOps
 from ..shared import checked_batch
 from .generation import MLXGeneration
 from .model import DTYPES, load_mlx_model
-from .moe import MOE_IMPLS
+from .moe import MOE_IMPLS, execution
 from .tuning import MLXTuning
 
 DEVICES = ("cpu", "gpu")
@@ -35,6 +35,11 @@ DEVICES = ("cpu", "gpu")
 
 def default_device() -> str:
     return "gpu" if mx.metal.is_available() else "cpu"
+
+
+def describe_execution(spec) -> str:
+    """How ``spec``'s MoE layers would run with the defaults here (``moe-local info``)."""
+    return execution(spec, "grouped", default_device())
 
 
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> MLXModel:
@@ -71,6 +76,10 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
         self.device = device
 
     @property
+    def execution(self) -> str:
+        return execution(self.spec, self.moe_impl, self.device)
+
+    @property
     def dtype(self):
         return self.model.model.norm.weight.dtype
 
@@ -88,8 +97,12 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
         return mx.array(ids.astype(np.int32)), caches
 
     def batch_caches(self, padding: list[int]) -> list:
-        """One mlx-lm BatchKVCache per layer: per-row RoPE offsets and masks for left padding."""
-        return [BatchKVCache(padding) for _ in self.model.layers]
+        """One mlx-lm batch cache per layer, of the kind its own cache is (``BatchRotatingKVCache`` for a
+        sliding-window layer, ``BatchKVCache`` otherwise): per-row RoPE offsets and masks for left padding."""
+        return [
+            BatchRotatingKVCache(c.max_size, padding) if isinstance(c, RotatingKVCache) else BatchKVCache(padding)
+            for c in make_prompt_cache(self.model)
+        ]
 
     def logits(self, ids, attention_mask=None) -> np.ndarray:
         ids, caches = self.as_batch(ids, attention_mask)
@@ -104,25 +117,32 @@ class MLXModel(MLXGeneration, MLXTuning, LoadedModel, TuningOps):
         return save_model(self, Path(out))
 
     def get_router_weights(self, layers=None) -> dict:
+        """The routers' tuned tensors (weights, and biases where the rule has them), float32."""
         layers = self.spec.moe_layers if layers is None else layers
         out = {}
         for i in layers:
-            if self.spec.moe_at(i) is None:
-                raise UserError(f"layer {i} is not an MoE layer of this model")
-            out[self.spec.names.router_weight(i)] = np.array(float_gate(self.moe_block(i).gate).astype(mx.float32))
+            names = self.spec.router_tensors(i)  # a one-line error for a layer that is not MoE
+            gate = self.moe_block(i).gate
+            for name in names:
+                value = gate.bias if name.endswith(".bias") else float_gate(gate)
+                out[name] = np.array(value.astype(mx.float32))
         return out
 
     def set_router_weights(self, weights: dict) -> None:
-        """Install float32 gates; a quantized gate is replaced by a float ``nn.Linear``.
+        """Install float32 gates; a quantized gate is replaced by a float ``nn.Linear`` (its bias kept).
 
         float32 whatever the model dtype, as mlx-lm's ``--adapter-path`` leaves an adapter's gates.
         """
-        for layer, array in check_router_weights(self.spec, weights).items():
+        for layer, parts in check_router_weights(self.spec, weights).items():
             block = self.moe_block(layer)
-            weight = mx.array(np.asarray(array, dtype=np.float32))
             if isinstance(block.gate, nn.QuantizedLinear):
-                block.gate = nn.Linear(self.spec.hidden_size, block.spec.num_experts, bias=False)
-            block.gate.weight = weight
+                old = block.gate
+                block.gate = nn.Linear(self.spec.hidden_size, block.spec.num_experts, bias=block.spec.router.bias)
+                block.gate.weight = float_gate(old)
+                if block.spec.router.bias:
+                    block.gate.bias = old.bias
+            for part, array in parts.items():
+                setattr(block.gate, part, mx.array(np.asarray(array, dtype=np.float32)))
         mx.eval([self.moe_block(i).gate.parameters() for i in self.spec.moe_layers])
 
 

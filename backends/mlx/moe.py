@@ -20,10 +20,11 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
+from mlx_lm.models.activations import swiglu, swiglu_oai
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from moe_local.spec import MoESpec
+from moe_local.checkpoint.names import TensorNames
+from moe_local.spec import ClampedSwiGLU, MoESpec
 
 from .router import route
 
@@ -58,25 +59,79 @@ ADJUGATE_STRATEGIES = ("auto", "per-slot", "per-group")
 ADJUGATE_PER_GROUP_MIN_ROWS = SORT_MIN_ROWS
 
 
-class Experts(nn.Module):
-    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
+def execution(spec, impl: str, device) -> str:
+    """How a model's MoE layers run on this backend (what ``info`` and the logs say)."""
+    routed = "through gather_mm (gather_qmm when quantized), rows sorted by expert from 64 rows on"
+    if impl == "reference":
+        routed = "the per-slot reference loop"
+    if any(m.expert_bias or m.activation for m in spec.moe):
+        routed += ", the experts' biases and clamped SwiGLU as mlx-lm's SwitchGLU(bias=True) and swiglu_oai"
+    shared = "; shared experts as a dense MLP beside them" if any(m.shared for m in spec.moe) else ""
+    return f"mlx on {device}: routed experts {routed}{shared}"
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+
+def glu(gate: mx.array, up: mx.array, activation: ClampedSwiGLU | None) -> mx.array:
+    """The experts' gated unit: mlx-lm's ``swiglu``, or its ``swiglu_oai`` with the spec's alpha and limit."""
+    if activation is None:
+        return swiglu(gate, up)
+    return swiglu_oai(gate, up, alpha=activation.alpha, limit=activation.limit)
+
+
+class Experts(nn.Module):
+    """SwiGLU experts stacked as mlx-lm stores them: gate/up ``[E, I, H]``, down ``[E, H, I]``, each with a
+    per-expert ``bias`` when ``bias`` (gpt-oss, mlx-lm's ``SwitchGLU(bias=True)``); ``activation``: None
+    (SwiGLU) or gpt-oss's :class:`ClampedSwiGLU`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        activation: ClampedSwiGLU | None = None,
+    ):
         super().__init__()
-        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
-        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
-        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=False)
+        self.activation = activation
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=bias)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=bias)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=bias)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         """Rows ``x[..., 1, H]`` through experts ``indices`` (gather_mm / gather_qmm)."""
         up = self.up_proj(x, indices, sorted_indices=sorted_indices)
         gate = self.gate_proj(x, indices, sorted_indices=sorted_indices)
-        return self.down_proj(swiglu(gate, up), indices, sorted_indices=sorted_indices)
+        return self.down_proj(glu(gate, up, self.activation), indices, sorted_indices=sorted_indices)
 
     def one(self, e: int, x: mx.array) -> mx.array:
         """Expert ``e`` on rows ``x [n, H]`` with dense matmuls (the reference path)."""
         gate, up = dense(self.gate_proj, e, x), dense(self.up_proj, e, x)
-        return dense(self.down_proj, e, nn.silu(gate) * up)
+        return dense(self.down_proj, e, glu(gate, up, self.activation))
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (shared experts, dense layers): ``down(silu(gate(x)) · up(x))``, mlx-lm's names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class SelectionGate(nn.Module):
+    """A router with DeepSeek-V3's selection-only bias (mlx-lm's ``MoEGate`` parameters: ``weight``,
+    ``e_score_correction_bias``); like mlx-lm's, never quantized."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, hidden_size))
+        self.e_score_correction_bias = mx.zeros((num_experts,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
 
 
 def expert_weight(layer, e: int) -> mx.array:
@@ -95,7 +150,8 @@ def expert_weight(layer, e: int) -> mx.array:
 
 
 def dense(layer, e: int, x: mx.array) -> mx.array:
-    return x @ expert_weight(layer, e).astype(x.dtype).T
+    y = x @ expert_weight(layer, e).astype(x.dtype).T
+    return y + layer["bias"][e].astype(x.dtype) if "bias" in layer else y
 
 
 class GroupPlan(NamedTuple):
@@ -132,30 +188,48 @@ def choose_adjugate(strategy: str, rows: int) -> str:
 class MoEBlock(nn.Module):
     """Drop-in for mlx-lm's sparse MoE blocks (and GroveMoE's), with mlx-lm's parameter names."""
 
-    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped"):
+    def __init__(self, moe: MoESpec, hidden_size: int, impl: str = "grouped", names: TensorNames | None = None):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+        names = names or TensorNames()
         self.spec = moe
         self.impl = impl
         self.adjugate = "auto"  # one of ADJUGATE_STRATEGIES (benchmarks and tests set it)
         self.sort_min_rows = SORT_MIN_ROWS  # benchmarks set it to time always/never sorted rows
-        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
-        self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size)
+        if moe.router.selection_bias:
+            self.gate = SelectionGate(hidden_size, moe.num_experts)
+        else:
+            self.gate = nn.Linear(hidden_size, moe.num_experts, bias=moe.router.bias)
+        self.switch_mlp = Experts(moe.num_experts, hidden_size, moe.expert_size, moe.expert_bias, moe.activation)
         if moe.grove:
             self.chunk_experts = Experts(moe.num_groups, hidden_size, moe.grove.adjugate_size)
+        # Shared experts under the family's own names, as mlx-lm's models name them.
+        self.shared_name, self.shared_gate_name = names.shared, names.shared_gate
+        if moe.shared:
+            setattr(self, names.shared, SwiGLU(hidden_size, moe.shared.count * moe.shared.size))
+            if moe.shared.gated:
+                setattr(self, names.shared_gate, nn.Linear(hidden_size, 1, bias=False))
 
     def __call__(self, hidden_states: mx.array) -> mx.array:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits = self.gate(x)
-        idx, weights = route(logits, self.spec.router, self.spec.top_k)
+        logits = self.gate(x.astype(mx.float32) if self.spec.router.float32_logits else x)
+        bias = self.gate.e_score_correction_bias if self.spec.router.selection_bias else None
+        idx, weights = route(logits, self.spec.router, self.spec.top_k, bias)
         weights = weights.astype(x.dtype)
         if self.impl == "reference":
             out = self._per_slot(x, idx, weights)
         else:
             out = self._grouped(x, idx, weights)
+        if self.spec.shared:
+            out = out + self._shared(x)
         return out.reshape(shape)
+
+    def _shared(self, x: mx.array) -> mx.array:
+        """The shared experts, a dense SwiGLU beside the routed ones (scaled by their gate when gated)."""
+        y = self[self.shared_name](x)
+        return mx.sigmoid(self[self.shared_gate_name](x)) * y if self.spec.shared.gated else y
 
     # -- grouped execution ------------------------------------------------------------------------
     def _grouped(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:

@@ -31,9 +31,10 @@ from .router import routing_distribution
 class LiveGate(nn.Module):
     """Stands in for a tuned layer's gate during one suffix call.
 
-    logits = x.float32 @ weightᵀ (or the layer's own gate when ``weight`` is None), plus ``offsets``
-    [rows, E] added at ``offset_rows``; the routing distribution at ``capture_rows`` goes to ``sink``.
-    Rows index the flattened [sequences · T] tokens the MoE block sees.
+    logits = x.float32 @ weightᵀ (+ bias) (or the layer's own gate when ``weight`` is None), plus
+    ``offsets`` [rows, E] added at ``offset_rows``; the routing distribution at ``capture_rows`` goes
+    to ``sink``. ``weight``: the weight, or (weight, bias) for routers with a bias. Rows index the
+    flattened [sequences · T] tokens the MoE block sees.
     """
 
     def __init__(self, base, rule, weight, offset_rows, offsets, capture_rows, sink: list):
@@ -41,9 +42,19 @@ class LiveGate(nn.Module):
         # Plain attributes, not module parameters: nothing here is the model's.
         object.__setattr__(self, "_state", (base, rule, weight, offset_rows, offsets, capture_rows, sink))
 
+    @property
+    def e_score_correction_bias(self):
+        """The base gate's selection-only bias (the block reads it for the choice of experts)."""
+        return self._state[0].e_score_correction_bias
+
     def __call__(self, x: mx.array) -> mx.array:
         base, rule, weight, offset_rows, offsets, capture_rows, sink = self._state
-        logits = base(x) if weight is None else x.astype(mx.float32) @ weight.T
+        if weight is None:
+            logits = base(x)
+        elif isinstance(weight, tuple):
+            logits = x.astype(mx.float32) @ weight[0].T + weight[1]
+        else:
+            logits = x.astype(mx.float32) @ weight.T
         if offsets is not None:
             logits = logits.astype(mx.float32).at[offset_rows].add(offsets)
         sink.append(routing_distribution(logits[capture_rows], rule))
@@ -55,12 +66,17 @@ class MLXTuning:
 
     # -- shared pieces --------------------------------------------------------------------------
     def _run_layers(self, hidden: mx.array, padding: np.ndarray, start: int, stop: int) -> mx.array:
-        """Decoder layers ``start .. stop-1`` on left-padded ``hidden`` [S, T, H], masks and RoPE as mlx-lm's."""
+        """Decoder layers ``start .. stop-1`` on left-padded ``hidden`` [S, T, H], masks and RoPE as mlx-lm's:
+        one mask per attention type (sliding-window layers see ``spec.sliding_window`` tokens)."""
         layers = self.model.model.layers[start:stop]
-        caches = self.batch_caches(padding.tolist()) if padding.any() else [None] * len(layers)
-        mask = create_attention_mask(hidden, caches[0])
-        for layer, cache in zip(layers, caches):
-            hidden = layer(hidden, mask, cache)
+        caches = self.batch_caches(padding.tolist())[start:stop] if padding.any() else [None] * len(layers)
+        masks = {}
+        for i, (layer, cache) in enumerate(zip(layers, caches), start):
+            kind = self.spec.layer_type(i)
+            if kind not in masks:
+                window = self.spec.sliding_window if kind == "sliding_attention" else None
+                masks[kind] = create_attention_mask(hidden, cache, window_size=window)
+            hidden = layer(hidden, masks[kind], cache)
         return hidden
 
     def _lm_head(self, x: mx.array) -> mx.array:
@@ -148,7 +164,10 @@ class MLXTuning:
         mx.eval(loss, aux, scores, routing, grads)
         aux = {k: np.array(v) for k, v in aux.items()}
         aux["scores"], aux["routing"] = np.array(scores), np.array(routing)
-        grads = {i: np.array(grads[i]) for i in layers} if wrt == "router_weights" else np.array(grads)
+        if wrt == "router_weights":  # in the form they were given: a weight, or (weight, bias)
+            grads = {i: _host(grads[i]) for i in layers}
+        else:
+            grads = np.array(grads)
         return loss.item(), aux, grads
 
     # -- host copies of cached hidden states (memory-mapped prefix cache) ------------------------
@@ -165,5 +184,18 @@ class MLXTuning:
         mx.reset_peak_memory()
 
 
+def _host(grad):
+    """A layer's gradient as numpy: an array, or a tuple (weight, bias)."""
+    return tuple(np.array(g) for g in grad) if isinstance(grad, (tuple, list)) else np.array(grad)
+
+
 def _arrays(router_weights: dict) -> dict:
-    return {int(i): mx.array(np.asarray(w, dtype=np.float32)) for i, w in router_weights.items()}
+    """{layer: weight or (weight, bias)} as float32 MLX arrays."""
+
+    def array(w):
+        return mx.array(np.asarray(w, dtype=np.float32))
+
+    return {
+        int(i): tuple(array(a) for a in w) if isinstance(w, (tuple, list)) else array(w)
+        for i, w in router_weights.items()
+    }

@@ -78,9 +78,14 @@ class TorchGeneration:
 
     @staticmethod
     def trim_cache(cache, length: int) -> None:
+        """Keep ``length`` tokens; a sliding-window layer past its window cannot be cut back (it has
+        dropped the tokens before), so the cache is emptied instead and everything is prefilled again."""
         excess = cache.get_seq_length() - length
         if excess > 0:
-            cache.crop(-excess)
+            try:
+                cache.crop(-excess)
+            except RuntimeError:  # transformers' DynamicSlidingWindowLayer past its window
+                cache.reset()
 
     def stream_tokens(
         self, ids, cache, max_tokens: int, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None, eos_ids=()

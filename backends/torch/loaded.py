@@ -15,9 +15,10 @@ from moe_local.families import config_for_writing, family, load_spec
 from moe_local.loaded import LoadedModel, TuningOps
 
 from ..shared import checked_batch
+from . import fused
 from .generation import TorchGeneration
 from .model import DTYPES, carried_tensors, checkpoint_tensors, load_causal_lm, positions_from_mask
-from .moe import MOE_IMPLS
+from .moe import MOE_IMPLS, execution
 from .tuning import TorchTuning
 
 
@@ -39,13 +40,24 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def default_impl(device: str) -> str:
+    """Triton's fused op on CUDA when Triton is installed, the grouped path elsewhere."""
+    return "triton" if str(device).startswith("cuda") and importlib.util.find_spec("triton") else "grouped"
+
+
+def describe_execution(spec) -> str:
+    """How ``spec``'s MoE layers would run with the defaults here (``moe-local info``)."""
+    device = default_device()
+    return execution(spec, default_impl(device), device)
+
+
 def load(folder: Path, moe_impl=None, dtype=None, device=None) -> TorchModel:
     spec = load_spec(folder)
     device = device or default_device()
     check_device(device)
     has_triton = importlib.util.find_spec("triton") is not None
     if moe_impl is None:
-        moe_impl = "triton" if str(device).startswith("cuda") and has_triton else "grouped"
+        moe_impl = default_impl(device)
     if moe_impl not in MOE_IMPLS:
         raise UserError(f"moe_impl '{moe_impl}' is not one of the torch backend's: {', '.join(MOE_IMPLS)}")
     if moe_impl == "triton" and not has_triton:
@@ -68,6 +80,10 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
         self.device = torch.device(device)
 
     @property
+    def execution(self) -> str:
+        return execution(self.spec, self.moe_impl, self.device)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype
 
@@ -87,23 +103,33 @@ class TorchModel(TorchGeneration, TorchTuning, LoadedModel, TuningOps):
         return out.logits.float().cpu().numpy()
 
     def save(self, out: Path) -> Path:
-        """Write the model (with its current gates) as an ordinary Hugging Face folder, both config spellings."""
+        """Write the model (with its current gates) as an ordinary Hugging Face folder, both config spellings;
+        MXFP4 experts as the folder stored them (its ``quantization_config`` kept)."""
         from moe_local.checkpoint import write_model
 
         dtype = str(self.dtype).replace("torch.", "")
         tensors = {**carried_tensors(self.folder, self.spec), **checkpoint_tensors(self.model, self.spec)}
-        return write_model(out, config_for_writing(self.spec, dtype), tensors, tokenizer_src=self.folder)
+        # MXFP4 experts (gpt-oss's release) go back as they were read, not dequantized: never tuned.
+        mxfp4 = fused.mxfp4_tensors(self.folder, self.spec.names)
+        tensors = {k: v for k, v in tensors.items() if f"{k}_blocks" not in mxfp4}
+        return write_model(out, config_for_writing(self.spec, dtype), {**tensors, **mxfp4}, tokenizer_src=self.folder)
 
     def get_router_weights(self, layers=None) -> dict:
+        """The routers' tuned tensors (weights, and biases where the rule has them), float32 copies."""
         layers = self.spec.moe_layers if layers is None else layers
-        # A copy: the arrays must not alias the live parameters.
-        return {
-            self.spec.names.router_weight(i): self.moe_block(i).gate.weight.detach().float().cpu().numpy().copy()
-            for i in layers
-        }
+        out = {}
+        for i in layers:
+            names = self.spec.router_tensors(i)  # a one-line error for a layer that is not MoE
+            gate = self.moe_block(i).gate
+            for name in names:
+                tensor = gate.bias if name.endswith(".bias") else gate.weight
+                out[name] = tensor.detach().float().cpu().numpy().copy()  # never aliases the parameter
+        return out
 
     @torch.no_grad()
     def set_router_weights(self, weights: dict) -> None:
-        for layer, array in check_router_weights(self.spec, weights).items():
-            gate = self.moe_block(layer).gate.weight
-            gate.copy_(torch.as_tensor(np.asarray(array, dtype=np.float32)).to(gate.device, gate.dtype))
+        for layer, parts in check_router_weights(self.spec, weights).items():
+            gate = self.moe_block(layer).gate
+            for part, array in parts.items():
+                target = getattr(gate, part)
+                target.copy_(torch.as_tensor(np.asarray(array, dtype=np.float32)).to(target.device, target.dtype))

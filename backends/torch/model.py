@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_local.checkpoint import carried_tensor_names, is_quantized, tensor_index
+from moe_local.checkpoint import TensorNames, carried_tensor_names, is_quantized, tensor_index
 from moe_local.errors import UserError
 from moe_local.families import config_for_writing, family
 from moe_local.spec import ModelSpec
 
-from .moe import MoEBlock
+from . import fused
+from .moe import MoEBlock, TupleMoEBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROJECTIONS = ("gate", "up", "down")
@@ -46,25 +47,31 @@ def library_classes(spec: ModelSpec):
     return model_cls, config_cls
 
 
-def hf_config(spec: ModelSpec, attn_implementation: str = "sdpa"):
-    """The transformers config object for a spec (the library's model type, e.g. Grove's Qwen3-MoE)."""
+def hf_config(spec: ModelSpec, attn_implementation: str | None = None):
+    """The transformers config object for a spec (the library's model type, e.g. Grove's Qwen3-MoE);
+    the attention implementation is the family's (sdpa; eager for gpt-oss's sinks) unless given."""
+    lib = family(spec.family).torch
     _, config_cls = library_classes(spec)
     values = config_for_writing(spec)
     values.pop("architectures", None)
     values.pop("auto_map", None)
-    values["model_type"] = family(spec.family).torch.model_type
-    values["attn_implementation"] = attn_implementation
+    values.pop("quantization_config", None)  # MXFP4 experts are dequantized at load (fused.py)
+    values["model_type"] = lib.model_type
+    values["attn_implementation"] = attn_implementation or lib.attn_implementation
     return config_cls(**values)
 
 
 def build(spec: ModelSpec, impl: str):
-    """The causal LM on the meta device, MoE layers replaced by the project's blocks."""
+    """The causal LM on the meta device, MoE layers replaced by the project's blocks (returning the
+    tuple the family's decoder layer unpacks, where it unpacks one)."""
     model_cls, _ = library_classes(spec)
     config = hf_config(spec)
+    block_cls = TupleMoEBlock if family(spec.family).torch.block_returns_tuple else MoEBlock
     with torch.device("meta"):
         model = model_cls(config)
         for moe in spec.moe:
-            setattr(model.model.layers[moe.layer], _block(spec), MoEBlock(moe, spec.hidden_size, impl))
+            block = block_cls(moe, spec.hidden_size, impl, spec.names)
+            setattr(model.model.layers[moe.layer], _block(spec), block)
     return model
 
 
@@ -73,13 +80,35 @@ def _block(spec: ModelSpec) -> str:
 
 
 def _model_name(spec: ModelSpec, name: str) -> str:
-    """A checkpoint's router tensor under the model's name (other names are the same on both sides)."""
-    names = spec.names
-    for moe in spec.moe:
-        prefix = f"{names.block_prefix(moe.layer)}.{names.router}."
-        if name.startswith(prefix):
-            return f"model.layers.{moe.layer}.{_block(spec)}.gate.{name[len(prefix) :]}"
-    return name
+    """A checkpoint tensor of an MoE block under the model's name (the family's block and router
+    attributes -> ``mlp`` and ``gate``); every other name is the same on both sides."""
+    names, parts = spec.names, name.split(".", 3)
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
+        return name
+    if not parts[3].startswith(names.block + "."):
+        return name
+    rest = parts[3][len(names.block) + 1 :]
+    if rest.startswith(names.router + "."):
+        rest = "gate." + rest[len(names.router) + 1 :]
+    return f"model.layers.{parts[2]}.{_block(spec)}.{rest}"
+
+
+def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
+    """The inverse of :func:`_model_name`."""
+    names, parts = spec.names, name.split(".", 3)
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or not spec.moe_at(int(parts[2])):
+        return name
+    if not parts[3].startswith(_block(spec) + "."):
+        return name
+    rest = parts[3][len(_block(spec)) + 1 :]
+    if rest.startswith("gate."):
+        rest = f"{names.router}.{rest[len('gate.') :]}"
+    return f"{names.block_prefix(int(parts[2]))}.{rest}"
+
+
+# Kept in float32 whatever the model's dtype, as the libraries keep them: a selection bias of a few
+# thousandths decides between experts whose scores differ by less than bfloat16 resolves.
+FLOAT32_TENSORS = (".e_score_correction_bias",)
 
 
 def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -91,20 +120,29 @@ def checkpoint_state(folder: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[
     for name, (path, _, _) in index.items():
         by_file.setdefault(path, []).append(name)
     per_expert = spec.names.per_expert()
-    state, experts = {}, {}
+    stacked = fused.pattern(spec.names) if spec.names.fused else None
+    state, experts, fused_parts = {}, {}, {}
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                if spec.names.is_unused(name):
+                if spec.is_unused(name):
                     continue
                 m = per_expert.match(name)
+                s = stacked.match(name) if stacked else None
                 if m:
                     part = PROJECTIONS[spec.names.projections.index(m.group(3))]
                     experts.setdefault(m.group(1), {})[(int(m.group(2)), part)] = f.get_tensor(name)
+                elif s:
+                    fused_parts.setdefault(f"{s.group(1)}.{s.group(2)}", {})[s.group(3) or ""] = f.get_tensor(name)
                 else:
-                    state[_model_name(spec, name)] = f.get_tensor(name).to(dtype)
+                    keep = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
+                    state[_model_name(spec, name)] = f.get_tensor(name).to(keep)
     for prefix, parts in experts.items():
         state.update(_fused_experts(folder, spec, prefix, parts, dtype))
+    for name, pieces in fused_parts.items():
+        moe = spec.moe_at(int(name.split(".")[2]))
+        tensors = fused.to_model(folder, name, pieces, moe, spec.hidden_size, spec.names.fused, dtype)
+        state.update({_model_name(spec, k): v for k, v in tensors.items()})
     return state
 
 
@@ -178,18 +216,11 @@ def load_weights(model, state: dict[str, torch.Tensor], spec: ModelSpec, folder:
 
 def _checkpoint_name(spec: ModelSpec, name: str) -> str:
     """How a model parameter is spelled in a checkpoint, for error messages (expert 0 for fused ones)."""
-    if name.endswith((".gate_up_proj", ".down_proj")):
+    if name.endswith((".gate_up_proj", ".down_proj")) and not spec.names.fused:
         prefix, fused = name.rsplit(".", 1)
         part = 0 if fused == "gate_up_proj" else 2
         return f"{_checkpoint_prefix(spec, prefix)}.0.{spec.names.projections[part]}.weight"
     return _checkpoint_router_name(spec, name)
-
-
-def _checkpoint_router_name(spec: ModelSpec, name: str) -> str:
-    parts = name.split(".")
-    if len(parts) >= 5 and parts[3] == _block(spec) and parts[4] == "gate" and spec.moe_at(int(parts[2])) is not None:
-        return f"{spec.names.block_prefix(int(parts[2]))}.{spec.names.router}.{'.'.join(parts[5:])}"
-    return name
 
 
 def _checkpoint_shape(name: str, shape) -> tuple:
@@ -211,7 +242,7 @@ def load_causal_lm(folder: Path, spec: ModelSpec, impl: str, dtype: torch.dtype,
 def carried_tensors(folder: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Checkpoint tensors the model does not load but a written folder keeps (GroveMoE's ``expert_bias``)."""
     out = {}
-    for path, names in carried_tensor_names(folder, spec.names).items():
+    for path, names in carried_tensor_names(folder, spec.is_carried).items():
         with safe_open(str(path), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in names})
     return out
@@ -220,14 +251,17 @@ def carried_tensors(folder: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
 def checkpoint_tensors(model, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The model's weights under the family's checkpoint names (per-expert tensors, as transformers writes)."""
     out = {}
+    stacked = fused.pattern(TensorNames(block=_block(spec))) if spec.names.fused else None
     for name, tensor in model.state_dict().items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if name.endswith((".gate_up_proj", ".down_proj")):
-            prefix, fused = name.rsplit(".", 1)
+        if stacked and stacked.match(name):
+            out[_checkpoint_router_name(spec, name)] = fused.to_checkpoint(name, tensor, spec.names.fused)
+        elif name.endswith((".gate_up_proj", ".down_proj")):
+            prefix, part = name.rsplit(".", 1)
             prefix = _checkpoint_prefix(spec, prefix)
             for e, weight in enumerate(tensor):
-                if fused == "gate_up_proj":
+                if part == "gate_up_proj":
                     gate, up = weight.chunk(2, dim=0)
                     out[f"{prefix}.{e}.{spec.names.projections[0]}.weight"] = gate.contiguous()
                     out[f"{prefix}.{e}.{spec.names.projections[1]}.weight"] = up.contiguous()

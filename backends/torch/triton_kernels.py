@@ -2,8 +2,10 @@
 
 - ``align_kernel``: one program turns (expert ids, weights) into the padded row order, the owner of
   every M-block, the row weights (λ·summed weight for adjugate rows) and the adjugate rows' validity.
-- ``swiglu_kernel``: GEMM1, ``silu(x Wg^T) * (x Wu^T)`` per tile, SwiGLU in the epilogue.
-- ``down_kernel``: GEMM2, ``h Wd^T`` times the row weight.
+- ``swiglu_kernel``: GEMM1, ``silu(x Wg^T) * (x Wu^T)`` per tile, SwiGLU in the epilogue; with
+  ``HAS_BIAS`` the experts' gate/up biases are added first, with ``CLAMPED`` gpt-oss's clamped SwiGLU
+  ``(clamp(u, ±limit) + 1) · g · sigmoid(alpha · g)``, ``g = min(gate, limit)``, replaces it.
+- ``down_kernel``: GEMM2, ``h Wd^T`` (+ the down bias with ``HAS_BIAS``) times the row weight.
 - ``combine_kernel``: the sum over a token's rows.
 
 Ordinary and adjugate tiles run in the same launch: a tile's M-block says which segment it is in,
@@ -140,11 +142,37 @@ def _block_rows(sorted_ptr, m_block, rows_o, R, k, BLOCK_M: tl.constexpr):
     return rows, real, token.to(tl.int64)
 
 
+@triton.jit
+def _gemm1_tile(pid, tiles_o, blocks_o, nb_o, nb_a):
+    """(adjugate tile?, M-block, N-block) of GEMM1's program ``pid``: ordinary tiles first."""
+    if pid >= tiles_o:
+        local = pid - tiles_o
+        return True, blocks_o + local // nb_a, local % nb_a
+    return False, pid // nb_o, pid % nb_o
+
+
+@triton.jit
+def _gated(acc_g, acc_u, bias_ptr, N, offs_n, n_ok, alpha, limit, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+    """GEMM1's epilogue in fp32: the gate and up biases (``bias_ptr``: the expert's ``[2N]``) when
+    ``HAS_BIAS``, then ``silu(g) · u`` or, when ``CLAMPED``, gpt-oss's ``(clamp(u, ±limit) + 1) · g ·
+    sigmoid(alpha · g)`` with ``g = min(gate, limit)``. Ordinary experts only: the op refuses either
+    with Grove's adjugates."""
+    if HAS_BIAS:
+        acc_g += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        return (u + 1.0) * (g * tl.sigmoid(alpha * g))
+    return acc_g * tl.sigmoid(acc_g) * acc_u
+
+
 @_jit
 def swiglu_kernel(
     x_ptr,
     gate_up_ptr,
     adj_gate_up_ptr,
+    gate_up_bias_ptr,
     sorted_ptr,
     block_expert_ptr,
     act_ptr,
@@ -159,26 +187,22 @@ def swiglu_kernel(
     tiles_o,
     nb_o,
     nb_a,
+    alpha,
+    limit,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CLAMPED: tl.constexpr,
 ):
     """act[row, n] = silu(x[token] · Wg[e, n]) * (x[token] · Wu[e, n]) for one (M-block, N-block) tile.
 
     Weights [experts, 2N, H] (gate rows then up rows), contiguous. Tiles ``< tiles_o`` are the
-    ordinary experts' (N = I), the rest the adjugates' (N = Ia).
+    ordinary experts' (N = I), the rest the adjugates' (N = Ia). gpt-oss's epilogue: see ``_gated``.
     """
-    pid = tl.program_id(0)
-    is_adj = pid >= tiles_o
-    if is_adj:
-        local = pid - tiles_o
-        m_block = blocks_o + local // nb_a
-        n_block = local % nb_a
-    else:
-        m_block = pid // nb_o
-        n_block = pid % nb_o
+    is_adj, m_block, n_block = _gemm1_tile(tl.program_id(0), tiles_o, blocks_o, nb_o, nb_a)
     expert = tl.load(block_expert_ptr + m_block)
     if expert >= 0:
         rows, real, token = _block_rows(sorted_ptr, m_block, rows_o, R, k, BLOCK_M)
@@ -212,7 +236,9 @@ def swiglu_kernel(
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h = _gated(
+            acc_g, acc_u, gate_up_bias_ptr + e.to(tl.int64) * 2 * N, N, offs_n, n_ok, alpha, limit, HAS_BIAS, CLAMPED
+        )
         tl.store(
             act_ptr + act_row[:, None] + offs_n[None, :],
             _rounded(h, act_ptr.dtype.element_ty, INTERP_BF16),
@@ -225,6 +251,7 @@ def down_kernel(
     act_ptr,
     down_ptr,
     adj_down_ptr,
+    down_bias_ptr,
     sorted_ptr,
     block_expert_ptr,
     row_weight_ptr,
@@ -243,10 +270,12 @@ def down_kernel(
     BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """out[row, n] = row_weight[row] · (act[row] · Wd[e, n]) for one (M-block, N-block) tile.
+    """out[row, n] = row_weight[row] · (act[row] · Wd[e, n] (+ bd[e, n])) for one (M-block, N-block) tile.
 
-    Weights [experts, H, K] contiguous, K = I for ordinary M-blocks and Ia for adjugate ones.
+    Weights [experts, H, K] contiguous, K = I for ordinary M-blocks and Ia for adjugate ones; the down
+    biases ``[experts, H]`` with ``HAS_BIAS`` (ordinary experts only).
     """
     pid = tl.program_id(0)
     m_block = pid // nb
@@ -279,6 +308,8 @@ def down_kernel(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(down_bias_ptr + e.to(tl.int64) * H + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc = acc * tl.load(row_weight_ptr + rows, mask=real, other=0.0)[:, None]
         tl.store(
             out_ptr + rows.to(tl.int64)[:, None] * H + offs_n[None, :],

@@ -6,7 +6,9 @@ once per (token, group)), accumulating in fp32 throughout::
     y[t] = Σ_s w[t,s] E_{idx[t,s]}(x[t])  +  λ Σ_{groups g of t} (Σ_{s: idx[t,s]//p = g} w[t,s]) A_g(x[t])
 
 in four launches: align → GEMM1 (gate and up, SwiGLU in the epilogue) → GEMM2 (down, times the row
-weight) → combine. Accumulation is fp32; weights may be fp32, fp16 or bf16.
+weight) → combine. Accumulation is fp32; weights may be fp32, fp16 or bf16. gpt-oss's experts run in
+the same launches: their biases are added in the GEMM epilogues and its clamped SwiGLU replaces SwiGLU
+in GEMM1's.
 
 Worked example of the data layout
 ---------------------------------
@@ -56,6 +58,8 @@ Gradients: there is no backward. ``MoEBlock`` runs its grouped torch path when a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -69,9 +73,17 @@ FUSION = dict(enable_fp_fusion=True)
 
 def fused_moe(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, block) -> torch.Tensor:
     """The MoE block's output for x [T, H] routed to ``idx``/``weights`` [T, k] (MoEBlock's hook)."""
-    grove = block.spec.grove
+    grove, experts = block.spec.grove, block.experts
     if grove is None:
-        return moe_forward(x, idx, weights, block.experts.gate_up_proj, block.experts.down_proj)
+        return moe_forward(
+            x,
+            idx,
+            weights,
+            experts.gate_up_proj,
+            experts.down_proj,
+            biases=None if experts.gate_up_proj_bias is None else (experts.gate_up_proj_bias, experts.down_proj_bias),
+            activation=experts.activation,
+        )
     return moe_forward(
         x,
         idx,
@@ -97,17 +109,20 @@ def moe_forward(
     scale: float = 1.0,
     config: dict | None = None,
     align: str = "auto",
+    biases=None,
+    activation=None,
 ) -> torch.Tensor:
     """The fused op on plain tensors: ``gate_up [E, 2I, H]``, ``down [E, H, I]``, and for Grove the
-    adjugates' ``[G, 2Ia, H]``, ``[G, H, Ia]`` with ``E = G · experts_per_group`` and λ = ``scale``.
+    adjugates' ``[G, 2Ia, H]``, ``[G, H, Ia]`` with ``E = G · experts_per_group`` and λ = ``scale``;
+    gpt-oss's ``biases`` ``([E, 2I], [E, H])`` and ``activation`` (``spec.ClampedSwiGLU``), see ExpertForm.
 
     ``align``: "auto" (one Triton program for small batches, torch ops above), "triton" or "torch".
     """
-    T, H = x.shape
-    k = idx.shape[1]
+    (T, H), k = x.shape, idx.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     grove = adj_gate_up is not None
-    tensors = (gate_up, down) + ((adj_gate_up, adj_down) if grove else ())
+    form = ExpertForm.of(biases, activation, grove)  # gpt-oss's biases and clamped SwiGLU
+    tensors = (gate_up, down) + ((adj_gate_up, adj_down) if grove else ()) + form.biases
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError(f"expert weights must be in x's dtype {x.dtype}, got {[t.dtype for t in tensors]}")
     # Without adjugates the adjugate arguments repeat the ordinary ones; no tile reads them.
@@ -120,13 +135,13 @@ def moe_forward(
     layout = Layout(T, k, E, G, bm)
     if align == "auto":
         align = "triton" if layout.R <= ALIGN_ONE_PROGRAM_MAX_ROWS else "torch"
-    aligned = (align_rows_triton if align == "triton" else align_rows_torch)(
+    align_rows = align_rows_triton if align == "triton" else align_rows_torch
+    sorted_ids, block_expert, row_weight, adj_valid = align_rows(
         idx, weights, layout, experts_per_group, scale, kernels
     )
-    sorted_ids, block_expert, row_weight, adj_valid = aligned
-
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
+    gate_up_bias, down_bias = (b.contiguous() for b in form.biases) if form.biases else (gate_up, down)  # or unread
     adj_gate_up = gate_up if not grove else adj_gate_up.contiguous()
     adj_down = down if not grove else adj_down.contiguous()
     interp_bf16 = interpreted and x.dtype == torch.bfloat16
@@ -141,18 +156,18 @@ def moe_forward(
     tiles_o = layout.blocks_o * nb_o
     grid1 = (tiles_o + layout.blocks_a * nb_a,)
     kernels.swiglu_kernel[grid1](
-        x, gate_up, adj_gate_up, sorted_ids, block_expert, act,
-        Ro, R, k, E, H, I, Ia, layout.blocks_o, tiles_o, nb_o, nb_a,
+        x, gate_up, adj_gate_up, gate_up_bias, sorted_ids, block_expert, act,
+        Ro, R, k, E, H, I, Ia, layout.blocks_o, tiles_o, nb_o, nb_a, form.alpha, form.limit,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], INTERP_BF16=interp_bf16, PRECISION=precision,
-        **launch)
+        HAS_BIAS=bool(form.biases), CLAMPED=form.clamped, **launch)
 
     rows = torch.empty(R, H, dtype=x.dtype, device=x.device)
     nb = triton.cdiv(H, cfg["BLOCK_N2"])
     kernels.down_kernel[(layout.blocks * nb,)](
-        act, down, adj_down, sorted_ids, block_expert, row_weight, rows,
+        act, down, adj_down, down_bias, sorted_ids, block_expert, row_weight, rows,
         Ro, R, k, E, H, I, Ia, layout.blocks_o, nb,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], INTERP_BF16=interp_bf16, PRECISION=precision,
-        **launch)
+        HAS_BIAS=bool(form.biases), **launch)
 
     y = torch.empty_like(x)
     block_h = min(1024, next_power_of_2(H))
@@ -161,6 +176,25 @@ def moe_forward(
         INTERP_BF16=interp_bf16, **FUSION)
     # fmt: on
     return y
+
+
+class ExpertForm(NamedTuple):
+    """What the experts add to plain SwiGLU: gpt-oss's biases and clamped SwiGLU, as the kernels take them."""
+
+    biases: tuple  # (gate_up_bias [E, 2I], down_bias [E, H]), or () without
+    clamped: bool
+    alpha: float
+    limit: float
+
+    @staticmethod
+    def of(biases, activation, grove: bool) -> ExpertForm:
+        """Checked: neither with Grove's adjugates (no family combines them)."""
+        biases = tuple(biases or ())
+        if grove and (biases or activation is not None):
+            raise ValueError("the fused op runs expert biases and the clamped SwiGLU without adjugates only")
+        if activation is None:
+            return ExpertForm(biases, False, 1.0, 0.0)
+        return ExpertForm(biases, True, float(activation.alpha), float(activation.limit))
 
 
 class Layout:

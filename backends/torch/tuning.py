@@ -29,17 +29,18 @@ from .router import routing_distribution
 class LiveGate(nn.Module):
     """Stands in for a tuned layer's ``Router`` during one suffix call.
 
-    logits = x @ weightᵀ in float32 (or the layer's own gate when ``weight`` is None), plus
+    logits = x @ weightᵀ (+ bias) in float32 (or the layer's own gate when ``router`` is None), plus
     ``offsets`` added at ``offset_rows``; the routing distribution at ``capture_rows`` goes to ``sink``.
-    Rows index the flattened [sequences · T] tokens the MoE block sees. The selection-only bias
-    stays the base gate's.
+    ``router``: the weight, or (weight, bias) for routers with a bias. Rows index the flattened
+    [sequences · T] tokens the MoE block sees. The selection-only bias stays the base gate's.
     """
 
-    def __init__(self, base, weight, offset_rows, offsets, capture_rows, sink: list):
+    def __init__(self, base, router, offset_rows, offsets, capture_rows, sink: list):
         super().__init__()
         self.base = base
         self.e_score_correction_bias = base.e_score_correction_bias
-        self.live_weight = weight
+        weight, bias = router if isinstance(router, tuple) else (router, None)
+        self.live_weight, self.live_bias = weight, bias
         self.offset_rows = offset_rows
         self.offsets = offsets
         self.capture_rows = capture_rows
@@ -54,7 +55,7 @@ class LiveGate(nn.Module):
         if self.live_weight is None:
             logits = self.base(x)
         else:
-            logits = F.linear(x.to(self.live_weight.dtype), self.live_weight)
+            logits = F.linear(x.to(self.live_weight.dtype), self.live_weight, self.live_bias)
         if self.offsets is not None:
             logits = logits.float().index_add(0, self.offset_rows, self.offsets)
         self.sink.append(routing_distribution(logits.index_select(0, self.capture_rows), self.base.rule))
@@ -65,23 +66,23 @@ class TorchTuning:
     """Mixed into ``TorchModel``: needs ``self.model``, ``self.spec``, ``self.device``, ``self.dtype``."""
 
     # -- shared pieces --------------------------------------------------------------------------
-    def _mask_and_rope(self, hidden: torch.Tensor, mask: torch.Tensor):
+    def _run_layers(self, hidden, mask, start: int, stop: int):
+        """Decoder layers ``start .. stop-1`` as the model's own forward runs them: each with the causal
+        mask of its attention type (``config.layer_types``; full attention where a config has none)."""
         config = self.model.config
         positions = positions_from_mask(mask)
-        make = (
-            create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-        )
-        causal = make(
-            config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
-        )
-        return positions, causal, self.model.model.rotary_emb(hidden, positions)
-
-    def _run_layers(self, hidden, mask, start: int, stop: int):
-        positions, causal, rope = self._mask_and_rope(hidden, mask)
-        for layer in self.model.model.layers[start:stop]:
-            hidden = layer(
+        types = getattr(config, "layer_types", None) or ["full_attention"] * len(self.model.model.layers)
+        masks = {}
+        for kind in set(types[start:stop]):
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(
+                config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=positions
+            )
+        rope = self.model.model.rotary_emb(hidden, positions)
+        for i in range(start, stop):
+            hidden = self.model.model.layers[i](
                 hidden,
-                attention_mask=causal,
+                attention_mask=masks[types[i]],
                 position_ids=positions,
                 past_key_values=None,
                 use_cache=False,
@@ -165,20 +166,33 @@ class TorchTuning:
             scores, routing = self.suffix_forward(hidden, batch, layer, layers, weights, off)
             args = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in inputs.items()}
             loss, aux = loss_fn(scores, routing, **args)
-            targets = [weights[i] for i in layers] if wrt == "router_weights" else [off]
-            grads = torch.autograd.grad(loss, targets)
+            if wrt == "router_weights":
+                per_layer = [weights[i] if isinstance(weights[i], tuple) else (weights[i],) for i in layers]
+                targets = [t for parts in per_layer for t in parts]
+            else:
+                targets = [off]
+            grads = [g.cpu().numpy() for g in torch.autograd.grad(loss, targets)]
         aux = {k: v.detach().cpu().numpy() for k, v in aux.items()}
         aux["scores"] = scores.detach().cpu().numpy()
         aux["routing"] = routing.detach().cpu().numpy()
-        if wrt == "router_weights":
-            grads = {i: g.cpu().numpy() for i, g in zip(layers, grads)}
+        if wrt == "router_weights":  # in the form they were given: a weight, or (weight, bias)
+            out = {}
+            for i, parts in zip(layers, per_layer):
+                taken, grads = grads[: len(parts)], grads[len(parts) :]
+                out[i] = tuple(taken) if isinstance(weights[i], tuple) else taken[0]
+            grads = out
         else:
-            grads = grads[0].cpu().numpy()
+            grads = grads[0]
         return float(loss.detach()), aux, grads
 
     def _router_tensors(self, router_weights: dict, trainable: bool) -> dict:
+        """{layer: weight or (weight, bias)} as float32 tensors on the device."""
+
+        def tensor(array):
+            return torch.tensor(np.asarray(array, dtype=np.float32), device=self.device, requires_grad=trainable)
+
         return {
-            int(i): torch.tensor(np.asarray(w, dtype=np.float32), device=self.device, requires_grad=trainable)
+            int(i): tuple(tensor(a) for a in w) if isinstance(w, (tuple, list)) else tensor(w)
             for i, w in router_weights.items()
         }
 

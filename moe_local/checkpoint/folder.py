@@ -116,12 +116,12 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
     return index
 
 
-def carried_tensor_names(folder: Path, names) -> dict[Path, list[str]]:
-    """The tensors a written folder keeps although no model reads them (``names``: the family's
-    TensorNames), grouped by the file that holds them."""
+def carried_tensor_names(folder: Path, is_carried) -> dict[Path, list[str]]:
+    """The tensors a written folder keeps although no model reads them (``is_carried(name)``: the
+    spec's rule), grouped by the file that holds them."""
     by_file: dict[Path, list[str]] = {}
     for name, (path, _, _) in tensor_index(folder).items():
-        if names.is_carried(name):
+        if is_carried(name):
             by_file.setdefault(path, []).append(name)
     return by_file
 

@@ -1,9 +1,8 @@
-"""``moe-local embed``: task embeddings for a JSONL file with a local sentence-transformers model."""
+"""``moe-local embed``: task embeddings for task data with a local sentence-transformers model."""
 
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import click
@@ -14,11 +13,11 @@ from moe_local.files import atomic_write_bytes
 from moe_local.tuning.data import embedding_text, read_records
 from moe_local.tuning.embeddings import compute_embeddings, default_embeddings_path
 
-from .options import ConfigCommand
+from .options import ConfigCommand, task_data_options
 
 
 @click.command(cls=ConfigCommand)
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Task file (JSONL).")
+@task_data_options
 @click.option(
     "--out",
     default=None,
@@ -36,17 +35,15 @@ from .options import ConfigCommand
 )
 @click.option("--device", default=None, help="torch device for the encoder (default cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def embed(data, out, embedder, batch_size, device, overwrite):
+def embed(data, split, fields, limit, out, embedder, batch_size, device, overwrite):
     """Embed each record's question and choices (the prompt without its final 'Answer:')."""
-    out = Path(out) if out else default_embeddings_path(data)
+    out = Path(out) if out else default_embeddings_path(data, split)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".npy":
         raise UserError(f"--out must end in .npy, got {out}")
-    records = read_records(data)
-    array = compute_embeddings(
-        [embedding_text(r) for r in records], embedder, batch_size, progress=sys.stderr.isatty(), device=device
-    )
+    records = read_records(data, split, fields, limit)
+    array = compute_embeddings([embedding_text(r) for r in records], embedder, batch_size, "auto", device=device)
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32), allow_pickle=False)
     atomic_write_bytes(out, buffer.getvalue())

@@ -11,7 +11,16 @@ import click
 from moe_local.errors import UserError
 from moe_local.files import atomic_write_text
 
-from .options import ConfigCommand, adapter_option, backend_option, device_option, model_option, seed_option
+from .options import (
+    ConfigCommand,
+    adapter_option,
+    backend_option,
+    device_option,
+    model_option,
+    prompt_options,
+    seed_option,
+    task_data_options,
+)
 
 
 def read_report(path: Path) -> list[dict]:
@@ -37,7 +46,8 @@ def append_report(path: Path, rows: list[dict]) -> None:
 @backend_option
 @device_option
 @adapter_option
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation task file (JSONL).")
+@task_data_options
+@prompt_options
 @click.option(
     "--layers",
     type=click.IntRange(min=1),
@@ -71,14 +81,26 @@ def append_report(path: Path, rows: list[dict]) -> None:
 )
 @seed_option
 def eval_(
-    model, backend, device, adapter_path, data, layers, batch_size, oracle, oracle_steps, oracle_lr, report, seed
+    model,
+    backend,
+    device,
+    adapter_path,
+    data,
+    layers,
+    batch_size,
+    oracle,
+    oracle_steps,
+    oracle_lr,
+    report,
+    seed,
+    **asked,
 ):
-    """Accuracy of the base model or an adapter on a task file, overall and per task."""
+    """Accuracy of the base model or an adapter on task data, overall and per task."""
     import moe_local
     from moe_local.distributed import session
     from moe_local.locks import output_lock
     from moe_local.tuning.adapter import check_adapter, read_adapter
-    from moe_local.tuning.data import read_records
+    from moe_local.tuning.data import read_task
     from moe_local.tuning.evaluate import evaluate, format_result
 
     # under torchrun each rank scores its share of the file
@@ -90,7 +112,7 @@ def eval_(
 
         if report is not None:
             dist.on_main(check_report)
-        records = read_records(data)
+        records, prompting = read_task(data, **asked)
         method, weights = "base", None
         if adapter_path is not None:  # read once: its layers and method here, its gates for the evaluation
             weights, config = read_adapter(adapter_path)
@@ -111,12 +133,14 @@ def eval_(
             seed=seed,
             dist=dist,
             data_file=data,
+            prompting=prompting,
         )
         if dist.is_main:
             for line in format_result(result, method):
                 click.echo(line)
             if report is not None:
-                append_report(Path(report), result.rows(model, Path(data).stem, method, seed, loaded.backend))
+                split = Path(data).stem + (f"/{asked['split']}" if asked["split"] else "")
+                append_report(Path(report), result.rows(model, split, method, seed, loaded.backend))
                 click.echo(f"wrote {report}")
 
 

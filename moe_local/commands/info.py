@@ -6,6 +6,7 @@ import click
 
 from moe_local.backends import auto_backend
 from moe_local.checkpoint import is_quantized, resolve_model, tensor_index, weight_bytes
+from moe_local.errors import UserError
 from moe_local.families import load_spec
 from moe_local.sizing import estimate_memory
 
@@ -35,12 +36,25 @@ def _ranges(ids) -> str:
     return ", ".join(out)
 
 
+def execution_here(spec) -> str:
+    """How the MoE layers would run with --backend auto here (the backend's own account)."""
+    from moe_local.backends import backend_module
+
+    try:
+        return backend_module(auto_backend()).describe_execution(spec)
+    except UserError as e:  # the backend is not installed
+        return str(e)
+
+
 def describe(spec, folder) -> list[str]:
     m = spec.moe[0]
     counts = spec.parameter_counts()
     quantized = is_quantized(tensor_index(folder))
+    method = (spec.config.get("quantization_config") or {}).get("quant_method")
+    mxfp4 = method == "mxfp4"  # gpt-oss's release: torch dequantizes the experts, MLX runs them as stored
     # A quantized folder's weights are what it stores; a float one runs at its dtype.
-    mem = estimate_memory(spec, weights=weight_bytes(folder) if quantized else None)
+    stored = quantized or (mxfp4 and auto_backend() == "mlx")
+    mem = estimate_memory(spec, weights=weight_bytes(folder) if stored else None)
     router = m.router.describe()
     active = _params(counts["active_min"])
     if counts["active_max"] != counts["active_min"]:
@@ -52,7 +66,7 @@ def describe(spec, folder) -> list[str]:
         f"{len(spec.dense_layers)} dense: {_ranges(spec.dense_layers)})",
         f"hidden:       {spec.hidden_size}, {spec.num_heads} heads ({spec.num_kv_heads} KV) of {spec.head_dim}, "
         f"vocab {spec.vocab_size}",
-        f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}",
+        f"experts:      {m.num_experts} of size {m.expert_size}, top-{m.top_k}; {m.describe_experts()}",
         f"router:       {router}",
     ]
     if m.shared:
@@ -67,8 +81,11 @@ def describe(spec, folder) -> list[str]:
         )
     lines += [
         f"parameters:   {_params(counts['total'])} total, {active} active per token (embeddings included)",
-        f"dtype:        {spec.dtype}" + (", weights quantized (MLX)" if quantized else ""),
+        f"dtype:        {spec.dtype}"
+        + (", weights quantized (MLX)" if quantized else "")
+        + (", experts MXFP4 (dequantized at load on torch, run as mxfp4 on MLX)" if mxfp4 else ""),
         f"backend:      {auto_backend()} (what --backend auto picks here)",
+        f"execution:    {execution_here(spec)}",
         f"memory chat:  {_gb(mem.chat)} (weights {_gb(mem.weights)} + KV cache {_gb(mem.kv_cache)} "
         f"for {mem.chat_context} tokens)",
         f"memory tune:  {_gb(mem.tune)} (weights + activations of the tuned suffix for batch {mem.tune_batch} "

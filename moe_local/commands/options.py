@@ -128,3 +128,41 @@ def utf8(data: bytes, what: str = "standard input") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
+
+
+def task_data_options(f):
+    """--data and what picks records from it: --split, --fields, --limit (tune, prepare, eval, embed)."""
+    f = click.option("--limit", type=click.IntRange(min=1), default=None, help="Take only the first N records.")(f)
+    f = click.option(
+        "--fields",
+        default=None,
+        help="Map a layout the package does not know: question=COL,choices=COL (or COL+COL+...),answer=COL"
+        "[,task=COL][,context=COL][,labels=COL]; a dotted name reaches into a struct column.",
+    )(f)
+    f = click.option("--split", default=None, help="The split of a datasets folder with several (e.g. test, dev).")(f)
+    return click.option(
+        "--data",
+        required=True,
+        type=click.Path(),
+        help="Task data: JSONL, CSV, parquet, Arrow, or a Hugging Face save_to_disk folder.",
+    )(f)
+
+
+def prompt_options(f):
+    """--format and --num-fewshot: how each record is asked (tune, prepare, eval)."""
+    f = click.option(
+        "--num-fewshot",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Worked examples before each prompt: from the folder's dev split, else the first records "
+        "(each record left out of its own).",
+    )(f)
+    return click.option(
+        "--format",
+        type=click.Choice(["mc", "rc"]),
+        default="mc",
+        show_default=True,
+        help="mc: lettered choices, each letter scored (MMLU's template); rc: each choice's text scored as "
+        "the continuation (cloze; reports acc and acc_norm, as lm-eval).",
+    )(f)

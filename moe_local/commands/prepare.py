@@ -7,30 +7,34 @@ from pathlib import Path
 
 import click
 
-from .options import ConfigCommand, backend_option, device_option, model_option
+from .options import ConfigCommand, backend_option, device_option, model_option, prompt_options, task_data_options
 
 
 def data_options(f):
+    """The reference data, how it is asked, and its embeddings (prepare, tune)."""
     f = click.option(
         "--embeddings",
         default=None,
         type=click.Path(dir_okay=False),
         help="Task embeddings (.npy [records, D]); default: the data path with .npy.",
     )(f)
-    return click.option("--data", required=True, type=click.Path(dir_okay=False), help="Reference task file (JSONL).")(
-        f
-    )
+    return task_data_options(prompt_options(f))
 
 
-def load_data(data, embeddings, need_embeddings: bool = True):
-    """(records, unit-row embeddings or None) with one-line errors."""
-    from moe_local.tuning.data import read_records
+# The options data_options adds besides --data and --embeddings, as load_data takes them.
+ASKED = ("split", "fields", "limit", "format", "num_fewshot")
+
+
+def load_data(data, embeddings, need_embeddings=True, **asked):
+    """(records, prompting, unit-row embeddings or None) with one-line errors; ``asked``: ASKED's options."""
+    from moe_local.tuning.data import read_task
     from moe_local.tuning.embeddings import default_embeddings_path, load_embeddings
 
-    records = read_records(data)
-    if embeddings is None and not need_embeddings and not default_embeddings_path(data).is_file():
-        return records, None
-    return records, load_embeddings(embeddings, len(records), data_path=data)
+    records, prompting = read_task(data, **asked)
+    split, limited = asked.get("split"), asked.get("limit") is not None
+    if embeddings is None and not need_embeddings and not default_embeddings_path(data, split).is_file():
+        return records, prompting, None
+    return records, prompting, load_embeddings(embeddings, len(records), data, split, limited)
 
 
 @click.command(cls=ConfigCommand)
@@ -53,7 +57,7 @@ def load_data(data, embeddings, need_embeddings: bool = True):
     help="Samples per forward pass (per process).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
-def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite):
+def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, overwrite, **asked):
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
     import moe_local
     from moe_local.distributed import session
@@ -70,9 +74,9 @@ def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, 
             check_bank_folder(bank, overwrite)
 
         dist.on_main(claim)
-        records, emb = load_data(data, embeddings)
+        records, prompting, emb = load_data(data, embeddings, True, **asked)
         loaded = moe_local.load(model, backend=backend, device=device)
-        result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist)
+        result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist, prompting=prompting)
         if dist.is_main:
             write_bank(bank, result)
             click.echo(

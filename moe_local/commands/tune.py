@@ -10,7 +10,7 @@ import click
 from moe_local.tuning.tune import CACHE_MODES, METHODS, TuneSettings
 
 from .options import ConfigCommand, backend_option, device_option, model_option
-from .prepare import data_options, load_data
+from .prepare import ASKED, data_options, load_data
 
 D = TuneSettings()
 
@@ -104,6 +104,7 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
     from moe_local.tuning.folder import check_output, claim, default_bank
     from moe_local.tuning.tune import tune as run_tune
 
+    asked = {key: hyper.pop(key) for key in ASKED}  # the data options, not hyper-parameters
     settings = TuneSettings(**hyper)
     settings.check()
     with session(device, backend) as (dist, device), contextlib.ExitStack() as held:
@@ -115,7 +116,7 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
             return given
 
         bank = dist.on_main(fail_fast)
-        records, emb = load_data(data, embeddings, need_embeddings=bank is None)
+        records, prompting, emb = load_data(data, embeddings, bank is None, **asked)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_tune(
             loaded,
@@ -128,6 +129,7 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
             resume=resume,
             overwrite=overwrite,
             dist=dist,
+            prompting=prompting,
         )
         if dist.is_main:
             ranks = f", {dist.world} processes" if dist.world > 1 else ""

@@ -15,11 +15,24 @@ from pathlib import Path
 from ..checkpoint.folder import has_weights, read_config, tensor_index
 from ..errors import UserError
 from ..spec import ModelSpec
-from . import grove_moe, olmoe, qwen3_moe
+from . import deepseek, deepseek_v3, glm4_moe, gpt_oss, grove_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Family, LibraryModel
 from .config import Config
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3_moe.FAMILY, olmoe.FAMILY, grove_moe.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        qwen3_moe.FAMILY,
+        olmoe.FAMILY,
+        grove_moe.FAMILY,
+        mixtral.FAMILY,
+        qwen2_moe.FAMILY,
+        deepseek.FAMILY,
+        deepseek_v3.FAMILY,
+        glm4_moe.FAMILY,
+        gpt_oss.FAMILY,
+    )
+}
 
 
 def family(name: str) -> Family:

@@ -20,6 +20,13 @@ class LibraryModel:
     config: str  # its config (transformers) or ModelArgs (mlx-lm) class
     model_type: str
     block: str = "mlp"  # the MoE block's attribute in the library's decoder layer
+    # transformers: the attention the model is built with (gpt-oss's sinks are eager-only there), and
+    # whether the decoder layer unpacks a tuple from its MoE block (gpt-oss: ``hidden, _ = self.mlp(x)``)
+    attn_implementation: str = "sdpa"
+    block_returns_tuple: bool = False
+    # mlx-lm: the router's and the stacked experts' attributes in its MoE block (gpt-oss: router, experts)
+    router: str = "gate"
+    experts: str = "switch_mlp"
 
 
 @dataclass(frozen=True)

@@ -86,36 +86,35 @@ class Config:
             raise UserError(f"{self.where}: 'num_experts_per_tok' ({k}) exceeds the number of experts ({num_experts})")
         return k
 
-    def rope_theta(self, default: float) -> float:
-        """``rope_theta`` (v4) or ``rope_parameters.rope_theta`` (v5); only the default RoPE type."""
+    def rope(self, default_theta: float, types=("default",)) -> dict:
+        """The RoPE parameters as transformers 5 spells them (``rope_type``, ``rope_theta`` and the
+        type's own keys), from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4);
+        ``types``: the RoPE types the family's libraries implement (the libraries apply them)."""
         params = self.values.get("rope_parameters")
-        from_params = None
-        if params is not None:
-            if not isinstance(params, dict):
-                raise UserError(f"{self.where}: 'rope_parameters' must be an object")
-            rope_type = params.get("rope_type", "default")
-            if rope_type != "default":
-                raise UserError(
-                    f"{self.where}: rope_parameters.rope_type '{rope_type}' is not supported (only 'default')"
-                )
-            from_params = params.get("rope_theta")
+        if params is not None and not isinstance(params, dict):
+            raise UserError(f"{self.where}: 'rope_parameters' must be an object")
         scaling = self.values.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        if scaling is not None and not isinstance(scaling, dict):
+            raise UserError(f"{self.where}: 'rope_scaling' must be an object")
+        rope = {k: v for k, v in (scaling or {}).items() if k != "type"}
+        rope.update(params or {})
+        rope_type = rope.get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type not in types:
             raise UserError(
-                f"{self.where}: rope_scaling type '{scaling.get('rope_type', scaling.get('type'))}' "
-                "is not supported (only 'default')"
+                f"{self.where}: RoPE type '{rope_type}' is not supported for this family "
+                f"(supported: {', '.join(types)})"
             )
-        theta = self.values.get("rope_theta")
+        theta, from_params = self.values.get("rope_theta"), (params or {}).get("rope_theta")
         if theta is not None and from_params is not None and float(theta) != float(from_params):
             raise UserError(
                 f"{self.where}: inconsistent 'rope_theta'={theta} and rope_parameters.rope_theta={from_params}"
             )
         theta = theta if theta is not None else from_params
         if theta is None:
-            return default
+            theta = default_theta
         if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
             raise UserError(f"{self.where}: 'rope_theta' must be a positive number, got {theta!r}")
-        return float(theta)
+        return {**rope, "rope_type": rope_type, "rope_theta": float(theta)}
 
     def dtype(self) -> str:
         name = str(self.values.get("dtype") or self.values.get("torch_dtype") or "float32").replace("torch.", "")
@@ -152,21 +151,27 @@ def attention_shape(c: Config, head_dim_key: bool = True) -> dict:
     return {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
 
-def attention_parameters(shape: dict, bias: bool, qk_norm: str) -> int:
-    """Parameters of one attention block: q, k, v, o (+ biases) and the q/k norms, which normalise one
-    head (``"head"``, Qwen3) or the whole projection (``"projection"``, OLMoE)."""
+def attention_parameters(shape: dict, bias: bool, qk_norm: str | None, o_bias: bool | None = None) -> int:
+    """Parameters of one attention block: q, k, v, o (+ their biases: ``bias`` on q/k/v, ``o_bias`` on
+    o, the same as ``bias`` unless given) and the q/k norms, which normalise one head (``"head"``,
+    Qwen3) or the whole projection (``"projection"``, OLMoE)."""
     h, d = shape["hidden_size"], shape["head_dim"]
     q, kv = shape["num_heads"] * d, shape["num_kv_heads"] * d
     count = h * (q + 2 * kv) + q * h
     if bias:
-        count += q + 2 * kv + h
+        count += q + 2 * kv
+    if bias if o_bias is None else o_bias:
+        count += h
     count += {"head": 2 * d, "projection": q + kv, None: 0}[qk_norm]
     return count
 
 
-def common_fields(c: Config, defaults: Mapping, head_dim_key: bool = True, qk_norm: str | None = "head") -> dict:
+def common_fields(
+    c: Config, defaults: Mapping, head_dim_key: bool = True, qk_norm: str | None = "head", rope_types=("default",)
+) -> dict:
     """The ModelSpec fields every family reads the same way; ``defaults`` are what the family's
     transformers config class assumes when a key is absent."""
+    rope = c.rope(defaults["rope_theta"], rope_types)
     if c.values.get("hidden_act", "silu") != "silu":
         raise UserError(f"{c.where}: hidden_act '{c.values.get('hidden_act')}' is not supported (only 'silu')")
     c.refuse("use_sliding_window")
@@ -177,7 +182,8 @@ def common_fields(c: Config, defaults: Mapping, head_dim_key: bool = True, qk_no
         **shape,
         "vocab_size": c.positive("vocab_size"),
         "attention_parameters": attention_parameters(shape, bias, qk_norm),
-        "rope_theta": c.rope_theta(defaults["rope_theta"]),
+        "rope": rope,
+        "rope_theta": rope["rope_theta"],
         "rms_norm_eps": float(c.values.get("rms_norm_eps", defaults["rms_norm_eps"])),
         "tie_word_embeddings": bool(c.values.get("tie_word_embeddings", False)),
         "max_position_embeddings": int(c.values.get("max_position_embeddings", defaults["max_position_embeddings"])),
@@ -187,11 +193,13 @@ def common_fields(c: Config, defaults: Mapping, head_dim_key: bool = True, qk_no
     }
 
 
-def common_config(spec, dtype: str | None = None) -> dict:
+def common_config(spec) -> dict:
     """The spec's config.json with the keys every family shares, in both spellings."""
     c = dict(spec.config)
-    if not c.get("rope_scaling"):
-        c.pop("rope_scaling", None)
+    rope = dict(spec.rope)
+    c.pop("rope_scaling", None)
+    if rope["rope_type"] != "default":  # transformers 4 and mlx-lm read the scaling from here
+        c["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "type": rope["rope_type"]}
     first = spec.moe[0]
     c.update(
         {
@@ -207,10 +215,9 @@ def common_config(spec, dtype: str | None = None) -> dict:
             "num_local_experts": first.num_experts,
             "num_experts_per_tok": first.top_k,
             "rope_theta": spec.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+            "rope_parameters": rope,
             "hidden_act": "silu",
             "attention_bias": spec.attention_bias,
         }
     )
-    c["dtype"] = c["torch_dtype"] = dtype or spec.dtype
     return c

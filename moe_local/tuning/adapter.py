@@ -1,7 +1,8 @@
 """Router adapter folders, loadable by ``mlx_lm ... --adapter-path`` as they are.
 
-``adapters.safetensors`` holds only the tuned layers' router weights in float32, under the family's
-checkpoint names (``model.layers.N.mlp.gate.weight`` for Qwen3-MoE);
+``adapters.safetensors`` holds only the tuned layers' router weights in float32 (and their biases where the
+router has one: gpt-oss), under the family's checkpoint names (``model.layers.N.mlp.gate.weight`` for
+Qwen3-MoE, ``model.layers.N.mlp.router.weight`` and ``.bias`` for gpt-oss);
 ``adapter_config.json`` says ``"fine_tune_type": "full"`` (mlx-lm then loads the tensors as
 plain weights) and carries a ``"moe_local"`` object: the base model's fingerprint, the tuned
 layers, the method and every hyper-parameter.
@@ -26,7 +27,7 @@ def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperp
     """Write (atomically, file by file) the adapter of the given tuned layers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = {spec.names.router_weight(i) for i in layers}
+    names = {name for i in layers for name in spec.router_tensors(i)}
     if set(weights) != names:
         raise ValueError(f"adapter weights {sorted(weights)} do not match the tuned layers {sorted(layers)}")
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
@@ -94,10 +95,11 @@ def _read_config(path: Path) -> dict:
 
 def check_adapter(weights: dict, config: dict, spec, folder: Path) -> None:
     """An adapter fits ``spec``: made for this model (its fingerprint), and its tensors are exactly the router
-    weights of the layers it lists (no gate of another layer is applied or fused unseen)."""
+    tensors (each weight, and its bias where the router has one) of the layers it lists: no gate of another
+    layer is applied or fused unseen."""
     check_fingerprint(config, spec, folder)
     layers = config["moe_local"]["layers"]
-    expected = {spec.names.router_weight(i) for i in layers}
+    expected = {name for i in layers for name in spec.router_tensors(i)}
     extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
     if extra:
         raise UserError(f"the adapter {folder} holds {extra[0]}, which is not a router of its layers {layers}")

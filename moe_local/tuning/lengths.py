@@ -1,12 +1,13 @@
 """Records whose prompts fit the model's context, checked before any model work.
 
-Every sequence the model runs for a record is its prompt plus all but the last token of a candidate
-(data.py); it must fit the model's context (``max_position_embeddings``). A record that does not is
-refused, naming its file and line and the limit: there is no silent truncation.
+Every sequence the model runs for a record is a context (the prompt, after its few-shot examples) plus
+all but the last token of a continuation (data.py); it must fit the model's context
+(``max_position_embeddings``). A record that does not is refused, naming where it is (file and line, or
+row) and the limit: there is no silent truncation.
 
 Counting the tokens of a huge prompt costs time and memory in proportion to its length (a 5 MB
 question: about a minute and 3.5 GB to tokenize with the tiny model's tokenizer), so before the records
-are encoded, a prompt whose UTF-8 bytes exceed the context (a token covers at least one byte in
+are encoded, a request whose UTF-8 bytes exceed the context (a token covers at least one byte in
 byte-level BPE and in SentencePiece with byte fallback) is counted piece by piece, and the count stops as
 soon as it is certainly past the limit: the refusal costs what a prompt of the context's length costs.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import contextlib
 
 from ..errors import UserError
-from .data import Encoded, Record, encode_records, render_prompt
+from .data import Encoded, Record, encode_records, prompt_requests
+from .tasks import Prompting
 
 PIECE_CHARS = 4096
 # Tokens a cut between two pieces can add to their summed count over the whole text's (a piece's own
@@ -53,13 +55,16 @@ def tokens_at_least(tokenizer, text: str, limit: int) -> int:
 
 
 def _where(data_file, record: Record) -> str:
-    return f"{data_file or 'record'}:{record.line}"
+    return record.where or f"{data_file or 'record'}:{record.line}"
 
 
-def check_prompts(tokenizer, records: list[Record], context: int, data_file=None) -> None:
-    """Refuse, without tokenizing it all, the first record whose prompt is certainly over ``context`` tokens."""
-    for record in records:
-        text = render_prompt(record)
+def check_prompts(tokenizer, records: list[Record], context: int, data_file=None, prompting=None) -> None:
+    """Refuse, without tokenizing it all, the first record whose longest request (context and
+    continuation, as ``prompting`` asks it) is certainly over ``context`` tokens."""
+    prompting = prompting or Prompting()
+    for index, record in enumerate(records):
+        pairs, _ = prompt_requests(record, prompting, index)
+        text = max((c + k for c, k in pairs), key=lambda t: len(t.encode("utf-8")))
         if len(text.encode("utf-8")) + EXTRA_TOKENS <= context:
             continue
         n = tokens_at_least(tokenizer, text, context)
@@ -95,11 +100,11 @@ def _no_length_warning():
         hf_logging.set_verbosity(verbosity)
 
 
-def encode_fitting(model, records: list[Record], data_file=None) -> list[Encoded]:
+def encode_fitting(model, records: list[Record], data_file=None, prompting: Prompting | None = None) -> list[Encoded]:
     """``encode_records`` for ``model``, after and with the checks that every record fits its context."""
     context = model.spec.max_position_embeddings
     with _no_length_warning():
-        check_prompts(model.tokenizer, records, context, data_file)
-        encoded = encode_records(model.tokenizer, records)
+        check_prompts(model.tokenizer, records, context, data_file, prompting)
+        encoded = encode_records(model.tokenizer, records, prompting)
     check_encoded(encoded, records, context, data_file)
     return encoded

@@ -45,6 +45,7 @@ from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .prepare import prepare, records_sha256
 from .report import METRIC_KEYS, Reporter, TuneCallback
+from .tasks import Prompting
 
 METHODS = ("roma", "router")
 
@@ -107,7 +108,7 @@ class TuneSettings:
 
 @dataclass
 class TuneResult:
-    weights: dict  # gate name -> float32 numpy, the tuned routers
+    weights: dict  # checkpoint name -> float32 numpy: the tuned routers' weights (and biases where they have them)
     layers: tuple
     metrics: list  # the metrics.jsonl rows
     bank: Bank
@@ -137,9 +138,30 @@ class _Run:
     cache: PrefixCache = None
     bank: Bank = None
     neighbours: roma.Neighbours | None = None
+    prompting: Prompting | None = None
 
-    def gate(self, layer: int) -> str:
-        return self.model.spec.names.router_weight(layer)
+    @property
+    def tensors(self) -> list[str]:
+        """The tuned tensors' checkpoint names, layer by layer: each router's weight, and its bias where
+        the rule has one (gpt-oss)."""
+        return [name for i in self.layers for name in self.model.spec.router_tensors(i)]
+
+    def per_layer(self, arrays: dict) -> dict:
+        """Arrays keyed by tensor name as TuningOps takes them: ``{layer: weight}``, or
+        ``{layer: (weight, bias)}`` for a router with a bias."""
+        out = {}
+        for i in self.layers:
+            names = self.model.spec.router_tensors(i)
+            out[i] = arrays[names[0]] if len(names) == 1 else tuple(arrays[n] for n in names)
+        return out
+
+    def by_name(self, per_layer: dict) -> dict:
+        """The inverse of :meth:`per_layer` (gradients as TuningOps returns them)."""
+        out = {}
+        for i in self.layers:
+            names = self.model.spec.router_tensors(i)
+            out.update(zip(names, per_layer[i] if len(names) > 1 else (per_layer[i],)))
+        return out
 
 
 def tune(
@@ -155,6 +177,7 @@ def tune(
     callbacks=(),
     progress="auto",
     dist=LOCAL,
+    prompting: Prompting | None = None,
 ) -> TuneResult:
     """Tune the routers of ``settings.layers`` last MoE layers; write the adapter folder ``out``.
 
@@ -162,15 +185,16 @@ def tune(
     unless a resumed run left one). ``callbacks``: :class:`TuneCallback` objects told of every step.
     The model's own gates are not changed. ``dist``: the torchrun process group; N processes take the
     steps one process takes. ``overwrite`` replaces an adapter only once the new run has succeeded
-    (folder.RunFolder).
+    (folder.RunFolder). ``prompting``: the format and few-shot examples the records are asked with
+    (tasks.Prompting; default mc, none): the CE is over those candidates' scores.
     """
     settings.check()
     layers = roma.tuned_layers(model.spec, settings.layers)
     settings = dataclasses.replace(settings, layers=len(layers))  # the default, resolved, is what is recorded
     out = Path(out)
-    identity = (records_sha256(records), model.spec.fingerprint(layers))
+    identity = (records_sha256(records, prompting), model.spec.fingerprint(layers))
     hyper = settings.hyperparameters()
-    encoded = encode_fitting(model, records, data_file)  # every record fits the context, before any folder
+    encoded = encode_fitting(model, records, data_file, prompting)  # every record fits the context, before any folder
     # The output folder is rank 0's: it claims (locks), checks and reads it for every rank, and keeps the
     # run folder (which holds the lock) to itself.
     kept = {}
@@ -184,6 +208,7 @@ def tune(
     folder = kept.get("folder")
     work = folder.work if folder else None
     run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
+    run.prompting = prompting
     run.encoded = encoded
     try:
         try:
@@ -237,6 +262,7 @@ def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
             run.data_file,
             run.progress,
             dist,
+            run.prompting,
         )
         prepare_s = time.perf_counter() - t0
         if run.work is not None:
@@ -265,8 +291,8 @@ def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
 
 
 def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, np.ndarray]:
-    """One global batch ``index`` on this rank: (the routers' gradients, summed over ranks, in layer order;
-    the metric sums loss·size, Σ CE, Σ manifold, correct answers over the whole batch).
+    """One global batch ``index`` on this rank: (the routers' gradients, summed over ranks, in the order
+    of ``run.tensors``; the metric sums loss·size, Σ CE, Σ manifold, correct answers over the whole batch).
 
     Each rank runs the records of the batch it owns (all of them in one process). The loss is a sum
     over samples divided by the global batch size, so the sum of the ranks' gradients is the
@@ -275,7 +301,7 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
     """
     settings, layers, size = run.settings, run.layers, len(index)
     mine = run.dist.shard(index)
-    grads = {i: np.zeros_like(opt.params[run.gate(i)]) for i in layers}
+    grads = {name: np.zeros_like(opt.params[name]) for name in run.tensors}
     sums = np.zeros(4)
     if len(mine):
         batch = make_batch([run.encoded[i] for i in mine], mine)
@@ -288,10 +314,11 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
             layers,
             loss_fn,
             {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
-            router_weights={i: opt.params[run.gate(i)] for i in layers},
+            router_weights=run.per_layer(opt.params),
         )
         if opt.step_count:  # the routers have moved: non-finite values are theirs (the first step ran the model's)
             _check_trained_finite(aux, loss, opt, settings)
+        grads = run.by_name(grads)
         check_finite(aux["scores"], aux["routing"], batch, run.records, run.data_file)
         if not math.isfinite(loss):
             raise UserError(
@@ -302,7 +329,7 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
             [loss * size, aux["ce"].sum(), aux["manifold"].sum(), (predictions(aux["scores"]) == batch.answers).sum()],
             dtype=np.float64,
         )
-    *summed, sums = run.dist.sum([grads[i] for i in layers] + [sums])
+    *summed, sums = run.dist.sum([grads[name] for name in run.tensors] + [sums])
     return summed, sums
 
 
@@ -326,7 +353,7 @@ def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
         trained_samples = _epochs(run, opt, reporter, ckpt_info, callbacks)
     train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     reporter.bar.close()
-    weights = {run.gate(i): opt.params[run.gate(i)].copy() for i in layers}
+    weights = {name: opt.params[name].copy() for name in run.tensors}
     hyper = {
         **settings.hyperparameters(),
         "effective_lam": settings.effective_lam,
@@ -335,6 +362,9 @@ def _train(run: _Run, checkpoint, logged, timings, callbacks) -> TuneResult:
         "betas": list(opt.betas),
         "eps": opt.eps,
     }
+    asked = (run.prompting or Prompting()).fingerprint()
+    if asked is not None:  # how the records were asked, when not today's default (mc, no examples)
+        hyper["prompting"] = asked
     if run.work is not None:
         write_adapter(run.work, weights, model.spec, layers, settings.method, hyper)
     prepare_s, cache_s = timings
@@ -376,7 +406,7 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
             step = opt.step_count + 1
             lam = roma.lam_at(step, settings.effective_lam, settings.lam_warmup)
             grads, sums = _step(run, opt, index, lam)
-            opt.step({run.gate(i): g for i, g in zip(run.layers, grads)})
+            opt.step(dict(zip(run.tensors, grads)))
             check_routers(opt.params, f"after step {step}, so nothing is written (is --lr {settings.lr:g} too large?)")
             trained += len(index)
             row = reporter.step(
@@ -429,9 +459,10 @@ def _global_batches(order: np.ndarray, batch_size: int):
 
 
 def _gates(model, layers) -> dict:
-    """The model's current gates of ``layers``, float32, keyed by checkpoint name."""
+    """The model's current routers of ``layers`` (weights, and biases where they have them), float32,
+    keyed by checkpoint name."""
     weights = model.get_router_weights(layers)
-    names = [model.spec.names.router_weight(i) for i in layers]
+    names = [name for i in layers for name in model.spec.router_tensors(i)]
     return {name: np.asarray(weights[name], dtype=np.float32) for name in names}
 
 
