@@ -1,45 +1,18 @@
-"""Adapters are applied only when they fit: every value finite, tensors exactly the router weights of the
+"""Adapters are applied only when they fit: every value finite, tensors exactly the router tensors of the
 layers the config lists, a base-model fingerprint. Every reader refuses the others with exit 2 and one
-line: fuse, generate, chat, eval and ``moe_local.load``."""
+line: fuse, generate, chat, eval, serve (its ``--adapter`` folders, swapped in per request) and
+``moe_local.load``."""
 
 import io
-import json
-import shutil
 import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 import moe_local
 from moe_local.errors import UserError
 
-from helpers import gate_name, make_adapter, run_main, write_task
-
-
-def variant(adapter, out, change_weights=None, change_config=None):
-    """A copy of ``adapter`` with its tensors and/or its config changed (real files, as a user's would be)."""
-    shutil.copytree(adapter, out)
-    weights = load_file(str(out / "adapters.safetensors"))
-    if change_weights:
-        weights = change_weights(weights)
-        save_file(weights, str(out / "adapters.safetensors"))
-    if change_config:
-        config = json.loads((out / "adapter_config.json").read_text())
-        change_config(config["moe_local"])
-        (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
-def poisoned(value):
-    def change(weights):
-        name = sorted(weights)[0]
-        weights[name] = weights[name].copy()
-        weights[name][1, 2] = value
-        return weights
-
-    return change
-
+from helpers import adapter_variant, gate_name, make_adapter, poisoned, run_cli, run_main, write_task
 
 BAD = {
     "nan": (dict(change_weights=poisoned(np.nan)), "holds NaN or infinite values"),
@@ -58,7 +31,7 @@ BAD = {
 def adapters(qwen3_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     good = make_adapter(qwen3_dir, root / "good", layers=1)  # layer 3; layer 1 is an MoE layer it does not list
-    return {name: variant(good, root / name.replace(" ", "-"), **kw) for name, (kw, _) in BAD.items()}
+    return {name: adapter_variant(good, root / name.replace(" ", "-"), **kw) for name, (kw, _) in BAD.items()}
 
 
 @pytest.mark.parametrize("command", ["fuse", "generate", "chat", "eval"])
@@ -81,6 +54,16 @@ def test_every_command_refuses_an_adapter_that_does_not_fit(
     assert code == 2 and BAD[case][1] in err and len(err.strip().splitlines()) == 1, err
     assert out == ""  # nothing was generated, evaluated or reported
     assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.slow
+def test_serve_refuses_an_adapter_that_does_not_fit_before_serving(adapters, qwen3_dir):
+    """In a process of its own on a free port: a server that started serving would time out the test."""
+    for case in ("nan", "gate of an unlisted layer", "no tensors"):  # read with the adapter; checked on the model
+        words = BAD[case][1]
+        result = run_cli("serve", "--model", qwen3_dir, "--port", 0, "--adapter", f"x={adapters[case]}", timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], (case, result.stderr)
 
 
 @pytest.mark.parametrize("case", list(BAD))
