@@ -227,6 +227,17 @@ def test_a_prompt_over_the_context_is_refused_naming_its_line(command, qwen3_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl", "train.npy"]
 
 
+def test_few_shot_examples_count_toward_the_context(qwen3_dir, tmp_path, capsys):
+    """Each record fits alone; asked after three worked examples, none does (the context is 256 tokens)."""
+    rows = [dict(r, question=f"{i} " + "fox " * 70) for i, r in enumerate(task_records(5))]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    code, out, err = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path)
+    assert code == 0, err
+    code, out, err = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path, "--num-fewshot", 3)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{path}:1: the prompt is over 256 tokens" in err, err
+
+
 class CountingTokenizer:
     """The model's own tokenizer, counting the characters it is given."""
 

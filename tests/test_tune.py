@@ -462,7 +462,9 @@ def test_a_tuned_result_that_is_not_finite_is_never_written(olmoe_dir, tmp_path)
     m = moe_local.load(str(olmoe_dir), backend="torch")
     records, emb = answerable_records(m, 4), unit_rows(4)
     settings = tune.TuneSettings(epochs=1, **{**SMALL, "lr": 1e39})  # finite in Python, inf in the float32 routers
-    with pytest.raises(UserError, match="holds NaN or infinite values after step 1, so nothing is written"):
+    with pytest.raises(
+        UserError, match="holds NaN or infinite values after step 1; no checkpoint or adapter is written"
+    ):
         tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
     assert not (tmp_path / "A" / "adapters.safetensors").exists()
     assert tune_folder.latest_checkpoint(tmp_path / "A") is None

@@ -407,7 +407,10 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
             lam = roma.lam_at(step, settings.effective_lam, settings.lam_warmup)
             grads, sums = _step(run, opt, index, lam)
             opt.step(dict(zip(run.tensors, grads)))
-            check_routers(opt.params, f"after step {step}, so nothing is written (is --lr {settings.lr:g} too large?)")
+            check_routers(
+                opt.params,
+                f"after step {step}; no checkpoint or adapter is written (is --lr {settings.lr:g} too large?)",
+            )
             trained += len(index)
             row = reporter.step(
                 step, len(index), sums, settings.lr, lam, run.neighbours is not None, run.model.peak_memory_gb
