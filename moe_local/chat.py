@@ -11,6 +11,7 @@ from what it holds are prefilled, incremental detokenization, stop tokens, and t
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -46,8 +47,8 @@ class GenerationStats:
 def check_sampling(max_tokens: int, temp: float, top_p: float) -> None:
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temp < 0:
-        raise UserError(f"--temp must be 0 (greedy) or positive, got {temp}")
+    if not 0 <= temp < math.inf:  # NaN fails every comparison
+        raise UserError(f"--temp must be 0 (greedy) or a finite positive number, got {temp}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 

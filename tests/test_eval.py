@@ -214,6 +214,54 @@ def test_adapter_eval_reports_its_method(olmoe_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())[0]["method"] == "router"
 
 
+@pytest.mark.parametrize("command", ["eval", "prepare", "tune"])
+def test_a_prompt_over_the_context_is_refused_naming_its_line(command, qwen3_dir, tmp_path, capsys):
+    rows = task_records(3)
+    rows[1] = dict(rows[1], question="fox " * 300)  # about 300 tokens; the context is 256
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    np.save(tmp_path / "train.npy", unit_rows(3))
+    extra = {"eval": [], "prepare": ["--bank", tmp_path / "B"], "tune": ["--adapter-path", tmp_path / "A"]}[command]
+    code, out, err = run_main(capsys, command, "--model", qwen3_dir, "--data", path, "--layers", 1, *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{path}:2: the prompt is over 256 tokens" in err and "the model's context is 256 tokens" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl", "train.npy"]
+
+
+def test_few_shot_examples_count_toward_the_context(qwen3_dir, tmp_path, capsys):
+    """Each record fits alone; asked after three worked examples, none does (the context is 256 tokens)."""
+    rows = [dict(r, question=f"{i} " + "fox " * 70) for i, r in enumerate(task_records(5))]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    code, out, err = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path)
+    assert code == 0, err
+    code, out, err = run_main(capsys, "eval", "--model", qwen3_dir, "--data", path, "--num-fewshot", 3)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{path}:1: the prompt is over 256 tokens" in err, err
+
+
+class CountingTokenizer:
+    """The model's own tokenizer, counting the characters it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __call__(self, text, *args, **kwargs):
+        self.chars += len(text) if isinstance(text, str) else sum(map(len, text))
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_question_is_refused_without_tokenizing_it_all(qwen3_dir):
+    m = moe_local.load(qwen3_dir, backend="torch")
+    counting = m._tokenizer = CountingTokenizer(m.tokenizer)
+    rows = task_records(2)
+    rows[1] = dict(rows[1], question="What is seven plus eight? " * 40000)  # 1 MB
+    with pytest.raises(UserError, match="t:2: the prompt is over 256 tokens"):
+        evaluate(m, _records(rows), progress="off", data_file="t")
+    assert counting.chars < 10_000  # a few pieces of it, not the megabyte
+
+
 def test_progress_bar_counts_records(olmoe_dir, capsys):
     m = moe_local.load(str(olmoe_dir), backend="torch")
     evaluate(m, _records(task_records(3)), layers=2, batch_size=1, progress="bar")

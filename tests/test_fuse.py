@@ -1,6 +1,9 @@
 """``moe-local fuse``: the fused folder loads in transformers and mlx-lm with the logits of base + adapter."""
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +179,50 @@ def test_fused_quantized_mlx_folder_keeps_its_format_with_float_gates(quantized,
     "".join(chat.complete(ids, eos_ids=()))  # no end token: exactly 16 tokens to compare
     assert len(chat.answer_ids) == 16
     assert chat.answer_ids == mlx_lm_greedy(mlx_lm_load(str(out)), ids, set(), 16)
+
+
+def test_files_linked_out_of_the_model_folder_are_refused_and_links_inside_are_copied(qwen3_dir, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    model = tmp_path / "model"
+    shutil.copytree(qwen3_dir, model)
+    adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
+    # a link inside the folder is read and copied as a regular file
+    (model / "sub").mkdir()
+    (model / "tokenizer.json").rename(model / "sub" / "tokenizer.json")
+    (model / "tokenizer.json").symlink_to(Path("sub") / "tokenizer.json")
+    code, _, err = run(
+        ["fuse", "--model", str(model), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "ok")], capsys
+    )
+    assert code == 0, err
+    assert not (tmp_path / "ok" / "tokenizer.json").is_symlink()
+    assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == (model / "sub" / "tokenizer.json").read_bytes()
+    # a tokenizer file or a template linked to a file elsewhere is neither copied nor read
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        (elsewhere / name).write_bytes((model / name).read_bytes())
+        (model / name).unlink()
+        (model / name).symlink_to(elsewhere / name)
+        message = f"{model / name} is a link to {elsewhere / name}, outside the model folder"
+        for argv in (
+            ["fuse", "--model", str(model), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "fused")],
+            ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "2"],
+        ):
+            code, out, err = run(argv, capsys)
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+            assert out == ""
+        assert not (tmp_path / "fused").exists()
+        (model / name).unlink()
+        shutil.copy(elsewhere / name, model / name)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_a_fused_folder_follows_the_umask(umask, qwen3_dir, tmp_path):
+    adapter = make_adapter(qwen3_dir, tmp_path / "adapter")
+    old = os.umask(umask)
+    try:
+        out = fuse(qwen3_dir, adapter, tmp_path / "fused", backend="torch")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes == {name: 0o777 & ~umask if name == "fused" else 0o666 & ~umask for name in modes}
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(modes)

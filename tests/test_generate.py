@@ -168,7 +168,17 @@ def test_bad_arguments_are_user_errors(backend, qwen3_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",
-    ["missing model", "foreign adapter", "max tokens 0", "prompt too long", "chat: message too long", "chat: top-p 0"],
+    [
+        "missing model",
+        "foreign adapter",
+        "max tokens 0",
+        "prompt too long",
+        "temp nan",
+        "non-UTF-8 standard input",
+        "chat: message too long",
+        "chat: top-p 0",
+        "chat: non-UTF-8 standard input",
+    ],
 )
 def test_bad_input_exits_2_with_one_line(case, backend, qwen3_dir, olmoe_dir, tmp_path, capsys, monkeypatch):
     import io
@@ -190,13 +200,19 @@ def test_bad_input_exits_2_with_one_line(case, backend, qwen3_dir, olmoe_dir, tm
         message = "the model's context is 256 tokens"
     elif case == "chat: message too long":
         stdin, message = "hello\n" + "fox " * 300 + "\n", "the model's context is 256 tokens"
+    elif case == "temp nan":
+        extra, message = extra + ["--temp", "nan"], "--temp must be 0 (greedy) or a finite positive number, got nan"
+    elif case.endswith("non-UTF-8 standard input"):
+        stdin = b"hello\ncaf\xe9\n"
+        message = "standard input, line 2, is not UTF-8 text (byte 3: b'\\xe9')"
     else:
         extra, message = extra + ["--top-p", "0"], "--top-p must be in (0, 1]"
+    as_bytes = stdin.encode() if isinstance(stdin, str) else stdin
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(as_bytes), encoding="utf-8"))
     if case.startswith("chat"):
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         argv = ["chat", "--model", model, "--max-tokens", "4", *extra]
     else:
-        prompt = "fox " * 300 if case == "prompt too long" else PROMPT
+        prompt = "fox " * 300 if case == "prompt too long" else "-" if "standard input" in case else PROMPT
         argv = ["generate", "--model", model, "--prompt", prompt, *extra]
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -18,10 +18,22 @@ import torch
 
 import moe_local
 from moe_local.chat import eos_token_ids, prompt_ids
+from moe_local.errors import UserError
 from moe_local.families import load_spec
 
 import checkpoints
-from helpers import BACKENDS, answerable, both_spellings, rel, run_main, task_records, unit_rows, write_jsonl
+from helpers import (
+    BACKENDS,
+    adapter_variant,
+    answerable,
+    both_spellings,
+    poisoned,
+    rel,
+    run_main,
+    task_records,
+    unit_rows,
+    write_jsonl,
+)
 
 RTOL = 1e-5
 LONG = np.array([3, 17, 42, 5, 99, 64, 12, 7, 120, 33])  # longer than the sliding window (4)
@@ -383,6 +395,31 @@ def test_served_adapters_swap_the_router_weight_and_bias(folders, tmp_path):
         )
     np.testing.assert_array_equal(m.logits(LONG)[0], base)
     assert rel(load(folder, "torch", adapter_path=tmp_path / "a").logits(LONG)[0], base) > 1e-4
+
+
+def test_an_adapter_without_its_bias_or_with_a_nan_bias_is_refused(folders, tmp_path, capsys):
+    """The router's bias is one of its tuned tensors: an adapter must hold it, finite, wherever it is read."""
+    from moe_local.serve.adapters import RouterAdapters, read_adapters
+
+    folder = folders["truncated"]
+    weight_and_bias_adapter(folder, tmp_path / "a")
+    bias = "model.layers.1.mlp.router.bias"
+    bad = {
+        "nan": (adapter_variant(tmp_path / "a", tmp_path / "nan", poisoned(np.nan, bias)), "holds NaN or infinite"),
+        "no bias": (
+            adapter_variant(tmp_path / "a", tmp_path / "no-bias", lambda w: {k: v for k, v in w.items() if k != bias}),
+            f"lacks {bias}",
+        ),
+    }
+    for adapter, words in bad.values():
+        with pytest.raises(UserError, match=words):
+            load(folder, "torch", adapter_path=adapter)
+        with pytest.raises(UserError, match=words):
+            RouterAdapters(load(folder, "torch"), read_adapters({"x": adapter}))
+        fuse = ["fuse", "--model", folder, "--adapter-path", adapter, "--save-path", tmp_path / "f"]
+        code, out, err = run_main(capsys, *fuse)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "f").exists()
 
 
 def test_mlx_fuse_writes_the_layout_transformers_reads(folders, tmp_path):

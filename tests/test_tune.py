@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import moe_local
+from moe_local.checkpoint import BUILTIN_MODELS
 from moe_local.errors import UserError
 from moe_local.tuning import folder as tune_folder
 from moe_local.tuning import tune
@@ -455,6 +456,112 @@ def test_prefix_cache_modes_agree(olmoe_dir, tmp_path, backend, dtype):
     loss = [r["loss"] for r in out["memory"].metrics]
     for mode in modes[2:]:
         np.testing.assert_allclose([r["loss"] for r in out[mode].metrics], loss, rtol=1e-5)
+
+
+def test_a_tuned_result_that_is_not_finite_is_never_written(olmoe_dir, tmp_path):
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = answerable_records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **{**SMALL, "lr": 1e39})  # finite in Python, inf in the float32 routers
+    with pytest.raises(
+        UserError, match="holds NaN or infinite values after step 1; no checkpoint or adapter is written"
+    ):
+        tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    assert not (tmp_path / "A" / "adapters.safetensors").exists()
+    assert tune_folder.latest_checkpoint(tmp_path / "A") is None
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
+        ({"lam": float("nan")}, "--lam must be a finite number"),
+        ({"seed": -1}, "--seed must be at least 0"),
+        ({"epochs": 2.7}, "--epochs must be an integer, got 2.7"),
+        ({"layers": True}, "--layers must be an integer"),
+    ],
+)
+def test_settings_are_checked_before_any_work(setting, message):
+    with pytest.raises(UserError, match=message):
+        tune.TuneSettings(**setting).check()
+
+
+def test_cli_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, task_records(4))
+    np.save(tmp_path / "d.npy", unit_rows(4))
+    (tmp_path / "cfg.yaml").write_text("epochs: 2.7\n")
+    for extra, message in [
+        (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["-c", tmp_path / "cfg.yaml"], "'epochs' must be an integer, got 2.7"),
+    ]:
+        code, out, err = run_main(capsys, "tune", "--data", data, "--adapter-path", tmp_path / "A", *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert out == "" and not (tmp_path / "A").exists()
+
+
+def test_the_default_layer_count_fits_the_model(tmp_path, capsys):
+    from moe_local.families import spec_from_config
+    from moe_local.tuning.roma import tuned_layers
+
+    wide = spec_from_config(dict(checkpoints.QWEN3, model_type="qwen3_moe", num_hidden_layers=7))
+    assert tuned_layers(wide, None) == (2, 3, 4, 5, 6)  # the paper's 5
+    # tiny has 4 MoE layers: a bare `moe-local tune` tunes them all
+    suite = BUILTIN_MODELS["tiny"].parent / "suite"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join((suite / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    np.save(tmp_path / "d.npy", np.load(suite / "train.npy")[:8])
+    code, out, err = run_main(capsys, "tune", "--data", data, "--adapter-path", tmp_path / "A", "--epochs", 1)
+    assert code == 0, err
+    _, config = read_adapter(tmp_path / "A")
+    assert config["moe_local"]["layers"] == [0, 1, 2, 3] and config["moe_local"]["hyperparameters"]["layers"] == 4
+    code, out, err = run_main(capsys, "eval", "--data", data, "--oracle", "--oracle-steps", 1)
+    assert code == 0 and "oracle: accuracy" in out, err
+
+
+def test_claim_repairs_what_a_killed_overwrite_run_left(tmp_path):
+    def make(folder, files):
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+
+    old = {"adapter_config.json": OUR_CONFIG, "adapters.safetensors": "old", "bank/bank.json": "{}", ".keep": "mine"}
+    new = {"adapter_config.json": OUR_CONFIG, "adapters.safetensors": "new"}
+    # killed between the swap's two renames: the old adapter is aside, the new one not yet in place
+    make(tmp_path / ".A.old-x1", old)
+    make(tmp_path / ".A.partial-x2", new)
+    with tune_folder.claim(tmp_path / "A"):
+        assert _files(tmp_path / "A") == {k: v.encode() for k, v in old.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+    # killed after the swap, before the kept bank and the user's hidden file were moved over
+    (tmp_path / "A").rename(tmp_path / ".A.old-bank-x3")
+    make(tmp_path / "A", {**new, "checkpoints/.step-00000002.partial-x4/state.json": "{", ".prefix-cache.bin": ""})
+    with tune_folder.claim(tmp_path / "A"):
+        assert _files(tmp_path / "A") == {
+            k: v.encode() for k, v in {**new, "bank/bank.json": "{}", ".keep": "mine"}.items()
+        }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+
+
+def test_a_checkpoint_or_bank_that_is_not_finite_is_refused(olmoe_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    m = moe_local.load(str(olmoe_dir), backend="torch")
+    records, emb = answerable_records(m, 4), unit_rows(4)
+    settings = tune.TuneSettings(epochs=1, **SMALL)
+    tune.tune(m, records, emb, settings, tmp_path / "A", progress="off")
+    for path, key, run in [
+        (tune_folder.latest_checkpoint(tmp_path / "A") / "state.safetensors", "exp_avg_sq", dict(resume=True)),
+        (tmp_path / "A" / "bank" / "bank.safetensors", "routing", dict(bank=tmp_path / "A" / "bank")),
+    ]:
+        tensors = load_file(str(path))
+        name = next(n for n in tensors if key in n)
+        tensors[name][0] = np.nan
+        save_file(tensors, str(path))
+        out = tmp_path / ("A" if "resume" in run else "B")
+        with pytest.raises(UserError, match=f"{name}' holds NaN or infinite values|{name} holds NaN or infinite"):
+            tune.tune(m, records, emb, settings, out, progress="off", **run)
+    assert not (tmp_path / "B").exists()
 
 
 @pytest.mark.slow

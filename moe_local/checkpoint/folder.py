@@ -88,17 +88,23 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def read_header(path: Path) -> dict:
-    """name -> {"dtype", "shape"} from a safetensors file's JSON header, without loading data."""
+    """name -> {"dtype", "shape"} from a safetensors file's JSON header, without loading data; a file
+    shorter than its header says (a copy cut short) is refused here, before anything is loaded."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100 * 1024**2:
                 raise ValueError("header too large")
             header = json.loads(f.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError):
+        header.pop("__metadata__", None)
+        tensors = {name: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for name, v in header.items()}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
         raise UserError(f"{path} is not a safetensors file") from None
-    header.pop("__metadata__", None)
-    return {name: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for name, v in header.items()}
+    size, needed = Path(path).stat().st_size, 8 + length + end
+    if size < needed:
+        raise UserError(f"{path} is truncated: {size} bytes, its header describes {needed}")
+    return tensors
 
 
 def tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
@@ -159,11 +165,40 @@ def has_weights(folder: Path) -> bool:
     return (folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
 
 
+def _root(folder: Path) -> Path:
+    """What a model folder's links may point into: the folder itself, or, for a snapshot in the Hugging
+    Face cache (``models--ORG--NAME/snapshots/REV``, whose files are links to ``../../blobs``), its repository."""
+    real = Path(folder).resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def model_file(folder: Path, name: str) -> Path | None:
+    """The regular file ``folder/name`` refers to, or None when there is none; a link that points out of
+    the model folder is refused (a tokenizer or template linked to a file elsewhere is never read or copied)."""
+    path = Path(folder) / name
+    if not path.is_symlink():
+        return path if path.is_file() else None
+    target = path.resolve()
+    root = _root(folder)
+    if target != root and root not in target.parents:
+        raise UserError(f"{path} is a link to {target}, outside the model folder; only files inside it are read")
+    return target if target.is_file() else None
+
+
+def check_model_files(folder: Path) -> None:
+    """Refuse a folder whose tokenizer files link out of it (before a model is loaded from it)."""
+    for name in TOKENIZER_FILES:
+        model_file(folder, name)
+
+
 def load_tokenizer(folder: Path):
-    """The folder's Hugging Face tokenizer, from local files only."""
+    """The folder's Hugging Face tokenizer, from local files only (inside the folder: check_model_files)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
+    check_model_files(folder)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UserError(f"{folder} has no tokenizer files (tokenizer.json)")
     from transformers.utils import logging as hf_logging

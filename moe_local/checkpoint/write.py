@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..files import AtomicFolder, refuse_existing
-from .folder import INDEX_FILE, TOKENIZER_FILES
+from .folder import INDEX_FILE, TOKENIZER_FILES, model_file
 
 SHARD_BYTES = 5 * 1024**3
 
@@ -70,9 +70,12 @@ def write_weights(folder: Path, tensors: Mapping, max_shard_bytes: int = SHARD_B
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The tokenizer files that are regular files inside ``src`` (a link out of it is refused), their contents
+    copied into new files (so they take the umask's mode, not their source's)."""
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        source = model_file(src, name)
+        if source is not None:
+            shutil.copyfile(source, Path(dst) / name)
 
 
 def carry_remote_code(config: dict, src: Path | None, dst: Path) -> None:
@@ -83,9 +86,10 @@ def carry_remote_code(config: dict, src: Path | None, dst: Path) -> None:
         return
     refs = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
     files = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs}
-    if src is not None and all((Path(src) / f).is_file() for f in files):
-        for f in files:
-            shutil.copy2(Path(src) / f, Path(dst) / f)
+    sources = [model_file(src, f) for f in sorted(files)] if src is not None else [None]
+    if all(sources):
+        for f, source in zip(sorted(files), sources):
+            shutil.copyfile(source, Path(dst) / f)
     else:
         del config["auto_map"]
 

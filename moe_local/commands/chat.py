@@ -14,7 +14,15 @@ import click
 from moe_local.errors import UserError
 
 from .generate import sampling_options
-from .options import ConfigCommand, adapter_option, backend_option, device_option, model_option, seed_option
+from .options import (
+    ConfigCommand,
+    adapter_option,
+    backend_option,
+    device_option,
+    model_option,
+    seed_option,
+    stdin_lines,
+)
 
 HELP = "Type a message and press enter. Commands: q quits, r resets the conversation, h shows this help."
 
@@ -22,7 +30,7 @@ HELP = "Type a message and press enter. Commands: q quits, r resets the conversa
 def _messages(interactive: bool):
     """Lines from the terminal (with a prompt) or from the pipe; ends at end of input."""
     if not interactive:
-        for line in sys.stdin:
+        for line in stdin_lines():
             yield line.rstrip("\r\n")
         return
     try:
@@ -35,6 +43,8 @@ def _messages(interactive: bool):
         except EOFError:
             click.echo()
             return
+        except UnicodeDecodeError:
+            click.echo("moe-local: error: that line is not UTF-8 text; type it again", err=True)
 
 
 def _answer(conversation, text: str, interactive: bool) -> None:

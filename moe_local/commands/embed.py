@@ -30,7 +30,9 @@ from .options import ConfigCommand, task_data_options
     type=click.Path(file_okay=False),
     help="A local sentence-transformers model folder; default: the offline all-MiniLM-L6-v2 package.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Texts per encoder batch.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Texts per encoder batch."
+)
 @click.option("--device", default=None, help="torch device for the encoder (default cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def embed(data, split, fields, limit, out, embedder, batch_size, device, overwrite):

@@ -3,6 +3,7 @@ and C3PO's test-time re-mixing toward a routing bank."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -65,9 +66,9 @@ def read_c3po_data(c3po: bool, bank, data, embeddings, asked: dict):
 @click.option(
     "--layers",
     type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given).",
+    default=None,
+    help="Oracle offsets on the last N MoE layers (an adapter's own layers when one is given) "
+    "[default: 5, or every MoE layer when the model has fewer].",
 )
 @click.option(
     "--batch-size",
@@ -150,14 +151,17 @@ def eval_(
     """Accuracy of the base model or an adapter on task data, overall and per task."""
     import moe_local
     from moe_local.distributed import session
-    from moe_local.tuning.adapter import check_fingerprint, read_adapter
+    from moe_local.locks import output_lock
+    from moe_local.tuning.adapter import check_adapter, read_adapter
     from moe_local.tuning.bank import check_bank_model
     from moe_local.tuning.c3po import C3PO
     from moe_local.tuning.evaluate import evaluate, format_result
 
-    with session(device, backend) as (dist, device):  # under torchrun each rank scores its share of the file
+    # under torchrun each rank scores its share of the file
+    with session(device, backend) as (dist, device), contextlib.ExitStack() as held:
 
-        def check_report():  # the report is rank 0's: refused before any work, not after the evaluation
+        def check_report():  # the report is rank 0's: locked and refused before any work, not after it
+            held.enter_context(output_lock(Path(report), "--report"))
             read_report(Path(report))
 
         if report is not None:
@@ -176,7 +180,7 @@ def eval_(
             layers = tuple(config["moe_local"]["layers"])
         loaded = moe_local.load(model, backend=backend, device=device)
         if adapter_path is not None:
-            check_fingerprint(config, loaded.spec, Path(adapter_path))
+            check_adapter(weights, config, loaded.spec, Path(adapter_path))
         remix = None
         if c3po:
             check_bank_model(the_bank, loaded.spec, bank)

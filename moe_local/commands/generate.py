@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from .options import ConfigCommand, adapter_option, backend_option, device_option, model_option, seed_option
+from .options import (
+    ConfigCommand,
+    adapter_option,
+    backend_option,
+    device_option,
+    model_option,
+    seed_option,
+    stdin_lines,
+)
 
 
 def sampling_options(f):
@@ -41,7 +47,7 @@ def generate(model, adapter_path, prompt, max_tokens, temp, top_p, seed, ignore_
 
     check_sampling(max_tokens, temp, top_p)  # before the model loads
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = "".join(stdin_lines())
     m = moe_local.load(model, backend=backend, adapter_path=adapter_path, device=device)
     answer = m.stream(
         prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, chat_template=not ignore_chat_template

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -33,13 +34,25 @@ def read_yaml_defaults(path: str, command: click.Command) -> dict:
         raise UserError(f"{p} is not valid YAML{where}") from None
     if not isinstance(values, dict):
         raise UserError(f"{p} must hold a mapping of option names to values")
-    known = {param.name for param in command.params if isinstance(param, click.Option)} - {"config"}
-    for key in values:
-        if str(key).replace("-", "_") not in known:
+    options = {param.name: param for param in command.params if isinstance(param, click.Option)}
+    options.pop("config", None)
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in options:
             raise UserError(
-                f"{p}: unknown key '{key}' for moe-local {command.name} (known: {', '.join(sorted(known))})"
+                f"{p}: unknown key '{key}' for moe-local {command.name} (known: {', '.join(sorted(options))})"
             )
+        _check_yaml_value(p, key, value, options[name])
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _check_yaml_value(path: Path, key, value, option: click.Option) -> None:
+    """YAML gives typed values: click would silently cut 2.7 to 2 for an integer option, or take ``yes`` as a
+    number; those are refused, naming the key."""
+    if isinstance(option.type, click.types.IntParamType) and (isinstance(value, (bool, float))):
+        raise UserError(f"{path}: '{key}' must be an integer, got {value!r}")
+    if isinstance(option.type, click.types.FloatParamType) and isinstance(value, bool):
+        raise UserError(f"{path}: '{key}' must be a number, got {value!r}")
 
 
 class ConfigCommand(click.Command):
@@ -90,13 +103,31 @@ def adapter_option(f):
 
 
 def seed_option(f):
-    return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(f)
+    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")(f)
 
 
 def device_option(f):
     return click.option(
         "--device", default=None, help="torch device (cpu, cuda, cuda:N); default: cuda when available."
     )(f)
+
+
+def stdin_lines():
+    """Standard input's lines as text, each checked to be UTF-8 (one-line error naming the line); a stream
+    that is text already (no ``buffer``) is taken as it is."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        yield from sys.stdin
+        return
+    for number, raw in enumerate(stream, 1):
+        yield utf8(raw, f"standard input, line {number},")
+
+
+def utf8(data: bytes, what: str = "standard input") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
 
 
 def task_data_options(f):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -41,7 +42,12 @@ def load_data(data, embeddings, need_embeddings=True, **asked):
 @backend_option
 @device_option
 @data_options
-@click.option("--layers", type=click.IntRange(min=1), default=5, show_default=True, help="Tune the last N MoE layers.")
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tune the last N MoE layers [default: 5, or every MoE layer when the model has fewer].",
+)
 @click.option("--bank", required=True, type=click.Path(), help="Output folder for the routing bank.")
 @click.option(
     "--batch-size",
@@ -55,12 +61,19 @@ def prepare(model, backend, device, data, embeddings, layers, bank, batch_size, 
     """Record which reference samples the base model answers correctly and their routing (the bank)."""
     import moe_local
     from moe_local.distributed import session
+    from moe_local.locks import output_lock
     from moe_local.tuning.bank import check_bank_folder, write_bank
     from moe_local.tuning.prepare import prepare as run_prepare
 
     bank = Path(bank)
-    with session(device, backend) as (dist, device):  # under torchrun each rank runs its share of the records
-        dist.on_main(lambda: check_bank_folder(bank, overwrite))  # the output is rank 0's
+    # under torchrun each rank runs its share of the records
+    with session(device, backend) as (dist, device), contextlib.ExitStack() as held:
+
+        def claim():  # the output is rank 0's: locked and checked before any work
+            held.enter_context(output_lock(bank, "bank folder"))
+            check_bank_folder(bank, overwrite)
+
+        dist.on_main(claim)
         records, prompting, emb = load_data(data, embeddings, True, **asked)
         loaded = moe_local.load(model, backend=backend, device=device)
         result = run_prepare(loaded, records, emb, layers, batch_size, data_file=data, dist=dist, prompting=prompting)

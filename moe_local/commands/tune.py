@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -33,7 +34,12 @@ D = TuneSettings()
     show_default=True,
     help="roma: CE + λ·manifold; router: CE only, same loop.",
 )
-@click.option("--layers", type=int, default=D.layers, show_default=True, help="Tune the last N MoE layers.")
+@click.option(
+    "--layers",
+    type=int,
+    default=D.layers,
+    help="Tune the last N MoE layers [default: 5, or every MoE layer when the model has fewer].",
+)
 @click.option("--k", type=int, default=D.k, show_default=True, help="Neighbours among successful samples.")
 @click.option("--lam", type=float, default=D.lam, show_default=True, help="Weight λ of the manifold term.")
 @click.option(
@@ -60,7 +66,7 @@ D = TuneSettings()
     show_default=True,
     help="Steps over which λ rises linearly from 0 (0: none).",
 )
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Shuffling seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=D.seed, show_default=True, help="Shuffling seed.")
 @click.option("--log-every", type=int, default=D.log_every, show_default=True, help="Steps per metrics row.")
 @click.option(
     "--save-every",
@@ -95,15 +101,16 @@ def tune(model, backend, device, data, embeddings, bank, adapter_path, resume, o
     (--batch-size is the global batch)."""
     import moe_local
     from moe_local.distributed import session
-    from moe_local.tuning.folder import check_output, default_bank
+    from moe_local.tuning.folder import check_output, claim, default_bank
     from moe_local.tuning.tune import tune as run_tune
 
     asked = {key: hyper.pop(key) for key in ASKED}  # the data options, not hyper-parameters
-    with session(device, backend) as (dist, device):
-        settings = TuneSettings(**hyper)
-        settings.check()
+    settings = TuneSettings(**hyper)
+    settings.check()
+    with session(device, backend) as (dist, device), contextlib.ExitStack() as held:
 
-        def fail_fast():  # rank 0 owns the output folder
+        def fail_fast():  # rank 0 owns the output folder: it holds it from here to the end
+            held.enter_context(claim(Path(adapter_path)))
             given, keep_bank = default_bank(Path(adapter_path), bank, overwrite)
             check_output(Path(adapter_path), resume, overwrite, keep_bank=keep_bank)
             return given

@@ -1,7 +1,8 @@
 """Named router adapters, swapped in for one request at a time.
 
 ``--adapter NAME=PATH`` options are parsed and every folder read before the model loads (a bad one is
-a one-line error before anything slow), then checked against the loaded model's fingerprint. A router
+a one-line error before anything slow: a NaN or infinite value too), then checked against the loaded model
+(its fingerprint, and tensors exactly the router tensors of the layers the adapter lists). A router
 adapter is a few gate tensors, so the server keeps them all in memory and swaps per request:
 ``applied(name)`` installs the adapter's gates with ``set_router_weights`` and, however the request
 ends (finished, failed, the client gone), puts the base gates back.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..tuning.adapter import check_fingerprint, read_adapter
+from ..tuning.adapter import check_adapter, read_adapter
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,11 @@ class RouterAdapters:
     """The served model's adapters by name, and the swap of their gates around one request."""
 
     def __init__(self, model, folders: list[AdapterFolder]):
-        for folder in folders:
-            check_fingerprint(folder.config, model.spec, folder.path)
+        for folder in folders:  # made for this model, exactly its listed layers' router tensors
+            check_adapter(folder.weights, folder.config, model.spec, folder.path)
         self.model = model
         self.weights = {folder.name: folder.weights for folder in folders}
-        names = {key for weights in self.weights.values() for key in weights}
-        # the routers' tuned tensors: each weight, and its bias where the router has one (gpt-oss)
-        tuned = {name: layer for layer in model.spec.moe_layers for name in model.spec.router_tensors(layer)}
-        if not names <= set(tuned):
-            raise UserError("an adapter holds tensors that are not router weights of this model's MoE layers")
-        layers = sorted({tuned[name] for name in names})
+        layers = sorted({i for folder in folders for i in folder.config["moe_local"]["layers"]})
         self.base = model.get_router_weights(layers) if layers else {}
         if self.base:
             model.set_router_weights(self.base)  # the form a restore leaves them in (see the module docstring)

@@ -31,6 +31,9 @@ def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperp
     if set(weights) != names:
         raise ValueError(f"adapter weights {sorted(weights)} do not match the tuned layers {sorted(layers)}")
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise UserError(f"the adapter's {name} holds NaN or infinite values; it is not written")
     config = {
         "fine_tune_type": "full",
         "moe_local": {
@@ -45,24 +48,15 @@ def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperp
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict]:
-    """(float32 numpy weights keyed by checkpoint names, the adapter_config.json object); the names are
-    checked against a model when the adapter is applied (``check_router_weights``)."""
+    """(float32 numpy weights keyed by checkpoint names, the adapter_config.json object), every value
+    finite; the names are checked against a model with :func:`check_adapter`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{folder} is not a router adapter (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    if (
-        not isinstance(config, dict)
-        or config.get("fine_tune_type") != "full"
-        or not isinstance(config.get("moe_local"), dict)
-    ):
-        raise UserError(f"{config_path} is not a moe-local router adapter (no 'moe_local' section)")
+    config = _read_config(config_path)
     from safetensors.numpy import load_file
 
     try:
@@ -72,7 +66,45 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     for name, array in weights.items():
         if array.dtype != np.float32:
             raise UserError(f"{weights_path}: {name} is {array.dtype}, adapters hold float32")
+        if not np.isfinite(array).all():
+            raise UserError(f"{weights_path}: {name} holds NaN or infinite values")
     return weights, config
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if (
+        not isinstance(config, dict)
+        or config.get("fine_tune_type") != "full"
+        or not isinstance(config.get("moe_local"), dict)
+    ):
+        raise UserError(f"{path} is not a moe-local router adapter (no 'moe_local' section)")
+    ours = config["moe_local"]
+    layers = ours.get("layers")
+    if not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers):
+        raise UserError(f"{path}: 'moe_local.layers' must list the tuned layers (integers), got {layers!r}")
+    if not isinstance(ours.get("fingerprint"), dict):
+        raise UserError(f"{path} has no base-model fingerprint ('moe_local.fingerprint'); it cannot be checked")
+    return config
+
+
+def check_adapter(weights: dict, config: dict, spec, folder: Path) -> None:
+    """An adapter fits ``spec``: made for this model (its fingerprint), and its tensors are exactly the router
+    tensors (each weight, and its bias where the router has one) of the layers it lists: no gate of another
+    layer is applied or fused unseen."""
+    check_fingerprint(config, spec, folder)
+    layers = config["moe_local"]["layers"]
+    expected = {name for i in layers for name in spec.router_tensors(i)}
+    extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+    if extra:
+        raise UserError(f"the adapter {folder} holds {extra[0]}, which is not a router of its layers {layers}")
+    if missing:
+        raise UserError(f"the adapter {folder} lacks {missing[0]} (it lists layers {layers})")
 
 
 def check_fingerprint(config: dict, spec, folder: Path) -> None:
@@ -96,7 +128,7 @@ def _first_difference(theirs: dict, ours: dict) -> str:
 
 
 def apply_adapter(loaded, folder: Path) -> None:
-    """Install an adapter's gates on a loaded model (either backend), after checking its fingerprint."""
+    """Install an adapter's gates on a loaded model (either backend), after checking that it fits."""
     weights, config = read_adapter(folder)
-    check_fingerprint(config, loaded.spec, Path(folder))
+    check_adapter(weights, config, loaded.spec, Path(folder))
     loaded.set_router_weights(weights)

@@ -97,6 +97,9 @@ def read_bank(folder) -> Bank:
         or t["embeddings"].shape[0] != n
     ):
         raise UserError(f"{tensor_path}: tensor shapes disagree with each other or with {BANK_META}")
+    for key in ("routing", "embeddings"):
+        if not np.isfinite(t[key]).all():
+            raise UserError(f"{tensor_path}: '{key}' holds NaN or infinite values")
     return Bank(t["correct"], t["routing"], t["embeddings"], meta)
 
 

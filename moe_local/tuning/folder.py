@@ -6,6 +6,11 @@ section, ``checkpoints/step-N/`` folders of ``state.json``/``state.safetensors``
 folder one of the first three marks as an adapter. Anything else makes the folder the user's: refused,
 never touched. ``--overwrite`` runs in a temporary folder beside the old adapter and takes its place
 only when the run has succeeded, so a failed run leaves the old adapter as it was.
+
+A run holds the folder's lock (locks.py) from its first check to its end, and, holding it, clears what
+a killed run left (:func:`claim`): the temporary folder of a killed ``--overwrite`` run (which is not
+resumable: the old adapter stays, run ``--overwrite`` again), a swap cut between its two renames (the
+old adapter is put back, or the new one is completed), and temporaries inside the folder.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import UserError
-from ..files import AtomicFolder, atomic_save_numpy_safetensors
+from ..files import AtomicFolder, atomic_save_numpy_safetensors, remove_partials, temp_folder_beside
+from ..locks import output_lock
 from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from .bank import BANK_META, BANK_TENSORS, read_bank
 
@@ -30,6 +38,7 @@ CACHE_FILE = ".prefix-cache.bin"
 STEP_DIR = re.compile(r"step-\d+")
 CHECKPOINT_FILES = ("state.json", "state.safetensors")
 BANK_FILES = (BANK_META, BANK_TENSORS)
+WHAT = "adapter path"
 
 
 def _leftover(name: str) -> bool:
@@ -133,53 +142,47 @@ def check_output(out: Path, resume: bool, overwrite: bool, keep_bank: bool = Fal
 class RunFolder:
     """Where a run writes, made once the checks have passed (on rank 0 only).
 
-    ``new`` and ``resume`` write in ``out`` itself. ``replace`` writes in a temporary folder beside it;
-    :meth:`finish` moves the old folder's kept bank and the user's hidden files into it and swaps it in
-    (two renames on one file system), so a run that fails leaves the old adapter as it was (one that is
-    killed leaves it too, with its own ``.NAME.partial-*`` folder beside it).
+    ``new`` and ``resume`` write in ``out`` itself. ``replace`` writes in a temporary folder beside it and
+    :meth:`finish` swaps it in (two renames on one file system), so a run that fails leaves the old
+    adapter as it was (one that is killed leaves it too, with its own ``.NAME.partial-*`` folder beside
+    it, which the next run on the folder removes).
     A failed ``new`` run keeps what the next run can use — its checkpoints (``--resume``), its bank (the
     next run takes ``out/bank``) — and removes the rest, and the folders it made if they end up empty.
+    ``lock``: the folder's lock (an ExitStack), let go by :meth:`release`.
     """
 
-    def __init__(self, out: Path, mode: str, keep_bank: bool = False):
+    def __init__(self, out: Path, mode: str, keep_bank: bool = False, lock: contextlib.ExitStack | None = None):
         self.out, self.mode, self.keep_bank = Path(out), mode, keep_bank
+        self.lock = lock or contextlib.ExitStack()
         self.made: list[Path] = []
         if mode == "replace":
-            target = self.out.resolve()
-            self.work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+            self.work = temp_folder_beside(self.out.resolve())
             return
         self.work = self.out
         self.made = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
 
     def finish(self) -> None:
+        """Swap the new adapter in: the old folder aside, the new one in its place, then the old one's kept
+        bank and the user's hidden files moved over. A kill between any two steps is repaired by the next
+        run's :func:`claim` (the name of the old folder says whether its bank is kept)."""
         if self.mode != "replace":
             return
         target = self.out.resolve()
-        carried = [
-            e.name
-            for e in target.iterdir()
-            if ((self.keep_bank and e.name == BANK_DIR) or (e.name.startswith(".") and not _leftover(e.name)))
-            and not (self.work / e.name).exists()
-        ]
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        moved = []
+        kind = OLD_KEEPING_BANK if self.keep_bank else OLD
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{kind}", dir=target.parent))
+        os.replace(target, old)  # a folder may take the name of an empty one
         try:
-            for name in carried:
-                os.replace(target / name, self.work / name)
-                moved.append(name)
-            os.replace(target, old)  # a folder may take the name of an empty one
-            try:
-                os.replace(self.work, target)
-            except OSError:
-                os.replace(old, target)
-                raise
+            os.replace(self.work, target)
         except OSError:  # the old adapter is whole again; the new run is dropped by abandon()
-            for name in moved:
-                os.replace(self.work / name, target / name)
-            old.rmdir()
+            os.replace(old, target)
             raise
+        _carry(old, target, self.keep_bank)
         shutil.rmtree(old, ignore_errors=True)
+
+    def release(self) -> None:
+        """Let the folder's lock go (after :meth:`finish` or :meth:`abandon`)."""
+        self.lock.close()
 
     def abandon(self) -> None:
         """After a failure; never raises, so the run's own error is the one reported."""
@@ -191,6 +194,44 @@ class RunFolder:
                 for folder in self.made:  # deepest first
                     if folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
+
+
+OLD, OLD_KEEPING_BANK = ".old-", ".old-bank-"
+
+
+def _carry(old: Path, new: Path, keep_bank: bool) -> None:
+    """Move what the new adapter folder takes from the old one: its kept bank, the user's hidden files."""
+    for entry in old.iterdir():
+        kept = (keep_bank and entry.name == BANK_DIR) or (entry.name.startswith(".") and not _leftover(entry.name))
+        if kept and not (new / entry.name).exists():
+            os.replace(entry, new / entry.name)
+
+
+def _repair(out: Path) -> None:
+    """Undo or complete what a killed run left in and beside the adapter folder (under its lock, so no
+    live run owns any of it): an ``--overwrite`` swap cut short, and temporaries of atomic writes."""
+    target = Path(out).resolve()
+    remove_partials(target)  # a killed --overwrite run's folder: its checkpoints are not resumable
+    for old in sorted(target.parent.glob(f".{target.name}{OLD}*")):
+        if not target.exists():  # killed between the two renames: the old adapter comes back whole
+            os.replace(old, target)
+            continue
+        _carry(old, target, old.name.startswith(f".{target.name}{OLD_KEEPING_BANK}"))
+        shutil.rmtree(old, ignore_errors=True)
+    for folder in (target, target / CHECKPOINTS, target / BANK_DIR):
+        if folder.is_dir() and not folder.is_symlink():
+            for entry in folder.iterdir():
+                if _leftover(entry.name):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+@contextlib.contextmanager
+def claim(out: Path):
+    """Hold the adapter folder's lock (a second run is refused, naming this one) and repair what a killed
+    run left; reentrant, so the command and the tune it calls both claim the folder."""
+    with output_lock(out, WHAT):
+        _repair(out)
+        yield
 
 
 def rank_cache_path(out: Path, rank: int) -> Path:
@@ -229,9 +270,14 @@ def save_checkpoint(out: Path, opt, info: dict, keep: int) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(the tensors, the state) of a checkpoint; one with a NaN or infinite value is refused."""
     from safetensors.numpy import load_file
 
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise UserError(f"{path / 'state.safetensors'}: {name} holds NaN or infinite values; it cannot be resumed")
+    return tensors, json.loads((path / "state.json").read_text())
 
 
 def check_resume(info: dict, hyperparameters: dict, data_sha: str, fingerprint: dict, where: Path) -> None:
@@ -278,15 +324,22 @@ class RunStart:
 def open_run(
     out: Path, bank, resume: bool, overwrite: bool, hyperparameters: dict, data_sha: str, fingerprint: dict
 ) -> RunStart:
-    """Check the output folder (and, on ``resume``, that its checkpoint matches this run), read what the
-    run starts from, and make the run folder once every check has passed."""
-    given, keep_bank = default_bank(out, bank, overwrite)
-    mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
-    latest = latest_checkpoint(out) if resume else None
-    tensors, info = load_checkpoint(latest) if latest else ({}, {})
-    if latest:
-        check_resume(info, hyperparameters, data_sha, fingerprint, out)
-    if isinstance(given, (str, Path)):
-        given = read_bank(given)
-    logged = metrics_upto(out, int(info["optimizer"]["step"])) if latest else []
-    return RunStart(RunFolder(out, mode, keep_bank), given, (tensors, info), logged)
+    """Claim the output folder (its lock, held by the run folder until it is released), check it (and, on
+    ``resume``, that its checkpoint matches this run), read what the run starts from, and make the run
+    folder once every check has passed."""
+    lock = contextlib.ExitStack()
+    lock.enter_context(claim(out))
+    try:
+        given, keep_bank = default_bank(out, bank, overwrite)
+        mode = check_output(out, resume, overwrite, keep_bank=keep_bank)
+        latest = latest_checkpoint(out) if resume else None
+        tensors, info = load_checkpoint(latest) if latest else ({}, {})
+        if latest:
+            check_resume(info, hyperparameters, data_sha, fingerprint, out)
+        if isinstance(given, (str, Path)):
+            given = read_bank(given)
+        logged = metrics_upto(out, int(info["optimizer"]["step"])) if latest else []
+        return RunStart(RunFolder(out, mode, keep_bank, lock), given, (tensors, info), logged)
+    except BaseException:
+        lock.close()
+        raise

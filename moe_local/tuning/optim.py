@@ -30,6 +30,13 @@ class AdamW:
         b1, b2 = self.betas
         bc1 = 1.0 - b1**self.step_count
         bc2_sqrt = math.sqrt(1.0 - b2**self.step_count)
+        # An overflow leaves inf or NaN in the parameters, which the tune loop refuses in one line
+        # (tune.check_routers); numpy's own warning would only add lines to that.
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._update(grads, bc1, bc2_sqrt)
+
+    def _update(self, grads: dict, bc1: float, bc2_sqrt: float) -> None:
+        b1, b2 = self.betas
         for k, p in self.params.items():
             g = np.asarray(grads[k], dtype=np.float32)
             if self.weight_decay:

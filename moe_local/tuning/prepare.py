@@ -13,8 +13,9 @@ from ..errors import UserError
 from ..progress import Progress
 from . import roma
 from .bank import Bank
-from .data import Record, batches, encode_records, predictions
+from .data import Record, batches, predictions
 from .evaluate import check_finite
+from .lengths import encode_fitting
 from .prefix_cache import PrefixCache
 from .tasks import Prompting, source_sha256
 
@@ -57,7 +58,7 @@ def prepare(
     layers = roma.tuned_layers(model.spec, layers)
     if len(embeddings) != len(records):
         raise UserError(f"the embeddings have {len(embeddings)} rows but the data has {len(records)} records")
-    encoded = encoded or encode_records(model.tokenizer, records, prompting)
+    encoded = encoded or encode_fitting(model, records, data_file, prompting)
     correct = np.zeros(len(records), dtype=np.uint8)
     routing = np.zeros((len(records), len(layers), model.spec.moe_at(layers[0]).num_experts), dtype=np.float32)
     rows = dist.owned(len(records))

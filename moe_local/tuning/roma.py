@@ -22,13 +22,18 @@ from ..errors import UserError
 
 # Squared distances closer than this count as equal, so ties break by index, not by rounding.
 TIE_DECIMALS = 10
+# How many of the last MoE layers are tuned unless told (the paper's 5), or all of a model with fewer.
+DEFAULT_LAYERS = 5
 
 
 def tuned_layers(spec, layers, oracle: bool = False) -> tuple:
-    """The tuned layers: an explicit sequence, or how many of the last MoE layers (RoMA: 5).
+    """The tuned layers: an explicit sequence, how many of the last MoE layers, or None (the default:
+    the last :data:`DEFAULT_LAYERS`, or every MoE layer when the model has fewer).
 
     ``oracle``: the layers are where the evaluation's oracle steers the routers, and errors say so.
     """
+    if layers is None:
+        layers = min(DEFAULT_LAYERS, len(spec.moe))
     if isinstance(layers, int):
         have = len(spec.moe)
         if layers < 1:

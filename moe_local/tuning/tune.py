@@ -20,6 +20,7 @@ touches the output folder (moe_local/distributed.py says how the work is split).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -36,9 +37,10 @@ from ..progress import Progress
 from . import roma
 from .adapter import METRICS_FILE, write_adapter
 from .bank import Bank, check_bank, write_bank
-from .data import Record, batches, encode_records, make_batch, predictions
+from .data import Record, batches, make_batch, predictions
 from .evaluate import check_finite
 from .folder import BANK_DIR, CACHE_FILE, open_run, rank_cache_path, save_checkpoint
+from .lengths import encode_fitting
 from .optim import AdamW
 from .prefix_cache import CACHE_MODES, PrefixCache
 from .prepare import prepare, records_sha256
@@ -53,7 +55,7 @@ class TuneSettings:
     """Every hyper-parameter of a tune run (the paper's released defaults where it has them)."""
 
     method: str = "roma"
-    layers: int = 5
+    layers: int | None = None  # None: the last 5 MoE layers, or all of them when the model has fewer
     k: int = 3
     lam: float = 0.8
     sigma: float = 0.4
@@ -79,13 +81,23 @@ class TuneSettings:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if self.prefix_cache not in CACHE_MODES:
             raise UserError(f"--prefix-cache must be one of {', '.join(CACHE_MODES)}, got '{self.prefix_cache}'")
+        for f in fields(self):
+            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
+            if f.type in ("int", "int | None") and value is not None and (type(value) is not int):
+                raise UserError(f"{flag} must be an integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{flag} must be a number, got {value!r}")
+            if f.type == "float" and not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}")
         for name in ("epochs", "batch_size", "k", "log_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.layers is not None and self.layers < 1:
+            raise UserError(f"--layers must be at least 1, got {self.layers}")
         for name in ("lr", "sigma"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("lam", "weight_decay", "ce_weight", "cache_budget_gb"):
+        for name in ("lam", "weight_decay", "ce_weight", "cache_budget_gb", "seed", "lam_warmup"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
 
@@ -178,37 +190,56 @@ def tune(
     """
     settings.check()
     layers = roma.tuned_layers(model.spec, settings.layers)
+    settings = dataclasses.replace(settings, layers=len(layers))  # the default, resolved, is what is recorded
     out = Path(out)
     identity = (records_sha256(records, prompting), model.spec.fingerprint(layers))
     hyper = settings.hyperparameters()
-    # The output folder is rank 0's: it checks and reads it for every rank.
-    start = dist.on_main(lambda: open_run(out, bank, resume, overwrite, hyper, *identity))
-    folder = start.folder if dist.is_main else None
+    encoded = encode_fitting(model, records, data_file, prompting)  # every record fits the context, before any folder
+    # The output folder is rank 0's: it claims (locks), checks and reads it for every rank, and keeps the
+    # run folder (which holds the lock) to itself.
+    kept = {}
+
+    def opened():
+        start = open_run(out, bank, resume, overwrite, hyper, *identity)
+        kept["folder"] = start.folder
+        return dataclasses.replace(start, folder=None)
+
+    start = dist.on_main(opened)
+    folder = kept.get("folder")
     work = folder.work if folder else None
     run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
     run.prompting = prompting
-    run.encoded = encode_records(model.tokenizer, records, prompting)
-    # Each rank caches the records it owns, in a file of its own when on disk.
-    cache_path = work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
-    if settings.prefix_cache == "disk" and not dist.is_main:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)  # another node may not share rank 0's folder
-    owned = None if dist.world == 1 else dist.owned(len(records))
-    run.cache = PrefixCache(
-        model, run.encoded, layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path, owned=owned
-    )
+    run.encoded = encoded
     try:
         try:
+            run.cache = _prefix_cache(run, out)
             timings = _bank_and_cache(run, start.bank, embeddings)
             result = _train(run, start.checkpoint, start.logged, timings, callbacks)
         finally:
-            run.cache.close()
+            if run.cache is not None:
+                run.cache.close()
         if folder is not None:
             folder.finish()
     except BaseException:
         if folder is not None:
             folder.abandon()
         raise
+    finally:
+        if folder is not None:
+            folder.release()
     return result
+
+
+def _prefix_cache(run: _Run, out: Path) -> PrefixCache:
+    """Each rank caches the records it owns, in a file of its own when on disk."""
+    settings, dist = run.settings, run.dist
+    cache_path = run.work / CACHE_FILE if dist.is_main else rank_cache_path(out, dist.rank)
+    if settings.prefix_cache == "disk" and not dist.is_main:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)  # another node may not share rank 0's folder
+    owned = None if dist.world == 1 else dist.owned(len(run.records))
+    return PrefixCache(
+        run.model, run.encoded, run.layers[0], settings.prefix_cache, settings.cache_budget_gb, cache_path, owned=owned
+    )
 
 
 def _bank_and_cache(run: _Run, bank, embeddings) -> tuple[float, float]:
@@ -285,6 +316,8 @@ def _step(run: _Run, opt: AdamW, index: np.ndarray, lam: float) -> tuple[list, n
             {"onehot": batch.answer_onehot(), "targets": targets, "weights": weights},
             router_weights=run.per_layer(opt.params),
         )
+        if opt.step_count:  # the routers have moved: non-finite values are theirs (the first step ran the model's)
+            _check_trained_finite(aux, loss, opt, settings)
         grads = run.by_name(grads)
         check_finite(aux["scores"], aux["routing"], batch, run.records, run.data_file)
         if not math.isfinite(loss):
@@ -374,6 +407,10 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
             lam = roma.lam_at(step, settings.effective_lam, settings.lam_warmup)
             grads, sums = _step(run, opt, index, lam)
             opt.step(dict(zip(run.tensors, grads)))
+            check_routers(
+                opt.params,
+                f"after step {step}; no checkpoint or adapter is written (is --lr {settings.lr:g} too large?)",
+            )
             trained += len(index)
             row = reporter.step(
                 step, len(index), sums, settings.lr, lam, run.neighbours is not None, run.model.peak_memory_gb
@@ -388,6 +425,21 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
             if opt.step_count >= total:
                 return trained
     return trained
+
+
+def check_routers(params: dict, when: str) -> None:
+    """Tuned routers with a NaN or infinite value are never checkpointed nor written."""
+    for name, array in params.items():
+        if not np.isfinite(array).all():
+            raise UserError(f"the tuned router {name} holds NaN or infinite values {when}")
+
+
+def _check_trained_finite(aux, loss, opt: AdamW, settings: TuneSettings) -> None:
+    if not (math.isfinite(loss) and np.isfinite(aux["scores"]).all() and np.isfinite(aux["routing"]).all()):
+        raise UserError(
+            f"the scores became NaN or infinite at step {opt.step_count + 1} with the routers being tuned "
+            f"(is --lr {settings.lr:g} too large?)"
+        )
 
 
 def _step_loss(scores, routing, onehot, targets, weights, *, lam, ce_weight, global_batch):
