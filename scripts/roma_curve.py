@@ -9,13 +9,14 @@ C3PO at each (k, σ) from the sample's bank. Every setting is scored on ``val_un
 Settings are chosen on ``val_unseen`` only, each method at its own best (mean over seeds): router by
 (lr, epochs); roma by (lr, epochs, λ), and again at each λ for the λ panel; c3po by (k, σ).
 ``test_unseen`` is then read once per final setting and seed. Intervals are 95 % bootstrap intervals
-over seeds and test samples (seeds drawn with replacement, then each drawn seed's samples with
-replacement); differences between methods are paired (the same draws). Seed spread is the sample
+over seeds and test items (seeds drawn with replacement, and one draw of the test items with
+replacement shared by them); differences between methods are paired (the same draws). Seed spread is the sample
 standard deviation over seeds.
 
-λ warms up linearly over min(50, a quarter of the longest run's steps) steps, the demo's 50 where the
-run is long enough. The demo's other settings (layers 2, k 3, σ 0.4 for roma's neighbours, batch 32)
-hold throughout.
+λ warms up linearly over min(50, one epoch's steps), so every epoch count of the grid ends at its λ (the
+demo's 50 steps where an epoch is longer). The learning rate is the demo's 0.02 unless ``--lrs`` gives
+more (the full run used it alone: two rates would double its hour). The demo's other settings (layers 2,
+k 3, σ 0.4 for roma's neighbours, batch 32) hold throughout.
 
 Usage:
     python scripts/roma_curve.py --out curve-tiny.json --models tiny            # the full grid, one model
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -39,7 +41,7 @@ import numpy as np
 
 from moe_local import demo
 from moe_local.errors import UserError
-from moe_local.files import atomic_write_text
+from moe_local.files import atomic_write_bytes, atomic_write_text
 from moe_local.tuning.c3po import C3PO
 from moe_local.tuning.evaluate import evaluate
 from moe_local.tuning.report import TuneCallback
@@ -69,7 +71,7 @@ def stratified_sample(records, size: int, seed: int) -> np.ndarray:
     by_task: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_task.setdefault(r.task, []).append(i)
-    tasks = sorted(by_task)
+    tasks = [str(t) for t in rng.permutation(sorted(by_task))]  # who gets the leftovers changes with the seed
     if size > len(records):
         raise UserError(f"a tuning set of {size} samples is more than the {len(records)} there are")
     queues = {t: list(rng.permutation(by_task[t])) for t in tasks}
@@ -101,8 +103,7 @@ def accuracy_and_hits(model, records, layers, weights=None, c3po=None) -> tuple[
     result = evaluate(model, records, layers, 64, router_weights=weights, c3po=c3po, progress="off")
     answers = np.array([r.answer for r in records])
     if c3po is not None:
-        hits = (np.argmax(result.c3po_scores, axis=1) == answers).astype(np.uint8)
-        return result.c3po.accuracy, hits
+        return result.c3po.accuracy, (result.c3po_predictions == answers).astype(np.uint8)
     return result.accuracy.accuracy, (result.predictions == answers).astype(np.uint8)
 
 
@@ -124,7 +125,7 @@ def run_cell(model, name, size, seed, grid: Grid, splits, log) -> tuple[list[dic
     layers = tuple(model.spec.moe_layers[-demo.read_settings().tune["layers"] :])
     bank = prepare(model, records, emb, layers, progress="off")
     epochs = epoch_grid(size, grid.max_steps)
-    warmup = min(50, max(1, epochs[-1] * math.ceil(size / 32) // 4))
+    warmup = min(50, math.ceil(size / 32))  # λ at its value from the end of the first epoch on
     keep: dict = {"base": None}
     val, val_emb = splits["val_unseen"]
     rows = [dict(rows_of, method="base", split="val_unseen", accuracy=accuracy_and_hits(model, val, layers)[0])]
@@ -174,15 +175,19 @@ def test_rows(model, name, cells: dict, chosen: dict, splits) -> list[dict]:
     test, test_emb = splits["test_unseen"]
     out = []
     for (size, seed), cell in cells.items():
+        scored = {}  # a setting chosen by two groups (roma and its λ's) is read once
         for (m, s, group), key in chosen.items():
             if (m, s) != (name, size):
                 continue
-            kept = cell["runs"][key] if json.loads(key)["method"] != "base" else None
-            if isinstance(kept, tuple):
-                bank, k, sigma = kept
-                acc, hits = accuracy_and_hits(model, test, cell["layers"], c3po=C3PO(bank, test_emb, k, sigma))
-            else:
-                acc, hits = accuracy_and_hits(model, test, cell["layers"], kept)
+            if key not in scored:
+                kept = cell["runs"][key] if json.loads(key)["method"] != "base" else None
+                if isinstance(kept, tuple):
+                    bank, k, sigma = kept
+                    c3po = C3PO(bank, test_emb, k, sigma)
+                    scored[key] = accuracy_and_hits(model, test, cell["layers"], c3po=c3po)
+                else:
+                    scored[key] = accuracy_and_hits(model, test, cell["layers"], kept)
+            acc, hits = scored[key]
             row = dict(model=name, size=size, seed=seed, group=group, setting=json.loads(key), split="test_unseen")
             out.append(row | {"accuracy": acc, "hits": "".join(map(str, hits))})
     return out
@@ -219,9 +224,10 @@ def hits_matrix(test: list[dict], model: str, size: int, group: str) -> np.ndarr
 
 
 def bootstrap_draws(seeds: int, samples: int, draws: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(seed draws [draws, seeds], sample draws [draws, seeds, samples]): seeds with replacement, then
-    each drawn seed's test samples with replacement."""
-    return rng.integers(0, seeds, (draws, seeds)), rng.integers(0, samples, (draws, seeds, samples))
+    """(seed draws [draws, seeds], sample draws [draws, 1, samples]): seeds with replacement, and the test
+    items with replacement — one draw of items shared by the drawn seeds, since every seed is scored on
+    the same items (drawing them apart per seed would average item difficulty away)."""
+    return rng.integers(0, seeds, (draws, seeds)), rng.integers(0, samples, (draws, 1, samples))
 
 
 def bootstrap_mean(hits: np.ndarray, draws) -> np.ndarray:
@@ -306,10 +312,10 @@ def plot(path: Path, numbers: dict) -> None:
         row[1].set(xscale="log", xlabel="λ", ylabel="roma test_unseen accuracy (%)", title=f"{model}: roma vs λ")
         row[1].legend(fontsize=8)
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    Path(tmp.name).replace(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def main(argv=None) -> int:
@@ -324,6 +330,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     grid = Grid(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Grid)})
     try:
+        if args.plot and (Path(args.plot).exists() or not Path(args.plot).parent.is_dir()):
+            raise UserError(f"--plot {args.plot}: give a new file in an existing folder")
         if args.summarize:
             test = [r for f in args.summarize for r in json.loads(Path(f).read_text())["test"]]
         else:

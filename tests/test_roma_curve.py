@@ -36,9 +36,9 @@ def test_intervals():
     hits = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=float)
     mean, lo, hi = roma_curve.interval(hits, draws)
     assert mean == 50.0 and 0.0 <= lo < 50.0 < hi <= 100.0
-    # a draw's mean is the mean over the drawn seeds of each drawn seed's resampled samples
+    # a draw's mean: over the drawn seeds, of the one draw of items they share (all seeds saw the same items)
     seed_pick, sample_pick = draws
-    by_hand = np.mean([hits[s][sample_pick[0, j]].mean() for j, s in enumerate(seed_pick[0])])
+    by_hand = np.mean([hits[s][sample_pick[0, 0]].mean() for s in seed_pick[0]])
     assert roma_curve.bootstrap_mean(hits, draws)[0] == pytest.approx(by_hand)
 
 

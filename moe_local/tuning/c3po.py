@@ -53,7 +53,7 @@ class C3PO:
         """r̂ [len(rows), layers, E]: the kernel regression of the successful neighbours' routing."""
         nb = roma.neighbours(self.bank.embeddings, self.bank.correct, self.k, self.sigma, queries=self.embeddings[rows])
         weights = np.where(nb.index >= 0, nb.weight, 0.0).astype(np.float64)
-        routing = self.bank.routing.astype(np.float64)[np.maximum(nb.index, 0)]  # [B, k, layers, E]
+        routing = self.bank.routing[np.maximum(nb.index, 0)].astype(np.float64)  # [B, k, layers, E]
         return (weights[:, :, None, None] * routing).sum(1).astype(np.float32)
 
 

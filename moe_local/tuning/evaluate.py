@@ -77,6 +77,7 @@ class EvalResult:
     c3po: Accuracy | None = None
     c3po_norm: Accuracy | None = None
     c3po_scores: np.ndarray | None = None  # [records, widest], as ``scores``
+    c3po_predictions: np.ndarray | None = None
     c3po_routing: np.ndarray | None = None  # [records, layers, E]: the re-mix imposed on each record
     seconds_per_sample: float = 0.0  # the plain pass (prefix + suffix), this process
     c3po_seconds_per_sample: float = 0.0  # C3PO's extra: neighbour search, re-mix, second suffix pass
@@ -280,6 +281,7 @@ def _result(scores: dict, encoded, records, wrong, layers, format) -> EvalResult
         result.c3po = Accuracy.of(c3po == answers, records)
         result.c3po_norm = Accuracy.of(c3po_norm == answers, records)
         result.c3po_scores = scores["c3po"]
+        result.c3po_predictions = c3po
     return result
 
 
