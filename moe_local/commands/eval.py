@@ -43,17 +43,27 @@ def append_report(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, json.dumps(read_report(path) + rows, indent=2) + "\n")
 
 
-def read_c3po_data(c3po: bool, bank, data, embeddings, asked: dict):
-    """(records, prompting, routing bank, the records' embeddings); the last two None without --c3po."""
+def read_c3po(c3po: bool, bank, data, embeddings, settings: tuple, asked: dict):
+    """(records, prompting, a :class:`C3PO` or None) with C3PO's inputs checked before the model loads:
+    the bank, the records' embeddings (count and dimension), the prompts the bank was recorded with."""
     from moe_local.tuning.bank import read_bank
+    from moe_local.tuning.c3po import C3PO
     from moe_local.tuning.data import read_task
 
     if c3po != (bank is not None):
         raise UserError("--c3po and --bank go together: C3PO re-mixes toward a routing bank")
     if not c3po:
-        return (*read_task(data, **asked), None, None)
+        return (*read_task(data, **asked), None)
     records, prompting, emb = load_data(data, embeddings, True, **asked)
-    return records, prompting, read_bank(bank), emb
+    the_bank = read_bank(bank)
+    theirs = the_bank.meta.get("prompting") or {"format": "mc", "shots": 0}
+    if (theirs["format"], theirs["shots"]) != (prompting.format, prompting.shots):
+        raise UserError(
+            f"the routing bank {bank} was recorded with {theirs['format']} prompts and {theirs['shots']} "
+            f"examples, this evaluation asks {prompting.format} with {prompting.shots}: give --format and "
+            "--num-fewshot as for `prepare`"
+        )
+    return records, prompting, C3PO(the_bank, emb, *settings)
 
 
 @click.command(cls=ConfigCommand)
@@ -154,7 +164,6 @@ def eval_(
     from moe_local.locks import output_lock
     from moe_local.tuning.adapter import check_adapter, read_adapter
     from moe_local.tuning.bank import check_bank_model
-    from moe_local.tuning.c3po import C3PO
     from moe_local.tuning.evaluate import evaluate, format_result
 
     # under torchrun each rank scores its share of the file
@@ -166,8 +175,8 @@ def eval_(
 
         if report is not None:
             dist.on_main(check_report)
-        records, prompting, the_bank, emb = read_c3po_data(c3po, bank, data, embeddings, asked)
-        layers = layers if the_bank is None else tuple(the_bank.layers)
+        records, prompting, remix = read_c3po(c3po, bank, data, embeddings, (c3po_k, c3po_sigma, c3po_alpha), asked)
+        layers = layers if remix is None else tuple(remix.bank.layers)
         method, weights = "base", None
         if adapter_path is not None:  # read once: its layers and method here, its gates for the evaluation
             weights, config = read_adapter(adapter_path)
@@ -181,10 +190,8 @@ def eval_(
         loaded = moe_local.load(model, backend=backend, device=device)
         if adapter_path is not None:
             check_adapter(weights, config, loaded.spec, Path(adapter_path))
-        remix = None
-        if c3po:
-            check_bank_model(the_bank, loaded.spec, bank)
-            remix = C3PO(the_bank, emb, c3po_k, c3po_sigma, c3po_alpha)
+        if remix is not None:
+            check_bank_model(remix.bank, loaded.spec, bank)
         result = evaluate(
             loaded,
             records,

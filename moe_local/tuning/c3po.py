@@ -43,6 +43,11 @@ class C3PO:
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
             raise UserError(f"--c3po-alpha must be in (0, 1], got {self.alpha}")
+        if not np.asarray(self.bank.correct).any():
+            raise UserError(
+                "the routing bank has no sample the base model answers correctly: C3PO has no neighbour to "
+                "re-mix toward (use more or easier reference data)"
+            )
         if self.embeddings.shape[1] != self.bank.embeddings.shape[1]:
             raise UserError(
                 f"the evaluation embeddings have {self.embeddings.shape[1]} dimensions, the routing bank's "

@@ -90,15 +90,19 @@ class EvalResult:
             out.append(row("oracle", self.oracle, self.oracle_norm))
             out.append(row("oracle_wrong", self.oracle_wrong, self.oracle_wrong_norm))
         if self.c3po is not None:
-            name = "c3po" if method == "base" else f"{method}+c3po"
             out.append(
-                row(name, self.c3po, self.c3po_norm)
+                row(c3po_name(method), self.c3po, self.c3po_norm)
                 | {
                     "seconds_per_sample": self.c3po_seconds_per_sample,
                     "base_seconds_per_sample": self.seconds_per_sample,
                 }
             )
         return out
+
+
+def c3po_name(method: str) -> str:
+    """C3PO's row: ``c3po`` on the base model, ``METHOD+c3po`` on an adapter."""
+    return "c3po" if method == "base" else f"{method}+c3po"
 
 
 def _row(model, split, method, acc: Accuracy, acc_norm: Accuracy | None, seed, backend, format) -> dict:
@@ -310,7 +314,8 @@ def format_result(result: EvalResult, method: str) -> list[str]:
     if result.c3po is not None:
         norm = f", acc_norm {result.c3po_norm.accuracy:.4f}" if rc else ""
         lines.append(
-            f"c3po: accuracy {result.c3po.accuracy:.4f}{norm}; {result.c3po_seconds_per_sample * 1000:.1f} ms per "
-            f"sample on top of the plain pass's {result.seconds_per_sample * 1000:.1f} ms"
+            f"{c3po_name(method)}: accuracy {result.c3po.accuracy:.4f}{norm}; "
+            f"{result.c3po_seconds_per_sample * 1000:.1f} ms per sample on top of the plain pass's "
+            f"{result.seconds_per_sample * 1000:.1f} ms"
         )
     return lines
