@@ -43,8 +43,17 @@ def test_intervals():
 
 
 @pytest.mark.slow
-def test_sweep_runs_end_to_end_on_a_small_grid(tmp_path, capsys):
+def test_sweep_runs_end_to_end_on_a_small_grid(tmp_path, capsys, monkeypatch):
     out, picture = tmp_path / "curve.json", tmp_path / "curve.png"
+    splits = {len(demo.load_split(s)[0]): s for s in ("val_unseen", "test_unseen")}
+    calls = []  # the split of every evaluation, in order
+
+    def recorded(model, records, *args, **kwargs):
+        calls.append(splits[len(records)])
+        return evaluate(model, records, *args, **kwargs)
+
+    evaluate = roma_curve.evaluate
+    monkeypatch.setattr(roma_curve, "evaluate", recorded)
     args = ["--models", "tiny", "--sizes", "24", "--seeds", "0", "1", "--lams", "0.3", "3", "--max-steps", "2"]
     args += ["--c3po-k", "3", "--c3po-sigma", "0.2", "0.4", "--bootstrap", "200"]
     assert roma_curve.main(["--out", str(out), "--plot", str(picture), *args]) == 0
@@ -69,6 +78,11 @@ def test_sweep_runs_end_to_end_on_a_small_grid(tmp_path, capsys):
         best = max(np.mean(v) for v in means.values())
         chosen = {json.dumps(r["setting"], sort_keys=True) for r in test if r["group"] == group}
         assert len(chosen) == 1 and np.mean(means[chosen.pop()]) == best
+    # test_unseen is read after every choice is made, once per distinct chosen setting and seed
+    first_test = calls.index("test_unseen")
+    assert set(calls[first_test:]) == {"test_unseen"} and calls[:first_test].count("val_unseen") == len(val)
+    distinct = {(r["seed"], json.dumps(r["setting"], sort_keys=True)) for r in test}
+    assert calls.count("test_unseen") == len(distinct)
     for r in test:
         assert len(r["hits"]) == 360 and r["accuracy"] == pytest.approx(r["hits"].count("1") / 360)
     assert "roma − router" in printed and "| tiny | 24 |" in printed
