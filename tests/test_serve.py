@@ -326,6 +326,14 @@ def test_a_client_that_times_out_on_a_whole_answer_stops_it_too(server, base, ex
     assert chat_text(server.client(), base) == expected["base"]
 
 
+def test_a_broken_pipe_does_not_end_the_server(server, base, expected):
+    """SIGPIPE (a write to a client that has gone) is ignored by the server, unlike by the other commands."""
+    server.process.send_signal(signal.SIGPIPE)
+    time.sleep(0.5)
+    assert server.process.poll() is None
+    assert chat_text(server.client(), base) == expected["base"]
+
+
 @pytest.mark.slow
 def test_a_full_queue_answers_503_and_ctrl_c_stops_the_server(folders, tmp_path):
     model = str(folders[0])

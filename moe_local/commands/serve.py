@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 
 import click
 
@@ -48,4 +49,6 @@ def serve(model, adapters, backend, device, host, port, queue_size, max_tokens):
         raise UserError(f"moe-local serve needs {' and '.join(missing)}: pip install 'moe-local[serve]'")
     from moe_local.serve.server import run
 
+    if hasattr(signal, "SIGPIPE"):  # a client gone mid-answer must not end the server (cli.py sets SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     run(model, adapters, backend, host, port, queue_size, max_tokens, device=device)
