@@ -21,12 +21,19 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     qkv_bias = c.get("qkv_bias", bool, True)
     shape = {k: fields[k] for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim")}
     fields["attention_parameters"] = attention_parameters(shape, qkv_bias, None, o_bias=False)
-    experts = c.num_experts()
     router = RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, False))
-    shared = SharedExperts(count=1, size=c.positive("shared_expert_intermediate_size"), gated=True)
     layers = qwen3_moe.moe_layers(c, fields["num_layers"])
     dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else c.values.get("intermediate_size")
-    moe = tuple(
+    moe = gated_shared_moe(c, layers, router)
+    return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
+
+
+def gated_shared_moe(c: Config, layers, router: RouterSpec) -> tuple[MoESpec, ...]:
+    """The MoE layers of the Qwen2-MoE line (Qwen1.5/2-MoE, Qwen3-Next, Qwen3.5-MoE): the config's routed
+    experts at ``layers`` and one shared expert scaled by ``sigmoid(shared_expert_gate(x))``."""
+    experts = c.num_experts()
+    shared = SharedExperts(count=1, size=c.positive("shared_expert_intermediate_size"), gated=True)
+    return tuple(
         MoESpec(
             layer=i,
             num_experts=experts,
@@ -37,7 +44,6 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
         )
         for i in layers
     )
-    return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
 
 
 def write_config(spec: ModelSpec) -> dict:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..checkpoint.names import FusedExperts, TensorNames
-from ..spec import ModelSpec, MoESpec, RouterSpec, SharedExperts
+from ..spec import ModelSpec, RouterSpec
+from . import qwen2_moe
 from .base import Family, LibraryModel
 from .config import Config, common_config
 from .qwen3_next import hybrid_config, hybrid_fields
@@ -48,19 +49,7 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     text.values.setdefault("dtype", c.dtype())  # the release names its dtype at the top level
     fields = hybrid_fields(text, DEFAULTS)
     fields["config"] = dict(c.values)  # written back whole: the vision tower's config too
-    experts = text.num_experts()
-    shared = SharedExperts(count=1, size=text.positive("shared_expert_intermediate_size"), gated=True)
-    moe = tuple(
-        MoESpec(
-            layer=i,
-            num_experts=experts,
-            top_k=text.top_k(experts),
-            expert_size=text.positive("moe_intermediate_size"),
-            router=ROUTER,
-            shared=shared,
-        )
-        for i in range(fields["num_layers"])
-    )
+    moe = qwen2_moe.gated_shared_moe(text, range(fields["num_layers"]), ROUTER)  # every layer is MoE
     names = VISION_LANGUAGE if vision_language else TEXT
     return ModelSpec(family=FAMILY.name, dense_size=None, moe=moe, names=names, **fields)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..checkpoint.names import TensorNames
 from ..errors import UserError
-from ..spec import ModelSpec, MoESpec, RouterSpec, SharedExperts
-from . import qwen3_moe
+from ..spec import ModelSpec, RouterSpec
+from . import qwen2_moe, qwen3_moe
 from .base import Family, LibraryModel
 from .config import Config, attention_parameters, common_config, common_fields
 
@@ -97,22 +97,10 @@ def hybrid_config(spec: ModelSpec, c: dict) -> dict:
 
 def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     fields = hybrid_fields(c, DEFAULTS)
-    experts = c.num_experts()
     router = RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, True))
-    shared = SharedExperts(count=1, size=c.positive("shared_expert_intermediate_size"), gated=True)
     layers = qwen3_moe.moe_layers(c, fields["num_layers"])
     dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else c.values.get("intermediate_size")
-    moe = tuple(
-        MoESpec(
-            layer=i,
-            num_experts=experts,
-            top_k=c.top_k(experts),
-            expert_size=c.positive("moe_intermediate_size"),
-            router=router,
-            shared=shared,
-        )
-        for i in layers
-    )
+    moe = qwen2_moe.gated_shared_moe(c, layers, router)
     return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
 
 
