@@ -236,7 +236,7 @@ def test_each_request_gets_its_adapter_and_the_base_comes_back(server, base, fol
 
 def test_eight_concurrent_requests_are_all_answered_with_their_own_adapter(server, base, expected):
     names = ["base", "a1", "a2", "a1", "base", "a2", "a1", "base"]
-    before = server.health()["queue"]["completed"]
+    before = server.wait_idle()["completed"]  # idle: the last request counted (its client has it before)
     with ThreadPoolExecutor(len(names)) as pool:
         answers = list(pool.map(lambda i: chat_text(server.client(), named(base, names[i]), stream=i % 2), range(8)))
     assert answers == [expected[name] for name in names]
@@ -303,7 +303,7 @@ def test_bad_requests_through_the_openai_client_and_the_server_goes_on(server, b
 
 
 def test_a_client_gone_mid_stream_stops_its_generation_and_its_adapter(server, base, expected):
-    before = server.health()["queue"]
+    before = server.wait_idle()  # idle: the last request counted (its client has it before)
     stream = chat(server.client(), "a1", max_tokens=LONG, temperature=0, stream=True)
     for _, chunk in zip(range(4), stream):
         assert chunk.choices
@@ -318,7 +318,7 @@ def test_a_client_gone_mid_stream_stops_its_generation_and_its_adapter(server, b
 
 
 def test_a_client_that_times_out_on_a_whole_answer_stops_it_too(server, base, expected):
-    before = server.health()["queue"]
+    before = server.wait_idle()  # idle: the last request counted (its client has it before)
     with pytest.raises(openai.APITimeoutError):
         chat(server.client(timeout=1.0), base, max_tokens=LONG, temperature=0)
     after = server.wait_idle()
