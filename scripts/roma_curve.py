@@ -275,10 +275,8 @@ def summary(test: list[dict], bootstrap: int = 2000, seed: int = 0) -> tuple[lis
             cells_text.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
         lines.append(f"| {model} | {size} | " + " | ".join(cells_text) + " |")
     lines.append("")
-    lines.append(
-        "test_unseen accuracy in %: mean over seeds [95 % bootstrap interval over seeds and samples] ±seed std;"
-    )
-    lines.append("differences paired by seed and sample. Settings chosen on val_unseen per method (README).")
+    lines.append("test_unseen accuracy in %: mean over seeds [95 % bootstrap interval over seeds and test items]")
+    lines.append("±seed std; differences paired (the same draws). Settings chosen on val_unseen, per method.")
     return lines, numbers
 
 
