@@ -45,16 +45,28 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     fields = common_fields(c, DEFAULTS, qk_norm=None)
     if c.values.get("scoring_func", "softmax") != "softmax":
         raise UserError(f"{c.where}: 'scoring_func' {c.values['scoring_func']!r} is not supported (only 'softmax')")
+
+    def router(experts, top_k):
+        return RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, False) and top_k > 1)
+
+    dense, moe = moe_blocks(c, fields["num_layers"], router)
+    return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
+
+
+def moe_blocks(c: Config, num_layers: int, make_router, frequency: bool = True) -> tuple[int | None, tuple]:
+    """(dense MLP size, MoE layers) of the DeepSeekMoE line (DeepSeekMoE, DeepSeek-V3, GLM-4.5): the routed
+    experts and the ungated shared ones at the config's MoE layers; ``make_router(experts, top_k)`` is the
+    family's rule (``frequency``: whether ``moe_layer_freq`` counts, see :func:`moe_layers`)."""
     experts, top_k, size = routed_experts(c)
-    router = RouterSpec(scoring="softmax", renormalize=c.get("norm_topk_prob", bool, False) and top_k > 1)
-    layers = moe_layers(c, fields["num_layers"])
-    dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else None
+    router = make_router(experts, top_k)
+    layers = moe_layers(c, num_layers, frequency=frequency)
+    dense = c.positive("intermediate_size") if len(layers) < num_layers else None
     shared = shared_experts(c)
     moe = tuple(
         MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=size, router=router, shared=shared)
         for i in layers
     )
-    return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
+    return dense, moe
 
 
 def write_config(spec: ModelSpec) -> dict:

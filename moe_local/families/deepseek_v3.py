@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..checkpoint.names import TensorNames
 from ..errors import UserError
-from ..spec import ModelSpec, MoESpec, RouterSpec
+from ..spec import ModelSpec, RouterSpec
 from . import deepseek
 from .base import Family, LibraryModel
 from .config import Config, common_config, common_fields
@@ -59,14 +59,8 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     fields = common_fields(c, DEFAULTS, qk_norm=None, rope_types=ROPE_TYPES)
     fields["attention_parameters"], fields["kv_width"] = mla_parameters(c, fields["hidden_size"], fields["num_heads"])
     fields["head_dim"] = c.positive("qk_rope_head_dim")  # what transformers' config calls head_dim here
-    experts, top_k, size = deepseek.routed_experts(c)
-    router = sigmoid_router(c, experts)
-    layers = deepseek.moe_layers(c, fields["num_layers"], frequency=False)
-    dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else None
-    shared = deepseek.shared_experts(c)
-    moe = tuple(
-        MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=size, router=router, shared=shared)
-        for i in layers
+    dense, moe = deepseek.moe_blocks(
+        c, fields["num_layers"], lambda experts, _: sigmoid_router(c, experts), frequency=False
     )
     return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
 

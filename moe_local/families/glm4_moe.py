@@ -8,7 +8,7 @@ spelled out in config.json)."""
 from __future__ import annotations
 
 from ..checkpoint.names import TensorNames
-from ..spec import ModelSpec, MoESpec
+from ..spec import ModelSpec
 from . import deepseek, deepseek_v3
 from .base import Family, LibraryModel
 from .config import Config, attention_parameters, common_fields
@@ -23,14 +23,8 @@ def spec_from_config(c: Config, tensor_shapes=None) -> ModelSpec:
     shape = {k: fields[k] for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim")}
     qk_norm = "head" if c.get("use_qk_norm", bool, False) else None
     fields["attention_parameters"] = attention_parameters(shape, fields["attention_bias"], qk_norm, o_bias=False)
-    experts, top_k, size = deepseek.routed_experts(c)
-    router = deepseek_v3.sigmoid_router(c, experts)
-    layers = deepseek.moe_layers(c, fields["num_layers"], frequency=False)
-    dense = c.positive("intermediate_size") if len(layers) < fields["num_layers"] else None
-    shared = deepseek.shared_experts(c)
-    moe = tuple(
-        MoESpec(layer=i, num_experts=experts, top_k=top_k, expert_size=size, router=router, shared=shared)
-        for i in layers
+    dense, moe = deepseek.moe_blocks(
+        c, fields["num_layers"], lambda experts, _: deepseek_v3.sigmoid_router(c, experts), frequency=False
     )
     return ModelSpec(family=FAMILY.name, dense_size=dense, moe=moe, names=FAMILY.names, **fields)
 
