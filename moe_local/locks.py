@@ -8,7 +8,10 @@ Holding the lock, a run checks that it can write where it will write (before any
 and removes the temporary ``.NAME.partial-*`` entries a killed writer of the same output left
 (files.remove_partials): no live run owns them, since every writer holds the lock.
 
-Locks are reentrant within a process (the command and the library function it calls both take it).
+Locks are reentrant within a thread (the command and the library function it calls both take it);
+another thread of the same process is refused as another run is. A file system without ``flock``
+(NFS without lockd, some FUSE mounts) is a one-line refusal; NFS mounted with ``local_lock`` locks per
+host only, so two hosts writing one output there are not told apart.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .errors import UserError
 from .files import remove_partials
 
-_held: set[str] = set()  # the lock files this process holds
+_held: set[tuple[int, str]] = set()  # (thread, lock file) of the locks this process holds
 
 
 def lock_path(path: Path) -> Path:
@@ -66,19 +70,40 @@ def _folder_of(path: Path) -> Path:
     return path.parent if str(path.parent) != "." else Path.cwd()
 
 
+def _open_lock_file(lock: Path, what: str, path: Path) -> int:
+    """An fd on ``lock``, made if missing; read-only when another user's killed run left it (flock needs
+    no write access, and the folder, writable, lets the file be removed at the end)."""
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | cloexec, 0o666)
+    except PermissionError as e:
+        if lock.is_file() and os.access(lock.parent, os.W_OK):
+            return os.open(lock, os.O_RDONLY | cloexec)
+        raise _cannot_write(what, path, _folder_of(path), e) from None
+    except OSError as e:
+        raise _cannot_write(what, path, _folder_of(path), e) from None
+
+
 def _open_locked(lock: Path, what: str, path: Path) -> int:
     """An fd holding the lock on ``lock``, or a UserError naming the running holder."""
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except OSError as e:
-            raise _cannot_write(what, path, _folder_of(path), e) from None
+        existed = lock.exists()
+        fd = _open_lock_file(lock, what, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise UserError(
                 f"{what} {path} is in use by another moe-local run ({_holder(lock)}); wait for it to end, or stop it"
+            ) from None
+        except OSError as e:  # a file system without flock
+            os.close(fd)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+            raise UserError(
+                f"cannot lock {what} {path}: the file system of {lock.parent} does not support file locks "
+                f"({e.strerror}); write it on a local disk"
             ) from None
         try:  # the holder before us may have removed the file between our open and our lock: retry
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
@@ -108,8 +133,8 @@ def output_lock(path, what: str = "output"):
     """Hold the lock of ``path`` for the duration; ``what`` names the output in messages (``--report``)."""
     path = Path(path).expanduser()
     lock = lock_path(path)
-    key = str(lock)
-    if key in _held:  # taken further up this process's stack
+    key = (threading.get_ident(), str(lock))
+    if key in _held:  # taken further up this thread's stack
         yield
         return
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
@@ -124,8 +149,9 @@ def output_lock(path, what: str = "output"):
         raise
     _held.add(key)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "command": _command()}).encode())
+        with contextlib.suppress(OSError):  # a lock file opened read-only keeps its old holder's words
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "command": _command()}).encode())
         check_writable(path, what)
         remove_partials(path)
         yield

@@ -177,3 +177,72 @@ def test_outputs_the_user_cannot_write_are_refused_before_any_work(tmp_path):
         assert f"cannot write {what}: ro is read-only for this user" in err, err
         assert out == ""  # nothing ran: no progress, no metrics
     assert list((tmp_path / "ro").iterdir()) == []
+
+
+# -- the lock's own edges, in one process ---------------------------------------------------------
+
+
+def test_a_file_system_without_locks_is_a_one_line_refusal_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from moe_local import locks
+    from moe_local.errors import UserError
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(UserError, match="does not support file locks"):
+        with locks.output_lock(tmp_path / "out", "--save-path"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_thread_is_refused_as_another_run(tmp_path):
+    import threading
+
+    from moe_local import locks
+    from moe_local.errors import UserError
+
+    held, done, seen = threading.Event(), threading.Event(), []
+
+    def holder():
+        with locks.output_lock(tmp_path / "out"):
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(UserError, match="in use by another moe-local run"):
+            with locks.output_lock(tmp_path / "out"):
+                seen.append("entered")
+        with locks.output_lock(tmp_path / "other"):  # reentrant within a thread, other paths free
+            with locks.output_lock(tmp_path / "other"):
+                seen.append("nested")
+    finally:
+        done.set()
+        thread.join()
+    assert seen == ["nested"]
+
+
+def test_a_lock_file_this_user_cannot_write_is_taken_read_only(tmp_path, monkeypatch):
+    """Another user's killed run left its lock file (0644, theirs): the folder is writable, so the lock is
+    taken through a read-only descriptor and the file removed at the end (simulated: root writes anyway)."""
+    from moe_local import locks
+
+    lock = locks.lock_path(tmp_path / "out")
+    lock.write_text('{"pid": 1, "command": "moe-local tune (killed)"}')
+    real_open = os.open
+
+    def theirs(path, flags, *args):
+        if Path(path) == lock and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", theirs)
+    with locks.output_lock(tmp_path / "out"):
+        assert lock.exists()
+    assert not lock.exists()

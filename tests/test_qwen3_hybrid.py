@@ -205,6 +205,9 @@ def test_fuse_carries_the_mtp_head_and_writes_what_transformers_reads(backend, w
     sanitize rewrites), and transformers' own model of the folder gives the tuned logits."""
     from safetensors.numpy import load_file
 
+    with_mtp = shutil.copytree(with_mtp, tmp_path / "source")
+    processor = '{"image_processor_type": "Qwen2VLImageProcessorFast"}\n'  # a release's, for its vision tower
+    (with_mtp / "preprocessor_config.json").write_text(processor)
     adapter = make_adapter(with_mtp, tmp_path / "adapter", layers=2, scale=2.0)
     tuned_model = moe_local.load(str(with_mtp), backend=backend, adapter_path=adapter)
     tuned_model.save(tmp_path / "fused")
@@ -218,6 +221,7 @@ def test_fuse_carries_the_mtp_head_and_writes_what_transformers_reads(backend, w
         for k, v in load_file(str(adapter / "adapters.safetensors")).items()
     }
     assert set(after) == set(before) and "mtp.fc.weight" in after
+    assert (tmp_path / "fused" / "preprocessor_config.json").read_text() == processor
     for name in before:
         np.testing.assert_array_equal(after[name], routers.get(name, before[name]), err_msg=name)
     tuned = moe_local.load(str(with_mtp), backend="torch", adapter_path=adapter).logits(LONG)[0]

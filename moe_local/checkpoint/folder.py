@@ -17,7 +17,8 @@ from ..errors import UserError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODELS = {"tiny": ASSETS / "tiny", "tiny-grove": ASSETS / "tiny-grove"}
 INDEX_FILE = "model.safetensors.index.json"
-# Files that travel with a model folder besides config and weights.
+# Files that travel with a model folder besides config and weights (a vision-language release's
+# processor configs too: its vision tower travels with it).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -29,6 +30,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
 )
 
 

@@ -204,7 +204,13 @@ def tune(
         kept["folder"] = start.folder
         return dataclasses.replace(start, folder=None)
 
-    start = dist.on_main(opened)
+    try:
+        start = dist.on_main(opened)
+    except BaseException:  # another rank failed after rank 0 opened (and locked) the folder
+        if kept.get("folder") is not None:
+            kept["folder"].abandon()
+            kept["folder"].release()
+        raise
     folder = kept.get("folder")
     work = folder.work if folder else None
     run = _Run(model, records, settings, layers, identity, data_file, dist, progress if dist.is_main else "off", work)
