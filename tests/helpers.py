@@ -209,6 +209,15 @@ def poisoned(value, name: str | None = None):
     return change
 
 
+def with_config(folder: Path, out: Path, change: dict) -> Path:
+    """A copy of the model folder ``folder`` at ``out`` with ``change`` applied to its config.json."""
+    out = Path(shutil.copytree(folder, out))
+    config = json.loads((out / "config.json").read_text())
+    config.update(change)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def without_chat_template(model_dir: Path, out: Path) -> Path:
     """A copy of a model folder whose tokenizer has no chat template."""
     import json

@@ -15,7 +15,17 @@ from moe_local.chat import eos_token_ids, prompt_ids
 from moe_local.families import load_spec
 
 import checkpoints
-from helpers import BACKENDS, both_spellings, hf_greedy, hf_reference, make_adapter, mlx_lm_greedy, rel, run_cli
+from helpers import (
+    BACKENDS,
+    both_spellings,
+    hf_greedy,
+    hf_reference,
+    make_adapter,
+    mlx_lm_greedy,
+    rel,
+    run_cli,
+    with_config,
+)
 
 RTOL = 1e-5
 # mlx-lm's and transformers' Qwen3.5-MoE differ by up to 4.6e-5 relative on the test checkpoints (cause not
@@ -285,10 +295,7 @@ def test_the_manifold_gradient_reaches_every_router(backend, folders):
     ],
 )
 def test_bad_family_configs_are_one_line_errors(family, change, message, folders, tmp_path):
-    folder = shutil.copytree(folders[family], tmp_path / "bad")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(change)
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = with_config(folders[family], tmp_path / "bad", change)
     result = run_cli("info", "--model", folder)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

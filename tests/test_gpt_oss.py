@@ -32,6 +32,7 @@ from helpers import (
     run_main,
     task_records,
     unit_rows,
+    with_config,
     write_jsonl,
 )
 
@@ -199,10 +200,7 @@ def test_parameter_counts_equal_the_checkpoint_and_info_describes_the_experts(fo
     ],
 )
 def test_bad_configs_are_one_line_errors(change, message, folders, tmp_path, capsys):
-    folder = shutil.copytree(folders["bf16"], tmp_path / "bad")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(change)
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = with_config(folders["bf16"], tmp_path / "bad", change)
     code, _, err = run_main(capsys, "info", "--model", folder)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

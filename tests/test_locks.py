@@ -30,6 +30,21 @@ def suite_task(folder: Path, n: int = 40) -> Path:
     return path
 
 
+def suite_adapter(folder: Path) -> tuple[Path, Path]:
+    """(8 records of the suite, an adapter tuned on them in-process at ``folder/A``)."""
+    data = suite_task(folder, 8)
+    adapter = folder / "A"
+    tune.tune(
+        moe_local.load("tiny", backend="torch"),
+        read_records(data),
+        np.load(folder / "d.npy"),
+        tune.TuneSettings(**SMALL),
+        adapter,
+        progress="off",
+    )
+    return data, adapter
+
+
 def start(argv, cwd, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "moe_local", *map(str, argv)],
@@ -103,16 +118,7 @@ with contextlib.ExitStack() as stack:
 
 @pytest.mark.slow
 def test_prepare_fuse_and_eval_refuse_an_output_another_process_holds(tmp_path):
-    data = suite_task(tmp_path, 8)
-    adapter = tmp_path / "A"
-    tune.tune(
-        moe_local.load("tiny", backend="torch"),
-        read_records(data),
-        np.load(tmp_path / "d.npy"),
-        tune.TuneSettings(**SMALL),
-        adapter,
-        progress="off",
-    )
+    data, adapter = suite_adapter(tmp_path)
     outputs = [tmp_path / "B", tmp_path / "F", tmp_path / "r.json"]
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, *map(str, outputs)], env=ENV, stdout=subprocess.PIPE, text=True
@@ -142,16 +148,7 @@ AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] i
 
 @pytest.mark.slow
 def test_outputs_the_user_cannot_write_are_refused_before_any_work(tmp_path):
-    data = suite_task(tmp_path, 8)
-    adapter = tmp_path / "A"
-    tune.tune(
-        moe_local.load("tiny", backend="torch"),
-        read_records(data),
-        np.load(tmp_path / "d.npy"),
-        tune.TuneSettings(**SMALL),
-        adapter,
-        progress="off",
-    )
+    data, adapter = suite_adapter(tmp_path)
     (tmp_path / "ro").mkdir(mode=0o555)
     cases = [
         (["tune", "--data", data, "--adapter-path", "ro/A", "--layers", 2], "adapter path ro/A"),

@@ -18,7 +18,7 @@ from moe_local.chat import eos_token_ids
 from moe_local.families import load_spec
 
 import checkpoints
-from helpers import BACKENDS, hf_reference, library_greedy, make_adapter, rel, run_main, unit_rows
+from helpers import BACKENDS, hf_reference, library_greedy, make_adapter, rel, run_main, unit_rows, with_config
 
 LONG = np.array([3, 17, 42, 5, 99, 64, 12, 7, 120, 33])
 SHORT = LONG[3:]
@@ -251,10 +251,7 @@ def test_info_names_the_layer_kinds(folders, capsys):
     ],
 )
 def test_bad_configs_are_one_line_errors(change, message, folders, tmp_path, capsys):
-    bad = shutil.copytree(folders["qwen3_next"], tmp_path / "bad")
-    config = json.loads((bad / "config.json").read_text())
-    config.update(change)
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = with_config(folders["qwen3_next"], tmp_path / "bad", change)
     code, _, err = run_main(capsys, "info", "--model", bad)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

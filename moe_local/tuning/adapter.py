@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_non_finite
 from ..files import atomic_save_numpy_safetensors, atomic_write_text
 
 WEIGHTS_FILE = "adapters.safetensors"
@@ -31,9 +31,8 @@ def write_adapter(folder: Path, weights: dict, spec, layers, method: str, hyperp
     if set(weights) != names:
         raise ValueError(f"adapter weights {sorted(weights)} do not match the tuned layers {sorted(layers)}")
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
-    for name, array in tensors.items():
-        if not np.isfinite(array).all():
-            raise UserError(f"the adapter's {name} holds NaN or infinite values; it is not written")
+    if (bad := first_non_finite(tensors)) is not None:
+        raise UserError(f"the adapter's {bad} holds NaN or infinite values; it is not written")
     config = {
         "fine_tune_type": "full",
         "moe_local": {
@@ -66,8 +65,8 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     for name, array in weights.items():
         if array.dtype != np.float32:
             raise UserError(f"{weights_path}: {name} is {array.dtype}, adapters hold float32")
-        if not np.isfinite(array).all():
-            raise UserError(f"{weights_path}: {name} holds NaN or infinite values")
+    if (bad := first_non_finite(weights)) is not None:
+        raise UserError(f"{weights_path}: {bad} holds NaN or infinite values")
     return weights, config
 
 

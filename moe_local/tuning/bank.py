@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_non_finite
 from ..files import AtomicFolder, atomic_save_numpy_safetensors, atomic_write_text
 
 BANK_TENSORS = "bank.safetensors"
@@ -97,9 +97,8 @@ def read_bank(folder) -> Bank:
         or t["embeddings"].shape[0] != n
     ):
         raise UserError(f"{tensor_path}: tensor shapes disagree with each other or with {BANK_META}")
-    for key in ("routing", "embeddings"):
-        if not np.isfinite(t[key]).all():
-            raise UserError(f"{tensor_path}: '{key}' holds NaN or infinite values")
+    if (bad := first_non_finite({k: t[k] for k in ("routing", "embeddings")})) is not None:
+        raise UserError(f"{tensor_path}: '{bad}' holds NaN or infinite values")
     return Bank(t["correct"], t["routing"], t["embeddings"], meta)
 
 

@@ -57,9 +57,9 @@ class C3PO:
     def targets(self, rows: np.ndarray) -> np.ndarray:
         """r̂ [len(rows), layers, E]: the kernel regression of the successful neighbours' routing."""
         nb = roma.neighbours(self.bank.embeddings, self.bank.correct, self.k, self.sigma, queries=self.embeddings[rows])
-        weights = np.where(nb.index >= 0, nb.weight, 0.0).astype(np.float64)
-        routing = self.bank.routing[np.maximum(nb.index, 0)].astype(np.float64)  # [B, k, layers, E]
-        return (weights[:, :, None, None] * routing).sum(1).astype(np.float32)
+        targets, weights = roma.neighbour_targets(self.bank.routing, nb, np.arange(len(rows)))  # RoMA's, [B, k, L·E]
+        mixed = (weights.astype(np.float64)[:, :, None] * targets.astype(np.float64)).sum(1)
+        return mixed.reshape(len(rows), *self.bank.routing.shape[1:]).astype(np.float32)
 
 
 def check_routers(spec, layers) -> None:

@@ -24,9 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import UserError
+from ..errors import UserError, first_non_finite
 from ..files import AtomicFolder, atomic_save_numpy_safetensors, remove_partials, temp_folder_beside
 from ..locks import output_lock
 from .adapter import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
@@ -274,9 +272,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
     from safetensors.numpy import load_file
 
     tensors = load_file(str(path / "state.safetensors"))
-    for name, array in tensors.items():
-        if not np.isfinite(array).all():
-            raise UserError(f"{path / 'state.safetensors'}: {name} holds NaN or infinite values; it cannot be resumed")
+    if (bad := first_non_finite(tensors)) is not None:
+        raise UserError(f"{path / 'state.safetensors'}: {bad} holds NaN or infinite values; it cannot be resumed")
     return tensors, json.loads((path / "state.json").read_text())
 
 

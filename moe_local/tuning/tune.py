@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..distributed import LOCAL
-from ..errors import UserError
+from ..errors import UserError, first_non_finite
 from ..files import atomic_write_text
 from ..progress import Progress
 from . import roma
@@ -435,9 +435,8 @@ def _epochs(run: _Run, opt: AdamW, reporter: Reporter, ckpt_info: dict, callback
 
 def check_routers(params: dict, when: str) -> None:
     """Tuned routers with a NaN or infinite value are never checkpointed nor written."""
-    for name, array in params.items():
-        if not np.isfinite(array).all():
-            raise UserError(f"the tuned router {name} holds NaN or infinite values {when}")
+    if (bad := first_non_finite(params)) is not None:
+        raise UserError(f"the tuned router {bad} holds NaN or infinite values {when}")
 
 
 def _check_trained_finite(aux, loss, opt: AdamW, settings: TuneSettings) -> None:
